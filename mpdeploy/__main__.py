@@ -1,0 +1,5 @@
+import sys
+
+from mpdeploy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,130 @@
+"""The one interface every backend implements: build an engine, load it, run a batch, time it.
+
+Backends live in `mpdeploy/backends/<name>.py` and are imported lazily through `create_backend`, so
+TensorRT or CUDA are touched only when asked for.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from mpdeploy.errors import MpdeployError
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+VARIANTS = ("sparse", "dense")
+
+# name -> "module:Class"; order = preference for --backend auto.
+REGISTRY: dict[str, str] = {
+    "trt": "mpdeploy.backends.trt:TrtBackend",
+    "torch": "mpdeploy.backends.torch_sparse:TorchSparseBackend",
+    "ort": "mpdeploy.backends.ort:OrtBackend",
+}
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    precision: str | None = None  # None -> the backend's default (fp16 on GPU backends, fp32 on ort CPU)
+    batch_sizes: tuple[int, ...] = (1, 8, 32)  # optimization profile: min / opt / max taken from these
+    calib: str | None = None  # int8 calibration data (DIR | digits | synthetic)
+    calib_cache: Path | None = None  # default: calib/cache/<onnx sha>.cache
+    timing_cache: Path | None = None
+    workspace_mib: int | None = None
+    device: str | None = None  # e.g. "cuda:0"; None -> the backend's default
+
+    def __post_init__(self) -> None:
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise MpdeployError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise MpdeployError("batch sizes must be positive integers, e.g. --batch-sizes 1,8,32")
+
+
+@dataclass(frozen=True)
+class BuildInputs:
+    """What a build may read: the `onnx/` artifact (every backend) and the `pruned/` one (torch)."""
+
+    onnx_dir: Path
+    pruned_dir: Path | None = None
+
+
+@dataclass
+class BuiltEngine:
+    file: str  # file name inside the engine folder
+    report: dict[str, Any] = field(default_factory=dict)  # what the builder saw and chose (per variant)
+
+
+class Runner(abc.ABC):
+    """A loaded engine. Inputs and outputs are float32 numpy arrays on the host."""
+
+    @abc.abstractmethod
+    def run(self, x: np.ndarray) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def time(self, x: np.ndarray, iterations: int) -> list[float]:
+        """Milliseconds per call for `iterations` back-to-back calls, device-synchronized each call.
+
+        The input is placed on the device once: this times the engine, not host transfers.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional
+        pass
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Backend(abc.ABC):
+    name: ClassVar[str]
+    default_precision: ClassVar[str]
+
+    @classmethod
+    @abc.abstractmethod
+    def availability(cls) -> tuple[bool, str]:
+        """(usable here, why / why not). Must not raise."""
+
+    @abc.abstractmethod
+    def build(self, inputs: BuildInputs, variant: str, out_dir: Path, config: BuildConfig) -> BuiltEngine:
+        """Build the `variant` ("sparse" | "dense") engine into `out_dir` (a temporary folder)."""
+
+    @abc.abstractmethod
+    def load(self, engine_path: Path, config: BuildConfig) -> Runner: ...
+
+    def device_info(self) -> dict[str, Any]:
+        """What the engine runs on (CPU model / GPU name, driver, library versions)."""
+        return {}
+
+
+def backend_class(name: str) -> type[Backend]:
+    if name not in REGISTRY:
+        raise MpdeployError(f"unknown backend {name!r}; choose auto or one of {', '.join(REGISTRY)}")
+    module_name, cls_name = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
+def resolve_backend(name: str = "auto") -> tuple[str, str]:
+    """Pick a backend: `auto` takes the first usable one of trt > torch > ort. Returns (name, why)."""
+    if name != "auto":
+        ok, why = backend_class(name).availability()
+        if not ok:
+            raise MpdeployError(f"backend {name!r} is not usable here: {why}; use --backend auto or ort")
+        return name, f"asked for ({why})"
+    reasons = []
+    for candidate in REGISTRY:
+        ok, why = backend_class(candidate).availability()
+        if ok:
+            skipped = f"; skipped {', '.join(reasons)}" if reasons else ""
+            return candidate, f"auto: {candidate} ({why}){skipped}"
+        reasons.append(f"{candidate}: {why}")
+    raise MpdeployError("no backend is usable: " + "; ".join(reasons))
+
+
+def create_backend(name: str) -> Backend:
+    return backend_class(name)()

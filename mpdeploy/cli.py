@@ -1,0 +1,78 @@
+"""Command line: `mpdeploy <stage> ...` (also `python -m mpdeploy`).
+
+Each stage lives in `mpdeploy/commands/<name>.py` with `add_arguments(parser)` and `main(args) -> int`;
+heavy imports happen inside `main`, so `mpdeploy --help` stays fast. A `MpdeployError` is printed on one
+line (no traceback) with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from mpdeploy import __version__
+from mpdeploy.errors import MpdeployError
+
+COMMANDS = {
+    "analyze": "fit the Marchenko-Pastur bulk of every layer; write spectra.json and plots",
+    "prune": "prune to N:M with an MP budget; write the pruned/ artifact",
+    "export": "export a pruned artifact to ONNX that carries its sparsity, and check it",
+    "build": "prune -> export -> build sparse and dense engines (-> audit)",
+    "audit": "measure latency and accuracy of the sparse engine against its dense twin",
+    "report": "compare several audits side by side",
+    "distill": "short recovery: distill the dense teacher into the pruned student, masks frozen",
+    "ship": "write a Triton Inference Server model repository entry for an audited engine",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpdeploy", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mpdeploy {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        module = importlib.import_module(f"mpdeploy.commands.{name}")
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command)
+        command.set_defaults(_main=module.main)
+    return parser
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    """One stderr handler on the `mpdeploy` logger; the root logger (and pytest's capture) stays as is."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logger = logging.getLogger("mpdeploy")
+    for handler in [h for h in logger.handlers if getattr(h, "_mpdeploy_cli", False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler._mpdeploy_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    if verbose > 1:  # debug: let third-party loggers through the root logger too
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_main", None):
+        parser.print_help()
+        return 2
+    _configure_logging(args.verbose, args.quiet)
+    try:
+        return int(args._main(args) or 0)
+    except MpdeployError as exc:
+        print(f"mpdeploy {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"mpdeploy {args.command}: interrupted; no partial artifact was kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

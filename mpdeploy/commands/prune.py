@@ -1,0 +1,91 @@
+"""`mpdeploy prune MODEL --pattern 2:4 --budget mp --saliency wanda --calib DIR --out DIR`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mpdeploy.models import add_model_arguments
+
+
+def parse_tome(text: str | None):
+    """`--tome 8` or a per-block list `--tome 8,8,4,...`."""
+    from mpdeploy.errors import MpdeployError
+
+    if text is None:
+        return 0
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise MpdeployError(f"--tome takes an integer r or a comma list per block, not {text!r}") from None
+    if not values or min(values) < 0:
+        raise MpdeployError(f"--tome needs non-negative integers, got {text!r}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
+    """Pruning flags shared by `prune` and `build`."""
+    g = parser.add_argument_group("pruning")
+    g.add_argument("--pattern", default="2:4", help="N:M pattern, e.g. 2:4 (default), 8:16")
+    g.add_argument("--extra-patterns", default="", help="more patterns the mp budget may choose, e.g. 1:4,8:16")
+    g.add_argument("--budget", default="mp", choices=["mp", "uniform"], help="layerwise budget (default: mp)")
+    g.add_argument("--saliency", default=None, choices=["magnitude", "wanda", "block-cost"],
+                   help="what to keep in each group (default: wanda with --calib, else magnitude)")
+    g.add_argument("--calib", default=None, help="calibration data: an ImageFolder DIR, digits, or synthetic")
+    g.add_argument("--calib-batches", type=int, default=8)
+    g.add_argument("--calib-batch-size", type=int, default=16)
+    g.add_argument("--target-mac-reduction", type=float, default=None,
+                   help="global MAC-reduction target for the mp budget (default: 90%% of what the pattern allows)")
+    g.add_argument("--prune-head", action="store_true", help="also prune the classifier head")
+    g.add_argument("--permute", action="store_true", help="search input-channel permutations (folded, free at run time)")
+    g.add_argument("--restore", action="store_true", help="refit kept weights on calibration data (needs --calib)")
+    g.add_argument("--tome", default=None, help="token merging for ViTs: r per block (int or comma list)")
+
+
+def prune_config_from_args(args: argparse.Namespace):
+    from mpdeploy.patterns import parse_pattern
+    from mpdeploy.prune import PruneConfig
+
+    saliency = args.saliency or ("wanda" if args.calib else "magnitude")
+    extra = tuple(parse_pattern(p) for p in args.extra_patterns.split(",") if p.strip())
+    return PruneConfig(
+        pattern=parse_pattern(args.pattern),
+        extra_patterns=extra,
+        budget=args.budget,
+        saliency=saliency,
+        calib=args.calib,
+        calib_batches=args.calib_batches,
+        calib_batch_size=args.calib_batch_size,
+        target_mac_reduction=args.target_mac_reduction,
+        include_head=args.prune_head,
+        permute=args.permute,
+        restore=args.restore,
+        tome=parse_tome(args.tome),
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    add_prune_arguments(parser)
+    parser.add_argument("--out", type=Path, default=None, help="artifact folder (default: engines/<name>/pruned)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from mpdeploy.commands._progress import stage_progress
+    from mpdeploy.models import load_model_from_args
+    from mpdeploy.prune import prune
+
+    config = prune_config_from_args(args)  # validate flags before loading anything heavy
+    loaded = load_model_from_args(args)
+    out = args.out or Path("engines") / loaded.name / "pruned"
+    with stage_progress("prune") as progress:
+        path = prune(loaded, config, out, progress=progress)
+    from mpdeploy.artifacts import read_manifest
+
+    totals = read_manifest(path, "pruned", verify=False)["totals"]
+    print(
+        f"{path}: {totals['pruned_layers']} layers pruned ({totals['sparse_layers']} run sparse), "
+        f"{totals['skipped_layers']} kept dense; MAC reduction {totals['mac_reduction']:.1%}, "
+        f"sparse-execution {totals['sparse_execution_mac_reduction']:.1%}"
+    )
+    return 0

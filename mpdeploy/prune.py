@@ -1,0 +1,374 @@
+"""The prune stage: model + calibration data -> `pruned/` artifact.
+
+Artifact files: `model.safetensors` (pruned weights), `dense.safetensors` (the dense source in the same
+channel order: the teacher and the dense twin), `masks.safetensors` (bool keep-masks by parameter
+name), `manifest.json` (config, per-layer fit / signal / pattern / skip reason / MACs, totals).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpdeploy import artifacts
+from mpdeploy.budgets import BUDGETS, Candidate, assign_mp, assign_uniform
+from mpdeploy.errors import MpdeployError
+from mpdeploy.layers import LayerInfo, capture_inputs, count_macs, find_layers, skip_reason
+from mpdeploy.models import LoadedModel, recreate_architecture
+from mpdeploy.patterns import NM, is_nm_compliant, parse_pattern
+from mpdeploy.saliency import InputStats, check_saliency, compute_mask, removed_energy_fraction
+
+logger = logging.getLogger(__name__)
+
+KIND = "pruned"
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    pattern: NM = NM(2, 4)
+    extra_patterns: tuple[NM, ...] = ()  # further options for the mp budget (e.g. 8:16)
+    budget: str = "mp"
+    saliency: str = "magnitude"
+    calib: str | None = None  # "digits" | "synthetic" | ImageFolder dir
+    calib_batches: int = 8
+    calib_batch_size: int = 16
+    target_mac_reduction: float | None = None
+    include_head: bool = False
+    permute: bool = False
+    permute_seconds: float | None = None  # time budget per layer for the permutation search
+    restore: bool = False
+    tome: tuple[int, ...] | int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pattern", parse_pattern(self.pattern))
+        object.__setattr__(self, "extra_patterns", tuple(parse_pattern(p) for p in self.extra_patterns))
+        if self.budget not in BUDGETS:
+            raise MpdeployError(f"unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}")
+        check_saliency(self.saliency)
+        if (self.saliency != "magnitude" or self.restore) and not self.calib:
+            need = "--restore" if self.restore else f"saliency {self.saliency!r}"
+            raise MpdeployError(f"{need} needs calibration data; pass --calib DIR|digits|synthetic")
+        if self.calib_batches < 1 or self.calib_batch_size < 1:
+            raise MpdeployError("--calib-batches and --calib-batch-size must be at least 1")
+
+    @property
+    def patterns(self) -> tuple[NM, ...]:
+        # Densest first: the budget walks options from least to most aggressive.
+        return tuple(sorted({self.pattern, *self.extra_patterns}, key=lambda p: (-p.density, p.m)))
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    masks: dict[str, torch.Tensor]
+    layers: list[dict[str, Any]]
+    totals: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _tome_schedule(tome) -> tuple[int, ...] | int:
+    return tuple(tome) if isinstance(tome, (list, tuple)) else int(tome)
+
+
+def _has_tome(tome) -> bool:
+    return any(tome) if isinstance(tome, tuple) else tome > 0
+
+
+def _fit_signal(weight: torch.Tensor, layer: LayerInfo) -> tuple[dict[str, Any] | None, float | None]:
+    from mpdeploy.spectral import fit_marchenko_pastur, spectral_matrices
+
+    try:
+        mats = spectral_matrices(weight.detach(), layer.groups)
+        fits = [fit_marchenko_pastur(m) for m in mats if min(m.shape) >= 8]
+    except Exception as exc:  # a degenerate matrix (all zeros, tiny) must not stop pruning
+        logger.warning("MP fit failed for %s: %s", layer.name, exc)
+        return None, None
+    if not fits:
+        return None, None
+    fit = fits[0].to_dict() if len(fits) == 1 else {"groups": [f.to_dict() for f in fits]}
+    signal = float(sum(f.bulk_fraction for f in fits) / len(fits))
+    return fit, signal
+
+
+def _calibration(config: PruneConfig, loaded: LoadedModel) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+    """(calibration batches, held-out batches, description) for the configured source."""
+    if not config.calib:
+        return [], [], {"kind": None}
+    from mpdeploy.data import input_batches, load_images
+
+    n_total = config.calib_batches * config.calib_batch_size
+    data = load_images(config.calib, loaded.input_shape, split="calib", data_config=loaded.data_config,
+                       limit=2 * n_total, seed=config.seed)
+    batches = list(input_batches(data, config.calib_batch_size))
+    if not batches:
+        raise MpdeployError(f"calibration source {config.calib!r} holds no images")
+    # Hold out a slice so restore is judged on inputs it did not fit.
+    n_hold = max(1, len(batches) // 4) if len(batches) > 1 else 0
+    calib, held = batches[: len(batches) - n_hold], batches[len(batches) - n_hold :]
+    calib = calib[: config.calib_batches]
+    info = {"kind": data.kind, "description": data.description, "images": sum(len(b) for b in calib),
+            "held_out_images": sum(len(b) for b in held)}
+    if data.synthetic:
+        info["warning"] = "synthetic noise calibration: for smoke runs only, saliency and restore are not meaningful"
+        logger.warning(info["warning"])
+    return calib, held, info
+
+
+def _collect_stats(model, names, batches, group_sizes) -> dict[str, InputStats]:
+    stats = {n: InputStats() for n in names}
+    capture_inputs(model, names, batches, lambda name, x: stats[name].update(x, group_sizes))
+    return stats
+
+
+def prune_model(loaded: LoadedModel, config: PruneConfig, progress: Progress | None = None) -> PruneResult:
+    """Prune `loaded.module` in place and return masks and the per-layer record."""
+    model = loaded.module.eval()
+    step = progress or (lambda stage, done, total: None)
+    dense_macs = count_macs(model, loaded.input_shape)
+    tome = _tome_schedule(config.tome)
+    extra: dict[str, Any] = {}
+    if _has_tome(tome):
+        from mpdeploy.tome import apply_tome
+
+        apply_tome(model, tome)
+        extra["tome"] = {"r": list(getattr(model, "_tome_r", [])) or tome}
+    macs = count_macs(model, loaded.input_shape)
+
+    layers = find_layers(model)
+    if not layers:
+        raise MpdeployError(
+            f"{loaded.name} has no nn.Linear / nn.Conv2d layers to prune (TorchScript and torch.export files "
+            "are not prunable); pass a timm name or a state_dict with --arch"
+        )
+    reasons = {layer.name: skip_reason(layer, config.pattern, config.include_head) for layer in layers}
+    eligible = [layer for layer in layers if reasons[layer.name] is None]
+    if not eligible:
+        raise MpdeployError(f"no layer of {loaded.name} can take pattern {config.pattern}; see `mpdeploy analyze`")
+
+    fits: dict[str, tuple[dict | None, float | None]] = {}
+    for i, layer in enumerate(layers):
+        fits[layer.name] = _fit_signal(model.get_submodule(layer.name).weight, layer)
+        step("fit", i + 1, len(layers))
+
+    calib, held, calib_info = _calibration(config, loaded)
+    names = [layer.name for layer in eligible]
+    group_sizes = tuple(sorted({p.m for p in config.patterns})) if config.saliency == "block-cost" else ()
+    stats = _collect_stats(model, names, calib, group_sizes) if calib else {}
+    step("calibrate", 1, 1)
+
+    permutation_report: dict[str, Any] = {}
+    if config.permute:
+        from mpdeploy.permute import permute_model
+
+        permutation_report = permute_model(
+            model, eligible, pattern=config.pattern, saliency=config.saliency, stats=stats,
+            seconds_per_layer=config.permute_seconds,
+        )
+        if calib:  # the permuted layers see permuted inputs: refresh their statistics
+            stats = _collect_stats(model, names, calib, group_sizes)
+        step("permute", 1, 1)
+
+    dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    candidates, layer_masks = [], {}
+    for i, layer in enumerate(eligible):
+        weight = model.get_submodule(layer.name).weight
+        options = []
+        for pattern in config.patterns:
+            if layer.reduction % pattern.m:
+                continue
+            mask = compute_mask(weight, pattern, config.saliency, stats.get(layer.name))
+            layer_masks[(layer.name, pattern)] = mask
+            options.append((pattern, removed_energy_fraction(weight, mask, config.saliency, stats.get(layer.name))))
+        _, signal = fits[layer.name]
+        candidates.append(Candidate(layer.name, macs.get(layer.name, 0), signal if signal is not None else 0.0,
+                                    tuple(options), is_mlp=".mlp." in f".{layer.name}."))
+        step("mask", i + 1, len(eligible))
+
+    total = sum(macs.values())
+    if config.budget == "uniform":
+        assignment, target = assign_uniform(candidates, config.pattern), None
+    else:
+        assignment, target = assign_mp(candidates, total, config.target_mac_reduction)
+
+    masks: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for layer in eligible:
+            chosen = assignment[layer.name].pattern
+            if chosen is None:
+                reasons[layer.name] = "kept dense by the mp budget (strong signal / high damage for its MACs)"
+                continue
+            mask = layer_masks[(layer.name, chosen)]
+            weight = model.get_submodule(layer.name).weight
+            weight.mul_(mask.to(weight.dtype))
+            masks[layer.param_name] = mask.bool()
+
+    restore_report: dict[str, Any] = {}
+    if config.restore:
+        from mpdeploy.restore import restore_layers
+
+        restore_report = restore_layers(model, masks, calib, held)
+        step("restore", 1, 1)
+
+    for layer in eligible:
+        if layer.param_name in masks:
+            pattern = assignment[layer.name].pattern
+            weight = model.get_submodule(layer.name).weight
+            if not is_nm_compliant(weight, pattern) or bool((weight.detach()[~masks[layer.param_name]] != 0).any()):
+                raise RuntimeError(f"internal error: {layer.name} is not {pattern} after pruning")
+
+    records = []
+    for layer in layers:
+        a = assignment.get(layer.name)
+        pattern = a.pattern if a else None
+        fit, signal = fits[layer.name]
+        m = macs.get(layer.name, 0)
+        records.append({
+            "name": layer.name,
+            "param": layer.param_name,
+            "kind": layer.kind,
+            "weight_shape": list(layer.weight_shape),
+            "groups": layer.groups,
+            "pattern": str(pattern) if pattern else None,
+            "runs_sparse": bool(pattern and pattern.runs_sparse),
+            "skipped": None if pattern else reasons[layer.name],
+            "macs": m,
+            "macs_kept": int(m * (pattern.density if pattern else 1.0)),
+            "macs_executed": int(m * (pattern.execution_density if pattern else 1.0)),
+            "signal": signal,
+            "z": a.z if a else None,
+            "budget_weight": a.weight if a else None,
+            "damage": next((d for p, d in _options(candidates, layer.name) if p == pattern), None),
+            "fit": fit,
+            "permutation": permutation_report.get(layer.name),
+            "restore": restore_report.get(layer.name),
+        })
+    totals = _totals(records, macs, dense_macs, target)
+    extra.update({"calibration": calib_info, "budget_target": target})
+    return PruneResult(model, masks, records, totals, {**extra, "dense_state": dense_state})
+
+
+def _options(candidates: list[Candidate], name: str):
+    for c in candidates:
+        if c.name == name:
+            return c.options
+    return ()
+
+
+def _totals(records, macs, dense_macs, target) -> dict[str, Any]:
+    """MAC accounting. Reductions are relative to the dense model without token merging."""
+    base = sum(dense_macs.values())
+    attention = sum(v for k, v in macs.items() if k.startswith("attention:"))
+    kept = sum(r["macs_kept"] for r in records) + attention
+    executed = sum(r["macs_executed"] for r in records) + attention
+    return {
+        "dense_macs": base,
+        "macs_after_tome": sum(macs.values()),
+        "layer_macs": sum(r["macs"] for r in records),
+        "attention_macs": attention,
+        "macs_kept": kept,
+        "macs_executed": executed,
+        "mac_reduction": 1 - kept / base if base else 0.0,
+        "sparse_execution_mac_reduction": 1 - executed / base if base else 0.0,
+        "pruned_layers": sum(1 for r in records if r["pattern"]),
+        "sparse_layers": sum(1 for r in records if r["runs_sparse"]),
+        "skipped_layers": sum(1 for r in records if not r["pattern"]),
+        "budget_target_mac_reduction": target,
+    }
+
+
+def _state_for_save(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage (tied weights): store contiguous copies.
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+
+
+def prune(loaded: LoadedModel, config: PruneConfig, out_dir: Path, progress: Progress | None = None,
+          source_hash: str | None = None) -> Path:
+    """Run the prune stage and write the `pruned/` artifact atomically."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    result = prune_model(loaded, config, progress)
+    dense_state = result.extra.pop("dense_state")
+    with artifacts.atomic_dir(out_dir) as tmp:
+        save_file(_state_for_save(result.model.state_dict()), str(tmp / "model.safetensors"))
+        save_file(_state_for_save(dense_state), str(tmp / "dense.safetensors"))
+        save_file({k: v.to(torch.uint8).contiguous() for k, v in result.masks.items()}, str(tmp / "masks.safetensors"))
+        artifacts.write_manifest(
+            tmp, KIND, config,
+            inputs={"model": source_hash or artifacts.sha256_json(loaded.source)},
+            extra={
+                "model": {"name": loaded.name, "source": loaded.source, "input_shape": list(loaded.input_shape),
+                          "num_classes": loaded.num_classes, "data_config": loaded.data_config},
+                "layers": result.layers,
+                "totals": result.totals,
+                **result.extra,
+            },
+        )
+    logger.info("pruned %d layers of %s -> %s", result.totals["pruned_layers"], loaded.name, out_dir)
+    return out_dir
+
+
+@dataclass
+class PrunedArtifact:
+    path: Path
+    manifest: dict[str, Any]
+    model: nn.Module
+    masks: dict[str, torch.Tensor]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["model"]["input_shape"])
+
+    @property
+    def name(self) -> str:
+        return self.manifest["model"]["name"]
+
+    def patterns(self) -> dict[str, NM]:
+        return {r["param"]: parse_pattern(r["pattern"]) for r in self.manifest["layers"] if r["pattern"]}
+
+
+def build_architecture(manifest: dict[str, Any]) -> nn.Module:
+    model = recreate_architecture(manifest["model"]["source"])
+    tome = manifest.get("tome")
+    if tome:
+        from mpdeploy.tome import apply_tome
+
+        apply_tome(model, tome["r"])
+    return model.eval()
+
+
+def load_pruned(path: Path, which: str = "sparse", verify: bool = True) -> PrunedArtifact:
+    """Re-create the pruned (or, with which="dense", the dense twin) model from the artifact."""
+    from safetensors.torch import load_file
+
+    from mpdeploy.models import load_weights_strict
+
+    path = Path(path)
+    manifest = artifacts.read_manifest(path, KIND, verify=verify)
+    model = build_architecture(manifest)
+    weights = "model.safetensors" if which == "sparse" else "dense.safetensors"
+    try:
+        state = load_file(str(path / weights))
+        masks = {k: v.bool() for k, v in load_file(str(path / "masks.safetensors")).items()}
+    except Exception as exc:
+        raise MpdeployError(f"{path}: cannot read {weights} / masks.safetensors ({exc}); re-run `mpdeploy prune`") from None
+    load_weights_strict(model, state, where=str(path / weights), arch=manifest["model"]["name"])
+    return PrunedArtifact(path, manifest, model.eval(), masks)
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero every masked-out weight (after an optimizer step, masks must never drift)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            param = params[name]
+            param.mul_(mask.to(device=param.device, dtype=param.dtype))

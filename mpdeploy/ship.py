@@ -1,0 +1,509 @@
+"""Ship an audited engine into a Triton Inference Server model repository.
+
+    <repo>/<name>/config.pbtxt              one config per model, shared by its versions
+    <repo>/<name>/<version>/model.plan      tensorrt_plan     (engine-trt)
+    <repo>/<name>/<version>/model.onnx      onnxruntime_onnx  (engine-ort)
+    <repo>/<name>/<version>/model.py        python backend: ONNX Runtime inside Triton (engine-ort,
+                           + model.onnx     --serve-backend python)
+    <repo>/<name>/<version>/provenance.json audit summary, engine manifest, hashes, target GPU/TensorRT
+    <repo>/<name>/<version>/SHA256SUMS      `cd <version> && sha256sum -c SHA256SUMS`
+
+The config is built through Triton's own model-config protobuf, so what we write is what Triton parses.
+Nothing in the repository changes unless the whole ship succeeds: files are written under temp names
+next to their targets and renamed into place.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mpdeploy.artifacts import sha256_file
+from mpdeploy.errors import MpdeployError
+
+logger = logging.getLogger(__name__)
+
+ENGINE_SCHEMA = "mpdeploy.engine/1"
+AUDIT_SCHEMA = "mpdeploy.audit/1"
+PROVENANCE_SCHEMA = "mpdeploy.ship/1"
+ENGINE_BACKENDS = ("trt", "torch", "ort")
+VARIANTS = ("sparse", "dense")
+SERVE_BACKENDS = ("auto", "python")
+KINDS = ("KIND_GPU", "KIND_CPU")
+
+# numpy dtype name (engine manifest io) -> Triton DataType name
+_TRITON_DTYPES = {
+    "bool": "TYPE_BOOL",
+    "uint8": "TYPE_UINT8",
+    "uint16": "TYPE_UINT16",
+    "uint32": "TYPE_UINT32",
+    "uint64": "TYPE_UINT64",
+    "int8": "TYPE_INT8",
+    "int16": "TYPE_INT16",
+    "int32": "TYPE_INT32",
+    "int64": "TYPE_INT64",
+    "float16": "TYPE_FP16",
+    "float32": "TYPE_FP32",
+    "float64": "TYPE_FP64",
+    "bfloat16": "TYPE_BF16",
+}
+# Copied verbatim as model.py for --serve-backend python; a module of this package, so wheels carry it.
+_PYTHON_MODEL_TEMPLATE = Path(__file__).with_name("triton_python_model.py")
+# Triton model names become URL path parts and folder names: keep them boring.
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class ShipConfig:
+    """How to ship one engine; defaults serve the audited sparse engine on its native Triton platform."""
+
+    repo: Path
+    name: str | None = None  # default: the engine directory's name
+    version: int | None = None  # default: next free, starting at 1
+    max_batch_size: int = 8  # 0: no batching, dims carry the full shape
+    variant: str = "sparse"  # "sparse" | "dense"
+    serve_backend: str = "auto"  # "auto": tensorrt_plan / onnxruntime_onnx; "python": ORT in Python backend
+    instance_count: int = 1
+    kind: str | None = None  # "KIND_GPU" | "KIND_CPU"; default GPU for plans, CPU otherwise
+    force: bool = False  # ship an unaudited / failed engine, replace a different config.pbtxt
+    engine_backend: str | None = None  # which engine-<backend>/; default: the audited one, else the only one
+    python_env: Path | None = None  # EXECUTION_ENV_PATH for the python backend; default sys.prefix
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading the engine directory
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MpdeployError(f"cannot read {what} {path}: {exc}; rebuild it") from exc
+    if not isinstance(data, dict):
+        raise MpdeployError(f"{what} {path} is not a JSON object; rebuild it")
+    return data
+
+
+def _read_audit(engine_dir: Path) -> dict[str, Any] | None:
+    path = engine_dir / "audit" / "audit.json"
+    if not path.exists():
+        return None
+    audit = _read_json(path, "audit")
+    if audit.get("schema") != AUDIT_SCHEMA:
+        raise MpdeployError(
+            f"{path} has schema {audit.get('schema')!r}, expected {AUDIT_SCHEMA!r}; re-run mpdeploy audit"
+        )
+    return audit
+
+
+def _pick_engine_backend(engine_dir: Path, config: ShipConfig, audit: dict[str, Any] | None) -> str:
+    present = sorted(b for b in ENGINE_BACKENDS if (engine_dir / f"engine-{b}").is_dir())
+    if config.engine_backend is not None:
+        if config.engine_backend not in ENGINE_BACKENDS:
+            raise MpdeployError(
+                f"engine backend {config.engine_backend!r} unknown; use one of {', '.join(ENGINE_BACKENDS)}"
+            )
+        if config.engine_backend not in present:
+            raise MpdeployError(
+                f"{engine_dir} has no engine-{config.engine_backend}/ (present: {', '.join(present) or 'none'}); "
+                f"build it or pick another engine backend"
+            )
+        return config.engine_backend
+    if audit is not None and audit.get("backend") in present:
+        return audit["backend"]
+    if len(present) == 1:
+        return present[0]
+    if not present:
+        raise MpdeployError(f"{engine_dir} holds no engine-<backend>/ folder; run mpdeploy build first")
+    raise MpdeployError(
+        f"{engine_dir} holds several engines ({', '.join(present)}) and no audit names one; "
+        f"pick one with --engine-backend"
+    )
+
+
+def _check_audit(audit: dict[str, Any] | None, backend: str, engine_dir: Path, force: bool) -> None:
+    if audit is None:
+        problem = f"{engine_dir} has no audit/audit.json"
+    elif audit.get("backend") != backend:
+        problem = f"the audit in {engine_dir} is for engine-{audit.get('backend')}, not engine-{backend}"
+    elif audit.get("passed") is not True:
+        failures = "; ".join(str(f) for f in audit.get("failures") or []) or "no reason given"
+        problem = f"the audit of {engine_dir} failed ({failures})"
+    else:
+        return
+    if not force:
+        raise MpdeployError(f"{problem}; run mpdeploy audit and fix the engine, or pass --force to ship it anyway")
+    logger.warning("%s; shipping anyway because of --force", problem)
+
+
+def _read_manifest(engine_dir: Path, backend: str) -> dict[str, Any]:
+    path = engine_dir / f"engine-{backend}" / "manifest.json"
+    manifest = _read_json(path, "engine manifest")
+    if manifest.get("schema") != ENGINE_SCHEMA or manifest.get("kind") != "engine":
+        raise MpdeployError(
+            f"{path} is not an engine manifest (schema {manifest.get('schema')!r}, expected {ENGINE_SCHEMA!r}); "
+            f"rebuild with mpdeploy build"
+        )
+    if manifest.get("backend") != backend:
+        raise MpdeployError(
+            f"{path} says backend {manifest.get('backend')!r} but sits in engine-{backend}/; rebuild it"
+        )
+    io = manifest.get("io")
+    if not isinstance(io, dict) or not io.get("inputs") or not io.get("outputs"):
+        raise MpdeployError(f"{path} has no io.inputs/io.outputs; rebuild with mpdeploy build")
+    return manifest
+
+
+def _engine_file(engine_dir: Path, backend: str, manifest: dict[str, Any], variant: str) -> Path:
+    files = manifest.get("files") or {}
+    if variant not in files:
+        have = ", ".join(sorted(files)) or "none"
+        raise MpdeployError(f"engine-{backend} has no {variant} engine (has: {have}); pass --variant with one of those")
+    rel = files[variant]
+    path = engine_dir / f"engine-{backend}" / rel
+    if Path(rel).is_absolute() or ".." in Path(rel).parts or not path.is_file():
+        raise MpdeployError(f"engine file {path} named by the manifest is missing; rebuild with mpdeploy build")
+    expected = (manifest.get("file_sha256") or {}).get(rel)
+    if expected is not None and sha256_file(path) != expected:
+        raise MpdeployError(f"{path} does not match the sha256 in its manifest (changed since the build); rebuild it")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# the Triton config
+
+
+def _model_config_pb2():
+    try:
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as exc:  # tritonclient is in the [serve] extra
+        raise MpdeployError(
+            "mpdeploy ship needs Triton's model-config protobuf; pip install 'tritonclient[grpc]'"
+        ) from exc
+    return model_config_pb2
+
+
+def _tensor(pb2, spec: dict[str, Any], batched: bool, where: str):
+    name, dtype, shape = spec.get("name"), spec.get("dtype"), list(spec.get("shape") or [])
+    if not name or dtype not in _TRITON_DTYPES or not shape:
+        raise MpdeployError(
+            f"engine io {where} {spec!r} needs a name, a dtype in {', '.join(_TRITON_DTYPES)} and a shape; "
+            f"rebuild the engine"
+        )
+    if batched:
+        if shape[0] not in (-1, None):
+            raise MpdeployError(
+                f"{where} {name!r} has a fixed first dim {shape[0]} (shape {shape}), so Triton cannot batch it; "
+                f"pass --max-batch-size 0 or rebuild with a dynamic batch dim"
+            )
+        shape = shape[1:]
+    dims = [-1 if d in (-1, None) or not isinstance(d, int) else d for d in shape]
+    t = pb2.ModelInput() if where == "input" else pb2.ModelOutput()
+    t.name = name
+    t.data_type = pb2.DataType.Value(_TRITON_DTYPES[dtype])
+    if dims:
+        t.dims.extend(dims)
+    else:  # a per-sample scalar: Triton wants non-empty dims
+        t.dims.append(1)
+        t.reshape.SetInParent()
+    return t
+
+
+def build_model_config(
+    name: str,
+    manifest: dict[str, Any],
+    *,
+    serve: str,
+    max_batch_size: int,
+    kind: str,
+    instance_count: int,
+    python_env: Path | None = None,
+):
+    """The `ModelConfig` protobuf for an engine manifest; `serve` is a platform or "python"."""
+    pb2 = _model_config_pb2()
+    cfg = pb2.ModelConfig(name=name, max_batch_size=max_batch_size)
+    if serve == "python":
+        cfg.backend = "python"
+        # The stub runs the model in this environment (it ignores PYTHONPATH); a venv directory works.
+        cfg.parameters["EXECUTION_ENV_PATH"].string_value = str(python_env)
+    else:
+        cfg.platform = serve
+    batched = max_batch_size > 0
+    cfg.input.extend(_tensor(pb2, t, batched, "input") for t in manifest["io"]["inputs"])
+    cfg.output.extend(_tensor(pb2, t, batched, "output") for t in manifest["io"]["outputs"])
+    if batched:
+        cfg.dynamic_batching.SetInParent()
+    group = cfg.instance_group.add()
+    group.count = instance_count
+    group.kind = pb2.ModelInstanceGroup.Kind.Value(kind)
+    return cfg
+
+
+def config_to_text(cfg) -> str:
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(cfg)
+
+
+def parse_config(text: str):
+    """Parse config.pbtxt text into Triton's ModelConfig (raises google.protobuf ParseError)."""
+    from google.protobuf import text_format
+
+    return text_format.Parse(text, _model_config_pb2().ModelConfig())
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing
+
+
+def _mpdeploy_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("mpdeploy")
+    except metadata.PackageNotFoundError:
+        import mpdeploy
+
+        return str(getattr(mpdeploy, "__version__", "unknown"))
+
+
+def _validate(config: ShipConfig) -> None:
+    if config.variant not in VARIANTS:
+        raise MpdeployError(f"variant {config.variant!r} unknown; use sparse or dense")
+    if config.serve_backend not in SERVE_BACKENDS:
+        raise MpdeployError(f"serve backend {config.serve_backend!r} unknown; use auto or python")
+    if config.max_batch_size < 0:
+        raise MpdeployError(f"max batch size {config.max_batch_size} is negative; use 0 (no batching) or more")
+    if config.instance_count < 1:
+        raise MpdeployError(f"instance count {config.instance_count} must be at least 1")
+    if config.kind is not None and config.kind not in KINDS:
+        raise MpdeployError(f"instance kind {config.kind!r} unknown; use KIND_GPU or KIND_CPU")
+    if config.version is not None and config.version < 1:
+        raise MpdeployError(f"version {config.version} must be a positive integer (Triton versions start at 1)")
+
+
+def _next_version(model_dir: Path) -> int:
+    if not model_dir.is_dir():
+        return 1
+    taken = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()]
+    return max(taken, default=0) + 1
+
+
+def _tmp_dir_next_to(target: Path) -> Path:
+    # Hidden and non-numeric: Triton skips it as a version; ".tmp-" is git-ignored project-wide.
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+
+
+def _write_text_atomic_tmp(target: Path, text: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(tmp)
+
+
+def _fill_version_dir(
+    dest: Path,
+    model_files: list[str],
+    source: Path,
+    provenance: dict[str, Any],
+    manifest: dict[str, Any],
+    variant: str,
+    make: bool = True,
+) -> None:
+    """Write model file(s), provenance.json and SHA256SUMS into `dest` (a staging folder)."""
+    if make:
+        dest.mkdir()
+    for fname in model_files:
+        shutil.copyfile(_PYTHON_MODEL_TEMPLATE if fname == "model.py" else source, dest / fname)
+    (dest / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    sums = {p.name: sha256_file(p) for p in sorted(dest.iterdir())}
+    expected = (manifest.get("file_sha256") or {}).get(manifest["files"][variant])
+    if expected is not None and sums[model_files[-1]] != expected:
+        raise MpdeployError(f"copy of {source} does not match its manifest sha256; check the disk and retry")
+    (dest / "SHA256SUMS").write_text("".join(f"{h}  {n}\n" for n, h in sums.items()))
+
+
+def _rename_new(src: Path, dst: Path) -> None:
+    # os.rename would silently replace an empty folder that appeared meanwhile; never replace anything.
+    if dst.exists():
+        raise MpdeployError(f"{dst} appeared while shipping; run again (another ship into the same repository?)")
+    os.rename(src, dst)
+
+
+def _resolve_serving(backend: str, config: ShipConfig) -> tuple[str, str, list[str]]:
+    """(serve, kind, model files) for an engine backend: serve is a Triton platform or "python"."""
+    if backend == "torch":
+        raise MpdeployError(
+            "torch engines are PyTorch modules converted at load time and have no file Triton can serve; "
+            "build with --backend ort or trt and ship that engine"
+        )
+    if config.serve_backend == "python":
+        if backend != "ort":
+            raise MpdeployError(
+                f"--serve-backend python serves ONNX with ONNX Runtime, but engine-{backend} holds TensorRT plans; "
+                f"use --serve-backend auto (tensorrt_plan) or ship an ort engine"
+            )
+        serve, files = "python", ["model.py", "model.onnx"]
+    elif backend == "trt":
+        serve, files = "tensorrt_plan", ["model.plan"]
+    else:
+        serve, files = "onnxruntime_onnx", ["model.onnx"]
+    kind = config.kind or ("KIND_GPU" if serve == "tensorrt_plan" else "KIND_CPU")
+    if serve == "python" and kind == "KIND_GPU":
+        # The template runs ONNX Runtime's CPU provider; a GPU instance would only pin the process.
+        logger.warning("python-backend model runs ONNX Runtime on CPU; KIND_GPU only places the instance")
+    return serve, kind, files
+
+
+def ship(engine_dir: Path, config: ShipConfig) -> Path:
+    """Copy an audited engine into a Triton model repository; returns `<repo>/<name>/<version>/`."""
+    _validate(config)
+    engine_dir = Path(engine_dir)
+    if not engine_dir.is_dir():
+        raise MpdeployError(
+            f"engine directory {engine_dir} not found; pass the folder mpdeploy build wrote (engines/<name>)"
+        )
+    repo = Path(config.repo)
+    if repo.exists() and not repo.is_dir():
+        raise MpdeployError(f"model repository {repo} is a file, not a directory; pass a folder for --repo")
+
+    name = config.name or engine_dir.resolve().name
+    if not _NAME_RE.match(name):
+        raise MpdeployError(f"model name {name!r} is not usable by Triton; pass --name with letters, digits, _ . -")
+
+    audit = _read_audit(engine_dir)
+    backend = _pick_engine_backend(engine_dir, config, audit)
+    _check_audit(audit, backend, engine_dir, config.force)
+    serve, kind, model_files = _resolve_serving(backend, config)
+    manifest = _read_manifest(engine_dir, backend)
+    source = _engine_file(engine_dir, backend, manifest, config.variant)
+    python_env = Path(config.python_env or sys.prefix).resolve() if serve == "python" else None
+    if python_env is not None and not python_env.exists():
+        raise MpdeployError(
+            f"python environment {python_env} does not exist; pass --python-env with a venv, conda env or tarball"
+        )
+
+    model_cfg = build_model_config(
+        name,
+        manifest,
+        serve=serve,
+        max_batch_size=config.max_batch_size,
+        kind=kind,
+        instance_count=config.instance_count,
+        python_env=python_env,
+    )
+    config_text = config_to_text(model_cfg)
+
+    model_dir = repo / name
+    if model_dir.exists() and not model_dir.is_dir():
+        raise MpdeployError(f"{model_dir} is a file, not a model folder; remove it or pass another --name")
+    config_path = model_dir / "config.pbtxt"
+    write_config = True
+    if config_path.exists():
+        try:
+            same = parse_config(config_path.read_text()) == model_cfg
+        except Exception as exc:  # noqa: BLE001 - any parse failure means "different"
+            logger.debug("existing %s does not parse: %s", config_path, exc)
+            same = False
+        if same:
+            write_config = False
+        elif not config.force:
+            raise MpdeployError(
+                f"{config_path} exists with a different config (one config serves all versions of a model); "
+                f"pass another --name, or --force to replace it"
+            )
+        else:
+            logger.warning("replacing %s; it applies to every version in %s", config_path, model_dir)
+
+    version = config.version or _next_version(model_dir)
+    version_dir = model_dir / str(version)
+    if version_dir.exists():
+        raise MpdeployError(f"version {version_dir} already exists and is never overwritten; pass another --version")
+
+    provenance = {
+        "schema": PROVENANCE_SCHEMA,
+        "model": name,
+        "version": version,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "mpdeploy_version": _mpdeploy_version(),
+        "engine_dir": str(engine_dir.resolve()),
+        "engine_backend": backend,
+        "variant": config.variant,
+        "engine_file": source.name,
+        "serve": {"platform": serve} if serve != "python" else {"backend": "python"},
+        "ship_config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "forced": bool(config.force),
+        "audit": None if audit is None else {k: audit.get(k) for k in ("backend", "passed", "failures", "summary")},
+        "sources": manifest.get("sources"),
+        # A plan only runs on the GPU model and TensorRT version that built it.
+        "built_for": {
+            "device": (manifest.get("device") or {}).get("name"),
+            "gpu": (manifest.get("device") or {}).get("gpu"),
+            "tensorrt_version": (manifest.get("device") or {}).get("tensorrt_version"),
+        },
+        "engine_manifest": manifest,
+        # The config actually served: the kept file when it is kept (same content, maybe other formatting).
+        "config_sha256": hashlib.sha256(config_text.encode()).hexdigest() if write_config else sha256_file(config_path),
+    }
+    if serve == "tensorrt_plan":
+        built_for = provenance["built_for"]
+        logger.info(
+            "plan built for GPU %s, TensorRT %s: serve it on the same", built_for["gpu"], built_for["tensorrt_version"]
+        )
+
+    # --- write: everything under temp names next to the targets, renamed at the end, undone on failure.
+    created: list[Path] = []  # repository folders we had to create, removed again on failure
+    tmp_paths: list[Path] = []
+    placed: list[Path] = []
+    try:
+        for d in reversed([repo, *repo.parents]):
+            if not d.exists():
+                d.mkdir()
+                created.append(d)
+        if not model_dir.exists():
+            # A new model appears whole (config + first version), never as a folder without config.
+            stage = _tmp_dir_next_to(model_dir)
+            tmp_paths.append(stage)
+            (stage / "config.pbtxt").write_text(config_text)
+            _fill_version_dir(stage / str(version), model_files, source, provenance, manifest, config.variant)
+            _rename_new(stage, model_dir)
+            tmp_paths.remove(stage)
+        else:
+            stage = _tmp_dir_next_to(version_dir)
+            tmp_paths.append(stage)
+            _fill_version_dir(stage, model_files, source, provenance, manifest, config.variant, make=False)
+            tmp_config = _write_text_atomic_tmp(config_path, config_text) if write_config else None
+            if tmp_config is not None:
+                tmp_paths.append(tmp_config)
+            _rename_new(stage, version_dir)
+            tmp_paths.remove(stage)
+            placed.append(version_dir)
+            if tmp_config is not None:
+                os.replace(tmp_config, config_path)
+                tmp_paths.remove(tmp_config)
+    except BaseException:
+        for p in tmp_paths + placed:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
+    logger.info("shipped %s (%s, %s) to %s", source, backend, serve, version_dir)
+    return version_dir

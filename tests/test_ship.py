@@ -1,0 +1,474 @@
+"""mpdeploy ship: Triton model repositories, checked with Triton's own config protobuf and a real server.
+
+The server test runs the `tritonserver` binary carried by nvidia-pytriton (Python backend only) on
+127.0.0.1 and compares its answers with ONNX Runtime run here on the same ONNX file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mpdeploy.errors import MpdeployError
+from mpdeploy.ship import ShipConfig, parse_config, ship
+
+ort = pytest.importorskip("onnxruntime")
+torch = pytest.importorskip("torch")
+pytest.importorskip("tritonclient.grpc.model_config_pb2")
+
+from tritonclient.grpc import model_config_pb2 as pb2  # noqa: E402
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "mpdeploy" / "triton_python_model.py"
+
+
+# ---------------------------------------------------------------------------------------------------
+# fixture engine directory, built by hand per the engine contract
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def _export(model, path: Path) -> None:
+    torch.onnx.export(
+        model,
+        torch.randn(1, 3, 16, 16),
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        dynamo=False,
+    )
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def base_engine(tmp_path_factory) -> Path:
+    """engines/tiny with engine-ort/{sparse,dense}.onnx, manifest and a passed audit."""
+    torch.manual_seed(0)
+    dense = _Tiny().eval()
+    sparse = _Tiny().eval()
+    sparse.load_state_dict(dense.state_dict())
+    with torch.no_grad():  # 2:4 along `in` on the Linear, so sparse and dense really differ
+        w = sparse.fc.weight.view(10, 2, 4)
+        keep = w.abs().topk(2, dim=-1).indices
+        sparse.fc.weight.copy_((w * torch.zeros_like(w).scatter_(-1, keep, 1.0)).view(10, 8))
+
+    root = tmp_path_factory.mktemp("engines") / "tiny"
+    ed = root / "engine-ort"
+    ed.mkdir(parents=True)
+    _export(sparse, ed / "sparse.onnx")
+    _export(dense, ed / "dense.onnx")
+    manifest = {
+        "schema": "mpdeploy.engine/1",
+        "kind": "engine",
+        "backend": "ort",
+        "precision": "fp32",
+        "files": {"sparse": "sparse.onnx", "dense": "dense.onnx"},
+        "io": {
+            "inputs": [{"name": "input", "dtype": "float32", "shape": [-1, 3, 16, 16]}],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 10]}],
+        },
+        "device": {"name": "cpu", "gpu": None, "tensorrt_version": None},
+        "sources": {"onnx_sha256": "a" * 64, "pruned_manifest_sha256": "b" * 64},
+        "file_sha256": {f: _sha(ed / f) for f in ("sparse.onnx", "dense.onnx")},
+    }
+    (ed / "manifest.json").write_text(json.dumps(manifest))
+    (ed / "build_report.json").write_text("{}")
+    _write_audit(root, passed=True)
+    return root
+
+
+def _write_audit(root: Path, *, passed: bool, backend: str = "ort") -> None:
+    (root / "audit").mkdir(exist_ok=True)
+    audit = {
+        "schema": "mpdeploy.audit/1",
+        "backend": backend,
+        "passed": passed,
+        "failures": [] if passed else ["top-1 drop 4.1 pts > 1.0"],
+        "summary": {"top1_sparse": 0.91, "top1_dense": 0.92, "agreement": 0.97, "speedup_p50": {"1": 1.08}},
+    }
+    (root / "audit" / "audit.json").write_text(json.dumps(audit))
+
+
+@pytest.fixture
+def engine(base_engine, tmp_path) -> Path:
+    """A private copy of the fixture engine that a test may alter."""
+    dst = tmp_path / "engines" / "tiny"
+    shutil.copytree(base_engine, dst)
+    return dst
+
+
+def _trt_engine(tmp_path: Path) -> Path:
+    """A dense-only TensorRT engine folder with a stand-in plan (only its bytes are shipped)."""
+    root = tmp_path / "engines" / "tinytrt"
+    ed = root / "engine-trt"
+    ed.mkdir(parents=True)
+    (ed / "dense.plan").write_bytes(b"not a real plan, shipped byte for byte")
+    manifest = {
+        "schema": "mpdeploy.engine/1",
+        "kind": "engine",
+        "backend": "trt",
+        "precision": "fp16",
+        "files": {"dense": "dense.plan"},
+        "io": {
+            "inputs": [{"name": "input", "dtype": "float16", "shape": [-1, 3, 224, 224]}],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 1000]}],
+        },
+        "device": {"name": "gpu0", "gpu": "NVIDIA H100 80GB HBM3", "tensorrt_version": "10.9.0"},
+        "sources": {"onnx_sha256": "c" * 64, "pruned_manifest_sha256": "d" * 64},
+        "file_sha256": {"dense.plan": _sha(ed / "dense.plan")},
+    }
+    (ed / "manifest.json").write_text(json.dumps(manifest))
+    _write_audit(root, passed=True, backend="trt")
+    return root
+
+
+def _snapshot(path: Path) -> dict[str, str]:
+    """Recursive listing with content hashes: equal snapshots mean nothing changed."""
+    if not path.exists():
+        return {}
+    if path.is_file():
+        return {".": _sha(path)}
+    return {
+        str(p.relative_to(path)): ("dir" if p.is_dir() else _sha(p)) for p in sorted(path.rglob("*"))
+    }
+
+
+def _config(repo: Path, name: str = "tiny"):
+    cfg = parse_config((repo / name / "config.pbtxt").read_text())
+    assert isinstance(cfg, pb2.ModelConfig)
+    return cfg
+
+
+def _io(cfg):
+    return (
+        [(t.name, pb2.DataType.Name(t.data_type), list(t.dims)) for t in cfg.input],
+        [(t.name, pb2.DataType.Name(t.data_type), list(t.dims)) for t in cfg.output],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# configs and repository layout
+
+
+def test_ship_onnxruntime_platform(engine, tmp_path):
+    repo = tmp_path / "repo"
+    vdir = ship(engine, ShipConfig(repo=repo))
+    assert vdir == repo / "tiny" / "1"
+    cfg = _config(repo)
+    assert (cfg.name, cfg.platform, cfg.backend, cfg.max_batch_size) == ("tiny", "onnxruntime_onnx", "", 8)
+    assert _io(cfg) == ([("input", "TYPE_FP32", [3, 16, 16])], [("logits", "TYPE_FP32", [10])])
+    assert cfg.HasField("dynamic_batching")
+    assert [(g.count, pb2.ModelInstanceGroup.Kind.Name(g.kind)) for g in cfg.instance_group] == [(1, "KIND_CPU")]
+    assert sorted(p.name for p in vdir.iterdir()) == ["SHA256SUMS", "model.onnx", "provenance.json"]
+    assert (vdir / "model.onnx").read_bytes() == (engine / "engine-ort" / "sparse.onnx").read_bytes()
+
+    prov = json.loads((vdir / "provenance.json").read_text())
+    assert prov["audit"]["passed"] is True and prov["audit"]["summary"]["agreement"] == 0.97
+    assert prov["sources"] == {"onnx_sha256": "a" * 64, "pruned_manifest_sha256": "b" * 64}
+    assert prov["engine_manifest"]["backend"] == "ort" and prov["variant"] == "sparse"
+    assert prov["mpdeploy_version"] and prov["created_utc"].endswith("+00:00")
+    assert prov["config_sha256"] == _sha(repo / "tiny" / "config.pbtxt")
+
+    sums = dict(line.split("  ")[::-1] for line in (vdir / "SHA256SUMS").read_text().splitlines())
+    assert sums == {"model.onnx": _sha(vdir / "model.onnx"), "provenance.json": _sha(vdir / "provenance.json")}
+    if shutil.which("sha256sum"):
+        subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=vdir, check=True)
+    assert not [p for p in repo.rglob("*") if ".tmp-" in p.name]
+
+
+def test_ship_python_backend_config(engine, tmp_path):
+    repo = tmp_path / "repo"
+    vdir = ship(engine, ShipConfig(repo=repo, serve_backend="python", variant="dense", max_batch_size=4))
+    cfg = _config(repo)
+    assert (cfg.backend, cfg.platform, cfg.max_batch_size) == ("python", "", 4)
+    assert cfg.parameters["EXECUTION_ENV_PATH"].string_value == str(Path(sys.prefix).resolve())
+    assert _io(cfg) == ([("input", "TYPE_FP32", [3, 16, 16])], [("logits", "TYPE_FP32", [10])])
+    assert sorted(p.name for p in vdir.iterdir()) == ["SHA256SUMS", "model.onnx", "model.py", "provenance.json"]
+    assert (vdir / "model.py").read_bytes() == TEMPLATE.read_bytes()
+    assert (vdir / "model.onnx").read_bytes() == (engine / "engine-ort" / "dense.onnx").read_bytes()
+
+
+def test_ship_no_batching_keeps_full_shape(engine, tmp_path):
+    repo = tmp_path / "repo"
+    ship(engine, ShipConfig(repo=repo, max_batch_size=0, instance_count=2))
+    cfg = _config(repo)
+    assert _io(cfg) == ([("input", "TYPE_FP32", [-1, 3, 16, 16])], [("logits", "TYPE_FP32", [-1, 10])])
+    assert not cfg.HasField("dynamic_batching")
+    assert cfg.instance_group[0].count == 2
+
+
+def test_ship_tensorrt_plan(tmp_path):
+    eng = _trt_engine(tmp_path)
+    repo = tmp_path / "repo"
+    with pytest.raises(MpdeployError, match="no sparse engine.*--variant"):
+        ship(eng, ShipConfig(repo=repo))  # dense-only build
+    with pytest.raises(MpdeployError, match="python"):
+        ship(eng, ShipConfig(repo=repo, variant="dense", serve_backend="python"))
+    assert not repo.exists()
+    vdir = ship(eng, ShipConfig(repo=repo, variant="dense", name="resnet"))
+    cfg = _config(repo, "resnet")
+    assert (cfg.name, cfg.platform, cfg.max_batch_size) == ("resnet", "tensorrt_plan", 8)
+    assert _io(cfg) == ([("input", "TYPE_FP16", [3, 224, 224])], [("logits", "TYPE_FP32", [1000])])
+    assert pb2.ModelInstanceGroup.Kind.Name(cfg.instance_group[0].kind) == "KIND_GPU"
+    assert (vdir / "model.plan").read_bytes() == (eng / "engine-trt" / "dense.plan").read_bytes()
+    prov = json.loads((vdir / "provenance.json").read_text())
+    assert prov["built_for"]["gpu"] == "NVIDIA H100 80GB HBM3" and prov["built_for"]["tensorrt_version"] == "10.9.0"
+
+
+def test_versions_share_one_config(engine, tmp_path):
+    repo = tmp_path / "repo"
+    assert ship(engine, ShipConfig(repo=repo)).name == "1"
+    config_before = (repo / "tiny" / "config.pbtxt").read_bytes()
+    assert ship(engine, ShipConfig(repo=repo, variant="dense")).name == "2"
+    assert ship(engine, ShipConfig(repo=repo, version=7)).name == "7"
+    assert (repo / "tiny" / "config.pbtxt").read_bytes() == config_before
+    assert sorted(p.name for p in (repo / "tiny").iterdir()) == ["1", "2", "7", "config.pbtxt"]
+
+
+def test_engine_backend_choice(engine, tmp_path):
+    shutil.copytree(_trt_engine(tmp_path) / "engine-trt", engine / "engine-trt")
+    repo = tmp_path / "repo"
+    ship(engine, ShipConfig(repo=repo))  # the audit names ort
+    assert _config(repo).platform == "onnxruntime_onnx"
+    with pytest.raises(MpdeployError, match="audit .* is for engine-ort.*--force"):
+        ship(engine, ShipConfig(repo=repo, name="t_trt", engine_backend="trt", variant="dense"))
+    shutil.rmtree(engine / "audit")
+    with pytest.raises(MpdeployError, match="--engine-backend"):
+        ship(engine, ShipConfig(repo=repo, name="t2", force=True))
+    (engine / "engine-torch").mkdir()
+    with pytest.raises(MpdeployError, match="ort or trt"):
+        ship(engine, ShipConfig(repo=repo, name="t3", engine_backend="torch", force=True))
+    assert sorted(p.name for p in repo.iterdir()) == ["tiny"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# refusals: each leaves the repository exactly as it was
+
+
+def test_existing_version_is_never_overwritten(engine, tmp_path):
+    repo = tmp_path / "repo"
+    ship(engine, ShipConfig(repo=repo))
+    before = _snapshot(repo)
+    for force in (False, True):
+        with pytest.raises(MpdeployError, match="already exists"):
+            ship(engine, ShipConfig(repo=repo, version=1, variant="dense", force=force))
+        assert _snapshot(repo) == before
+
+
+def test_different_config_needs_force(engine, tmp_path):
+    repo = tmp_path / "repo"
+    ship(engine, ShipConfig(repo=repo))
+    before = _snapshot(repo)
+    with pytest.raises(MpdeployError, match="different config.*--force"):
+        ship(engine, ShipConfig(repo=repo, max_batch_size=4))
+    assert _snapshot(repo) == before
+    ship(engine, ShipConfig(repo=repo, max_batch_size=4, force=True))
+    assert _config(repo).max_batch_size == 4
+    assert sorted(p.name for p in (repo / "tiny").iterdir()) == ["1", "2", "config.pbtxt"]
+
+
+def test_engine_without_audit_needs_force(engine, tmp_path):
+    shutil.rmtree(engine / "audit")
+    repo = tmp_path / "repo"
+    with pytest.raises(MpdeployError, match="no audit.*--force"):
+        ship(engine, ShipConfig(repo=repo))
+    assert not repo.exists()
+    vdir = ship(engine, ShipConfig(repo=repo, force=True))
+    prov = json.loads((vdir / "provenance.json").read_text())
+    assert prov["forced"] is True and prov["audit"] is None
+
+
+def test_failed_audit_needs_force(engine, tmp_path):
+    _write_audit(engine, passed=False)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "other").mkdir()
+    before = _snapshot(repo)
+    with pytest.raises(MpdeployError, match=r"audit .* failed \(top-1 drop 4.1 pts > 1.0\).*--force"):
+        ship(engine, ShipConfig(repo=repo))
+    assert _snapshot(repo) == before
+    vdir = ship(engine, ShipConfig(repo=repo, force=True))
+    assert json.loads((vdir / "provenance.json").read_text())["audit"]["passed"] is False
+
+
+def test_repo_that_is_a_file(engine, tmp_path):
+    repo = tmp_path / "repo"
+    repo.write_text("not a folder")
+    with pytest.raises(MpdeployError, match="is a file"):
+        ship(engine, ShipConfig(repo=repo))
+    assert repo.read_text() == "not a folder"
+
+
+def test_tampered_engine_file(engine, tmp_path):
+    with open(engine / "engine-ort" / "sparse.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(MpdeployError, match="sha256"):
+        ship(engine, ShipConfig(repo=tmp_path / "repo"))
+    assert not (tmp_path / "repo").exists()
+
+
+def test_failure_while_writing_leaves_repo_unchanged(engine, tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    ship(engine, ShipConfig(repo=repo))
+    before = _snapshot(repo)
+
+    def broken_copy(src, dst, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr("mpdeploy.ship.shutil.copyfile", broken_copy)
+        with pytest.raises(OSError):
+            ship(engine, ShipConfig(repo=repo, force=True, max_batch_size=2))  # new version and a new config
+        assert _snapshot(repo) == before
+        fresh = tmp_path / "fresh" / "repo"
+        with pytest.raises(OSError):
+            ship(engine, ShipConfig(repo=fresh))
+        assert not (tmp_path / "fresh").exists()
+
+    # the last step (replacing config.pbtxt) fails after the version folder was renamed into place
+    with monkeypatch.context() as m:
+        m.setattr("mpdeploy.ship.os.replace", broken_copy)
+        with pytest.raises(OSError):
+            ship(engine, ShipConfig(repo=repo, force=True, max_batch_size=2))
+    assert _snapshot(repo) == before
+
+
+# ---------------------------------------------------------------------------------------------------
+# the command
+
+
+@pytest.fixture
+def run_cli(monkeypatch):
+    """`mpdeploy ship ...` through the lead's `mpdeploy.cli.main`, else through this command's own parser."""
+    if importlib.util.find_spec("mpdeploy.cli") is None:
+        from mpdeploy.commands import ship as command
+
+        def run(argv: list[str]) -> int:
+            parser = argparse.ArgumentParser(prog="mpdeploy ship")
+            command.add_arguments(parser)
+            try:
+                return command.main(parser.parse_args(argv[1:]))
+            except MpdeployError as exc:  # what the CLI does with it
+                print(f"error: {exc}", file=sys.stderr)
+                return exc.exit_code
+
+        return run
+    from mpdeploy import cli
+
+    if "ship" in getattr(cli, "COMMANDS", {}):
+        # Only this command's parser: the test must not depend on the other stages' modules.
+        monkeypatch.setattr(cli, "COMMANDS", {"ship": cli.COMMANDS["ship"]})
+    # The CLI configures root logging onto the (captured) stderr; put it back for later tests.
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    return cli.main
+
+
+def test_cli(engine, tmp_path, capsys, run_cli):
+    repo = tmp_path / "repo"
+    assert run_cli(["ship", str(engine), "--repo", str(repo), "--max-batch-size", "4"]) == 0
+    assert capsys.readouterr().out.strip() == str(repo / "tiny" / "1")
+    assert _config(repo).max_batch_size == 4
+
+    bad = [
+        (["--version", "1", "--max-batch-size", "4"], "already exists"),
+        (["--name", "t2", "--repo", str(engine / "engine-ort" / "manifest.json")], "is a file"),
+    ]
+    for extra, message in bad:
+        argv = ["ship", str(engine), "--repo", str(repo), *extra]
+        assert run_cli(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+    _write_audit(engine, passed=False)
+    assert run_cli(["ship", str(engine), "--repo", str(repo), "--max-batch-size", "4"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert run_cli(["ship", str(engine), "--repo", str(repo), "--max-batch-size", "4", "--force"]) == 0
+    assert capsys.readouterr().out.strip() == str(repo / "tiny" / "2")
+
+
+# ---------------------------------------------------------------------------------------------------
+# a real Triton server (nvidia-pytriton's tritonserver, Python backend, CPU, loopback only)
+
+
+def _triton_install():
+    from mpdeploy.triton_server import locate_tritonserver
+
+    try:
+        return locate_tritonserver()
+    except MpdeployError as exc:
+        pytest.skip(f"no tritonserver binary ({exc})")
+
+
+@pytest.mark.triton
+def test_served_by_real_triton(engine, tmp_path):
+    install = _triton_install()
+    httpclient = pytest.importorskip("tritonclient.http")
+    from mpdeploy.triton_server import run_tritonserver
+
+    repo = tmp_path / "repo"
+    vdir = ship(engine, ShipConfig(repo=repo, serve_backend="python"))
+    # The onnxruntime_onnx variant is only checked as a config: the pytriton binary has no
+    # onnxruntime backend, so it cannot be served here (a full Triton install would serve it).
+    ship(engine, ShipConfig(repo=tmp_path / "ort_repo", name="tiny"))
+    assert _config(tmp_path / "ort_repo").platform == "onnxruntime_onnx"
+
+    sparse = ort.InferenceSession(str(engine / "engine-ort" / "sparse.onnx"), providers=["CPUExecutionProvider"])
+    dense = ort.InferenceSession(str(engine / "engine-ort" / "dense.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    before = _snapshot(repo)
+    with run_tritonserver(repo, timeout=90, install=install, log_path=tmp_path / "tritonserver.log") as server:
+        client = httpclient.InferenceServerClient(server.url, connection_timeout=10, network_timeout=30)
+        try:
+            served_cfg = client.get_model_config("tiny")
+            assert served_cfg["max_batch_size"] == 8 and served_cfg["backend"] == "python"
+            for batch in (1, 4, 1):
+                x = rng.standard_normal((batch, 3, 16, 16), dtype=np.float32)
+                inp = httpclient.InferInput("input", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                got = client.infer("tiny", [inp], model_version="1").as_numpy("logits")
+                want = sparse.run(["logits"], {"input": x})[0]
+                assert got.shape == (batch, 10) and got.dtype == np.float32
+                assert np.abs(got - want).max() < 1e-5
+                # the sparse engine was shipped, not its dense twin
+                assert np.abs(got - dense.run(["logits"], {"input": x})[0]).max() > 1e-3
+        finally:
+            client.close()  # an open connection would hold the server's shutdown for its exit timeout
+    assert server.process.poll() is not None
+    # Serving changed nothing shipped. The stub's embedded Python writes model.py's __pycache__/ next to
+    # it (it ignores PYTHONDONTWRITEBYTECODE); harmless: SHA256SUMS lists only the shipped files.
+    assert {k: v for k, v in _snapshot(repo).items() if "__pycache__" not in k} == before
+    assert (vdir / "model.py").exists()
+
+
+@pytest.mark.triton
+def test_server_reports_a_model_it_cannot_load(engine, tmp_path):
+    install = _triton_install()
+    from mpdeploy.triton_server import run_tritonserver
+
+    repo = tmp_path / "repo"
+    ship(engine, ShipConfig(repo=repo))  # onnxruntime_onnx: no such backend in the pytriton binary
+    with pytest.raises(MpdeployError, match="onnxruntime"):
+        with run_tritonserver(repo, timeout=60, install=install):
+            pass
