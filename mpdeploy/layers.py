@@ -112,10 +112,14 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1) -
         return hook
 
     def attention_hook(name):
+        # Hooked on the attention's qkv Linear: it fires even when token merging replaces the block's
+        # forward, and its input carries the real (possibly merged) token count.
         def hook(module, inputs, output):
             x = inputs[0]
-            b, n, c = x.shape
-            macs[f"attention:{name}"] = macs.get(f"attention:{name}", 0) + 2 * b * n * n * c
+            tokens = x.shape[-2]
+            batch = x.numel() // (tokens * x.shape[-1])
+            dim = module.out_features // 3
+            macs[f"attention:{name}"] = macs.get(f"attention:{name}", 0) + 2 * batch * tokens * tokens * dim
         return hook
 
     for name, module in model.named_modules():
@@ -123,8 +127,8 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1) -
             handles.append(module.register_forward_hook(linear_hook(name)))
         elif isinstance(module, nn.Conv2d):
             handles.append(module.register_forward_hook(conv_hook(name)))
-        elif _is_attention(module):
-            handles.append(module.register_forward_hook(attention_hook(name)))
+        if _is_attention(module) and isinstance(module.qkv, nn.Linear):
+            handles.append(module.qkv.register_forward_hook(attention_hook(name)))
     try:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")

@@ -240,7 +240,9 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         loaded = _load_file(spec)
     if spec.input_shape is not None:
         loaded.input_shape = tuple(spec.input_shape)
-    loaded.module.eval()
+    if loaded.source.get("kind") != "exported_program":
+        # torch.export programs keep the mode they were exported in and refuse .eval().
+        loaded.module.eval()
     return loaded
 
 

@@ -1,0 +1,138 @@
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from mpdeploy.cli import main as cli_main
+from mpdeploy.errors import MpdeployError
+from mpdeploy.models import ModelSpec, load_model
+
+
+class PickledNet(nn.Module):  # module-level so it can be pickled whole
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 8)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def _resnet18_state(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    return model, model.state_dict()
+
+
+def test_timm_name_random_weights_and_input_shape():
+    loaded = load_model(ModelSpec("timm:resnet18", weights="random"))
+    assert loaded.input_shape == (3, 224, 224)
+    assert loaded.source["kind"] == "timm" and loaded.source["weights"] == "random"
+
+
+def test_unknown_timm_name():
+    with pytest.raises(MpdeployError, match="unknown timm model"):
+        load_model(ModelSpec("timm:resnet_does_not_exist"))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_state_dict_with_arch_reproduces_outputs(tmp_path, suffix):
+    model, state = _resnet18_state(tmp_path)
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+    loaded = load_model(ModelSpec(str(path), arch="resnet18", num_classes=10))
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(loaded.module(x), model(x))
+
+
+def test_checkpoint_for_timm_name(tmp_path):
+    model, state = _resnet18_state(tmp_path)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "ckpt.pth")
+    loaded = load_model(ModelSpec("timm:resnet18", checkpoint=tmp_path / "ckpt.pth", num_classes=10))
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(loaded.module(x), model(x))
+
+
+def test_state_dict_needs_arch(tmp_path):
+    _, state = _resnet18_state(tmp_path)
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(MpdeployError, match="--arch"):
+        load_model(ModelSpec(str(tmp_path / "w.pth")))
+
+
+def test_wrong_arch_names_the_mismatch(tmp_path):
+    _, state = _resnet18_state(tmp_path)
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(MpdeployError, match="do not fit architecture 'resnet34'"):
+        load_model(ModelSpec(str(tmp_path / "w.pth"), arch="resnet34", num_classes=10))
+
+
+def test_torchscript_and_exported_program(tmp_path):
+    net = PickledNet().eval()
+    x = torch.randn(2, 3, 2, 2)
+    torch.jit.save(torch.jit.trace(net, x), tmp_path / "net.pt")
+    loaded = load_model(ModelSpec(str(tmp_path / "net.pt"), input_shape=(3, 2, 2)))
+    assert torch.allclose(loaded.module(x), net(x))
+    program = torch.export.export(net, (x,))
+    torch.export.save(program, tmp_path / "net.pt2")
+    loaded = load_model(ModelSpec(str(tmp_path / "net.pt2")))
+    assert loaded.input_shape == (3, 2, 2)  # taken from the program's example inputs
+    assert torch.allclose(loaded.module(x), net(x))
+
+
+def test_full_pickle_needs_trust(tmp_path):
+    net = PickledNet().eval()
+    torch.save(net, tmp_path / "full.pt")
+    with pytest.raises(MpdeployError, match="--trust-pickle"):
+        load_model(ModelSpec(str(tmp_path / "full.pt"), input_shape=(3, 2, 2)))
+    loaded = load_model(ModelSpec(str(tmp_path / "full.pt"), input_shape=(3, 2, 2), trust_pickle=True))
+    x = torch.randn(1, 3, 2, 2)
+    assert torch.equal(loaded.module(x), net(x))
+
+
+def test_truncated_and_corrupt_files(tmp_path):
+    _, state = _resnet18_state(tmp_path)
+    torch.save(state, tmp_path / "w.pth")
+    data = (tmp_path / "w.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 3])
+    (tmp_path / "junk.pth").write_bytes(b"not a model at all" * 10)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    for name in ("cut.pth", "junk.pth", "empty.pth"):
+        with pytest.raises(MpdeployError):
+            load_model(ModelSpec(str(tmp_path / name), arch="resnet18", num_classes=10))
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(MpdeployError, match="safetensors"):
+        load_model(ModelSpec(str(tmp_path / "bad.safetensors"), arch="resnet18"))
+
+
+def _cli(capsys, args):
+    code = cli_main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["prune", "missing.pt"], "not found"),
+        (["prune", "timm:not_a_model_xyz"], "unknown timm model"),
+        (["prune", "timm:resnet18", "--pattern", "4:2"], "invalid N:M pattern"),
+        (["prune", "timm:resnet18", "--pattern", "a:b"], "cannot parse"),
+        (["prune", "timm:resnet18", "--saliency", "wanda"], "calibration data"),
+        (["prune", "timm:resnet18", "--input-shape", "3,224"], "three positive integers"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2(capsys, args, needle):
+    code, err = _cli(capsys, args)
+    assert code == 2
+    assert len(err) == 1 and needle in err[0], err
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_cli_pickle_refused_and_truncated(capsys, tmp_path):
+    torch.save(PickledNet(), tmp_path / "full.pt")
+    code, err = _cli(capsys, ["prune", str(tmp_path / "full.pt"), "--input-shape", "3,2,2", "--out", str(tmp_path / "o")])
+    assert code == 2 and "--trust-pickle" in err[-1] and not (tmp_path / "o").exists()
