@@ -101,9 +101,9 @@ def train_digits(model: nn.Module, entry: ZooEntry, seed: int = 0,
             opt.step()
             sched.step()
         if progress:
-            progress(epoch + 1, entry.epochs, float(loss))
+            progress(epoch + 1, entry.epochs, loss.item())
     model.eval()
-    return {"train_loss": float(loss), "test_top1": digits_top1(model, entry.input_shape)}
+    return {"train_loss": loss.item(), "test_top1": digits_top1(model, entry.input_shape)}
 
 
 @torch.no_grad()

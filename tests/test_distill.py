@@ -1,0 +1,292 @@
+"""mpdeploy distill: KD loss, frozen masks, checkpoint/resume, a real 2-process torchrun (gloo), CLI errors.
+
+The models are tiny timm ViTs (8x8 digits, 2 blocks, width 32) at random init: these tests check the
+mechanics, not the recovered accuracy (benchmarks/distill_digits.py measures that on the zoo models).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+pytest.importorskip("sklearn")
+
+from safetensors.torch import load_file  # noqa: E402
+
+import mpdeploy.distill as distill_mod  # noqa: E402
+from mpdeploy.distill import DistillConfig, _state_hash, distill, kd_loss  # noqa: E402
+from mpdeploy.models import LoadedModel  # noqa: E402
+from mpdeploy.patterns import NM, is_nm_compliant  # noqa: E402
+from mpdeploy.prune import PruneConfig, load_pruned, prune  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+KWARGS = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, depth=2, embed_dim=32, num_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The 2 CPU cores are shared: two OpenMP threads fighting other jobs run ~20x slower than one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory) -> Path:
+    """A 2:4 (uniform magnitude) pruned artifact of a tiny random-init ViT."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **KWARGS)
+    loaded = LoadedModel(model, (1, 8, 8), "tiny_vit",
+                         {"kind": "timm", "name": "vit_tiny_patch16_224", "kwargs": dict(KWARGS)})
+    return prune(loaded, PruneConfig(budget="uniform"), tmp_path_factory.mktemp("art") / "pruned")
+
+
+@pytest.fixture(scope="module")
+def pruned_cnn(tmp_path_factory) -> Path:
+    """A 2:4 pruned artifact of timm's tiny test ResNet (BatchNorm: its statistics must agree across ranks)."""
+    torch.manual_seed(0)
+    kwargs = {"in_chans": 1, "num_classes": 10}
+    model = timm.create_model("test_resnet", pretrained=False, **kwargs)
+    loaded = LoadedModel(model, (1, 8, 8), "tiny_cnn", {"kind": "timm", "name": "test_resnet", "kwargs": kwargs})
+    return prune(loaded, PruneConfig(budget="uniform"), tmp_path_factory.mktemp("cnn") / "pruned")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _quiet(*args, **kwargs) -> None:
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# loss
+
+
+def test_kd_loss_matches_hand_computation():
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    t = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    y = torch.tensor([1, 2])
+    a, temp, eps = 0.3, 2.0, 0.1
+
+    def softmax(row):
+        e = [math.exp(v) for v in row]
+        return [v / sum(e) for v in e]
+
+    kl = ce = 0.0
+    for srow, trow, label in zip(s.tolist(), t.tolist(), y.tolist()):
+        ps, pt = softmax([v / temp for v in srow]), softmax([v / temp for v in trow])
+        kl += sum(q * (math.log(q) - math.log(p)) for p, q in zip(ps, pt))
+        p = softmax(srow)
+        target = [eps / 3 + (1 - eps) * (k == label) for k in range(3)]
+        ce += -sum(q * math.log(pk) for q, pk in zip(target, p))
+    expected = a * temp**2 * kl / 2 + (1 - a) * ce / 2
+    got = kd_loss(s, t, y, alpha=a, temperature=temp, label_smoothing=eps)
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+    # Student equal to teacher, alpha = 1: no KD loss at all.
+    assert float(kd_loss(t, t, y, alpha=1.0)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_config_rejects_bad_values():
+    from mpdeploy.errors import MpdeployError
+
+    for bad in (dict(epochs=0), dict(alpha=1.5), dict(temperature=0), dict(optimizer="lion"), dict(lr=-1.0),
+                dict(label_smoothing=1.0), dict(batch_size=0)):
+        with pytest.raises(MpdeployError):
+            DistillConfig(**bad)
+
+
+def test_default_lr_and_optimizer():
+    lr, _ = distill_mod.default_lr("adamw", distill_mod.PAPER_STEPS)
+    assert lr == pytest.approx(1e-5)  # a paper-length run gets the paper's lr
+    assert distill_mod.default_lr("sgd", 10)[0] == pytest.approx(1e-3 * distill_mod.MAX_LR_SCALE)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **KWARGS)
+    assert distill_mod.is_vit(vit) and not distill_mod.is_vit(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# masks
+
+
+def test_masks_unchanged_exactly(pruned, tmp_path):
+    out = distill(pruned, DistillConfig(epochs=1, lr=1e-3), tmp_path / "distilled", progress=_quiet)
+    before, after = load_pruned(pruned), load_pruned(out)  # verifies the new manifest's hashes
+    patterns = after.patterns()
+    assert set(after.masks) == set(before.masks) and after.masks
+    params_before = dict(before.model.named_parameters())
+    moved = 0
+    for name, mask in after.masks.items():
+        assert torch.equal(mask, before.masks[name])
+        w = dict(after.model.named_parameters())[name].detach()
+        assert is_nm_compliant(w, patterns[name]) and patterns[name] == NM(2, 4)
+        assert torch.equal(w == 0, ~mask)  # zero set == complement of the mask, exactly
+        moved += int(not torch.equal(w, params_before[name].detach()))
+    assert moved == len(after.masks)  # training really changed the kept weights
+    # The teacher and the masks are carried over byte for byte.
+    for rel in ("dense.safetensors", "masks.safetensors"):
+        assert (out / rel).read_bytes() == (pruned / rel).read_bytes()
+    record = after.manifest["distill"]
+    assert [e["epoch"] for e in record["epochs"]] == [1]
+    assert record["teacher"]["kind"] == "artifact" and record["top1_after"] is not None
+    assert record["config"]["resolved"]["optimizer"] == "adamw"
+    assert after.manifest["config_hash"] == before.manifest["config_hash"]  # still the same prune output
+    assert not (tmp_path / ".distill-ckpt-distilled").exists()  # checkpoint removed after success
+
+
+def test_mask_drift_fails_and_writes_nothing(pruned, tmp_path, monkeypatch):
+    # Without the gradient zeroing and the re-masking, AdamW moves pruned weights: must be caught.
+    monkeypatch.setattr(distill_mod, "apply_masks", lambda model, masks: None)
+    monkeypatch.setattr(distill_mod, "_zero_masked_grads", lambda masked: None)
+    with pytest.raises(RuntimeError, match="masks changed"):
+        distill(pruned, DistillConfig(epochs=1, lr=1e-3), tmp_path / "out", progress=_quiet)
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoint / resume
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_and_matches_uninterrupted(pruned, tmp_path):
+    config = DistillConfig(epochs=2, lr=1e-3)
+    full = distill(pruned, config, tmp_path / "full", progress=_quiet)
+
+    def stop_at_epoch_2(step, done, total, epoch, **metrics):
+        if epoch == 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        distill(pruned, config, tmp_path / "resumed", progress=stop_at_epoch_2)
+    assert not (tmp_path / "resumed").exists()
+    assert json.loads((tmp_path / ".distill-ckpt-resumed" / "meta.json").read_text())["epochs_done"] == 1
+
+    seen = []
+    out = distill(pruned, config, tmp_path / "resumed", progress=lambda s, d, t, epoch, **m: seen.append(epoch))
+    assert seen and set(seen) == {2}  # epoch 1 was not run again
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical on CPU
+    record = json.loads((out / "manifest.json").read_text())["distill"]
+    assert record["resumed_from_epoch"] == 1 and [e["epoch"] for e in record["epochs"]] == [1, 2]
+
+
+def test_checkpoint_of_other_config_is_ignored(tmp_path):
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    distill_mod._save_checkpoint(tmp_path / "ckpt", "key-a", model, opt, sched, scaler, 1, [{"epoch": 1}])
+    state, records = distill_mod._load_checkpoint(tmp_path / "ckpt", "key-a")
+    assert state["epochs_done"] == 1 and records == [{"epoch": 1}]
+    assert torch.equal(state["model"]["weight"], model.weight.detach())
+    assert distill_mod._load_checkpoint(tmp_path / "ckpt", "key-b") is None  # other config / input
+    (tmp_path / "ckpt" / "state.pt").write_bytes(b"garbage")
+    assert distill_mod._load_checkpoint(tmp_path / "ckpt", "key-a") is None  # damaged: start over
+
+
+# ---------------------------------------------------------------------------------------------------
+# torchrun, 2 processes, gloo
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _all_commands_present() -> bool:
+    from mpdeploy.cli import COMMANDS
+
+    return all(importlib.util.find_spec(f"mpdeploy.commands.{name}") for name in COMMANDS)
+
+
+_LAUNCHER = """
+import importlib.util, sys
+from mpdeploy import cli
+# Other stages' command modules may not exist in this checkout yet: keep the ones that do.
+cli.COMMANDS = {n: h for n, h in cli.COMMANDS.items() if importlib.util.find_spec(f"mpdeploy.commands.{n}")}
+sys.exit(cli.main())
+"""
+
+
+def test_torchrun_two_processes_identical_weights(pruned_cnn, tmp_path):
+    art = _copy(pruned_cnn, tmp_path / "pruned")
+    dump = tmp_path / "dump"
+    if _all_commands_present():
+        target = ["-m", "mpdeploy"]
+    else:
+        (tmp_path / "launch.py").write_text(_LAUNCHER)
+        target = [str(tmp_path / "launch.py")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-addr=127.0.0.1",
+           f"--master-port={_free_port()}", *target, "distill", str(art), "--epochs", "1",
+           "--batch-size", "64", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           distill_mod.DUMP_ENV: str(dump), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((dump / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["state_sha256"] == ranks[1]["state_sha256"]
+    out = load_pruned(art)  # replaced in place (no --out), hashes verified
+    assert _state_hash(out.model.state_dict()) == ranks[1]["state_sha256"]  # BatchNorm buffers included
+    record = out.manifest["distill"]
+    resolved = record["config"]["resolved"]
+    assert resolved["world_size"] == 2 and resolved["batch_per_process"] == 32 and resolved["optimizer"] == "sgd"
+    assert record["epochs"][0]["images"] >= 1258  # both shards counted (the sampler pads to equal shards)
+    for name, mask in out.masks.items():
+        w = dict(out.model.named_parameters())[name].detach()
+        assert torch.equal(w == 0, ~mask) and is_nm_compliant(w, NM(2, 4))
+    assert out.masks and (art / "masks.safetensors").read_bytes() == (pruned_cnn / "masks.safetensors").read_bytes()
+    assert not any(p.name.startswith(".distill-ckpt") for p in tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _cli(argv: list[str], monkeypatch) -> int:
+    from mpdeploy import cli
+
+    present = {n: h for n, h in cli.COMMANDS.items() if importlib.util.find_spec(f"mpdeploy.commands.{n}")}
+    monkeypatch.setattr(cli, "COMMANDS", present)
+    return cli.main(argv)
+
+
+def test_cli_bad_input_exits_2(pruned, tmp_path, monkeypatch, capsys):
+    assert _cli(["distill", str(tmp_path / "nope")], monkeypatch) == 2
+    assert "not found" in capsys.readouterr().err
+    assert _cli(["distill", str(pruned), "--teacher", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")],
+                monkeypatch) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    assert _cli(["distill", str(pruned), "--teacher", "timm:no_such_model_xyz", "--out", str(tmp_path / "o")],
+                monkeypatch) == 2
+    assert "unknown timm model" in capsys.readouterr().err
+    assert _cli(["distill", str(pruned), "--epochs", "0"], monkeypatch) == 2
+    assert _cli(["distill", str(pruned), "--data", str(tmp_path / "no_dir"), "--out", str(tmp_path / "o")],
+                monkeypatch) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_replaces_artifact_in_place(pruned, tmp_path, monkeypatch, capsys):
+    art = _copy(pruned, tmp_path / "pruned")
+    assert _cli(["distill", str(art), "--epochs", "1", "--lr", "1e-3"], monkeypatch) == 0
+    assert "top-1" in capsys.readouterr().out
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["distill"]["epochs"][0]["epoch"] == 1
+    assert (art / "model.safetensors").read_bytes() != (pruned / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # no temp or checkpoint folders left
