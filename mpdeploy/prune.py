@@ -215,7 +215,7 @@ def prune_model(loaded: LoadedModel, config: PruneConfig, progress: Progress | N
     if config.restore:
         from mpdeploy.restore import restore_layers
 
-        restore_report = restore_layers(model, masks, calib, held)
+        restore_report = restore_layers(model, masks, calib, held, dense_state=dense_state)
         step("restore", 1, 1)
 
     for layer in eligible:
