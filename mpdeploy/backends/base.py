@@ -36,12 +36,37 @@ class BuildConfig:
     timing_cache: Path | None = None
     workspace_mib: int | None = None
     device: str | None = None  # e.g. "cuda:0"; None -> the backend's default
+    # Backend-specific knobs as sorted (key, value) pairs so the config stays hashable, e.g.
+    # (("kernel", "cutlass"),) for torch or (("optimization", "none"),) for ort. Unknown keys fail.
+    backend_options: tuple[tuple[str, Any], ...] = ()
+    threads: int | None = None  # run time only (ORT intra_op_num_threads); not part of the build hash
 
     def __post_init__(self) -> None:
         if self.precision is not None and self.precision not in PRECISIONS:
             raise MpdeployError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise MpdeployError("batch sizes must be positive integers, e.g. --batch-sizes 1,8,32")
+        if self.threads is not None and self.threads < 1:
+            raise MpdeployError(f"--threads must be at least 1, not {self.threads}")
+        object.__setattr__(self, "batch_sizes", tuple(sorted({int(b) for b in self.batch_sizes})))
+        object.__setattr__(self, "backend_options", tuple(sorted((str(k), v) for k, v in dict(self.backend_options).items())))
+
+    def option(self, key: str, default: Any = None) -> Any:
+        return dict(self.backend_options).get(key, default)
+
+    @property
+    def profile_batches(self) -> tuple[int, int, int]:
+        """(min, opt, max) batch for an optimization profile: opt is the middle of the sorted sizes."""
+        sizes = self.batch_sizes
+        return sizes[0], sizes[len(sizes) // 2], sizes[-1]
+
+    def build_fields(self) -> dict[str, Any]:
+        """The fields that shape a built engine (what the build stage hashes for reuse)."""
+        from dataclasses import asdict
+
+        fields = asdict(self)
+        fields.pop("threads")
+        return fields
 
 
 @dataclass(frozen=True)
@@ -84,6 +109,25 @@ class Runner(abc.ABC):
 class Backend(abc.ABC):
     name: ClassVar[str]
     default_precision: ClassVar[str]
+    # backend option -> allowed values, the first one the default (BuildConfig.backend_options)
+    options: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
+    def resolve_options(self, config: BuildConfig) -> dict[str, Any]:
+        """This backend's options with defaults filled in; an unknown key or value is a user error."""
+        given = dict(config.backend_options)
+        resolved = {}
+        for key, allowed in self.options.items():
+            value = given.pop(key, allowed[0])
+            if value not in allowed:
+                raise MpdeployError(f"backend {self.name}: option {key}={value!r} is not one of {', '.join(map(str, allowed))}")
+            resolved[key] = value
+        if given:
+            known = ", ".join(self.options) or "none"
+            raise MpdeployError(f"backend {self.name} has no option {', '.join(given)} (its options: {known})")
+        return resolved
+
+    def resolve_precision(self, config: BuildConfig) -> str:
+        return config.precision or self.default_precision
 
     @classmethod
     @abc.abstractmethod

@@ -1,0 +1,163 @@
+"""`mpdeploy build [MODEL] --sparse [--backend auto|trt|torch|ort] [--precision ...] [--out engines/NAME]`.
+
+prune -> export -> build (sparse engine + dense twin) -> audit. With no MODEL, the embedded default
+`zoo:digits_vit` (trained on scikit-learn's digits on first use). Finished stages are reused on a re-run
+with the same inputs; --force rebuilds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mpdeploy.commands.prune import add_prune_arguments
+from mpdeploy.models import add_model_arguments
+
+DEFAULT_MODEL = "zoo:digits_vit"
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    from mpdeploy.errors import MpdeployError
+
+    try:
+        sizes = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise MpdeployError(f"--batch-sizes takes a comma list of integers, e.g. 1,8,32, not {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise MpdeployError(f"--batch-sizes needs positive integers, e.g. 1,8,32, not {text!r}")
+    return sizes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, required=False)
+    add_prune_arguments(parser)
+    g = parser.add_argument_group("build")
+    g.add_argument("--sparse", action="store_true",
+                   help="build the sparse engine and its dense twin (without it: only the dense engine)")
+    g.add_argument("--backend", default="auto", choices=["auto", "trt", "torch", "ort"],
+                   help="auto = the first usable of trt > torch > ort (default: auto)")
+    g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16", "int8"],
+                   help="engine precision (default: fp16 on GPU backends, fp32 on ort); int8 uses --calib data")
+    g.add_argument("--batch-sizes", default="1,8,32",
+                   help="batch sizes the engine serves; optimization profile min/opt/max from them (default 1,8,32)")
+    g.add_argument("--out", type=Path, default=None, help="engine folder (default: engines/<model name>)")
+    g.add_argument("--name", default=None, help="engine folder name under engines/ (default: the model's name)")
+    g.add_argument("--force", action="store_true", help="rebuild every stage even if a finished one matches")
+    g.add_argument("--no-audit", action="store_true", help="stop after the build stage")
+    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads when running engines")
+    g.add_argument("--workspace-mib", type=int, default=None, help="TensorRT builder workspace limit")
+    g.add_argument("--timing-cache", type=Path, default=None,
+                   help="TensorRT timing cache (default: calib/cache/timing-<trt>-<gpu>.cache)")
+    g.add_argument("--calib-cache", type=Path, default=None,
+                   help="TensorRT INT8 calibration cache (default: calib/cache/<onnx sha>.cache)")
+    g.add_argument("--torch-kernel", default=None, choices=["cusparselt", "cutlass"],
+                   help="torch backend: semi-structured sparse kernel (default cusparselt)")
+    g.add_argument("--conv1x1", default=None, choices=["large", "all", "off"],
+                   help="torch backend: run 2:4 1x1 convs as sparse Linear (default large: >= 256 channels)")
+    g.add_argument("--ort-optimization", default=None, choices=["basic", "none"],
+                   help="ort backend: offline optimization saved as the engine (default basic)")
+    e = parser.add_argument_group("export")
+    e.add_argument("--opset", type=int, default=18)
+    e.add_argument("--exporter", default="legacy", choices=["legacy", "dynamo"])
+    e.add_argument("--allow-ineligible", action="store_true",
+                   help="export even if pruned layers are not 2:4-eligible for TensorRT in the ONNX")
+
+
+def configs_from_args(args: argparse.Namespace):
+    """(prune, export, build, stage) configs; validates every flag before anything heavy runs."""
+    from mpdeploy.backends.base import BuildConfig
+    from mpdeploy.build import BuildStageConfig
+    from mpdeploy.commands.prune import prune_config_from_args
+    from mpdeploy.export import ExportConfig
+
+    prune_config = prune_config_from_args(args)
+    export_config = ExportConfig(opset=args.opset, exporter=args.exporter, allow_ineligible=args.allow_ineligible)
+    options = {"kernel": args.torch_kernel, "conv1x1": args.conv1x1, "optimization": args.ort_optimization}
+    build_config = BuildConfig(
+        precision=args.precision,
+        batch_sizes=parse_batch_sizes(args.batch_sizes),
+        calib=args.calib,
+        calib_cache=args.calib_cache,
+        timing_cache=args.timing_cache,
+        workspace_mib=args.workspace_mib,
+        backend_options=tuple((k, v) for k, v in options.items() if v is not None),
+        threads=args.threads,
+    )
+    stage = BuildStageConfig(backend=args.backend, sparse=args.sparse, name=args.name, out=args.out,
+                             force=args.force, audit=not args.no_audit)
+    return prune_config, export_config, build_config, stage
+
+
+def _mib(n) -> str:
+    return f"{n / 2**20:.1f} MiB" if isinstance(n, (int, float)) else "-"
+
+
+def _key_numbers(stage) -> str:
+    d = stage.details
+    if stage.stage == "prune":
+        return (f"{d.get('pruned_layers')} layers pruned ({d.get('sparse_layers')} run sparse), "
+                f"MAC reduction {d.get('mac_reduction') or 0:.1%}")
+    if stage.stage == "export":
+        diff = d.get("ort_max_abs_diff")
+        return (f"{d.get('eligible_2_4')} of {d.get('annotated')} annotated tensors eligible 2:4"
+                + (f"; ORT vs PyTorch {diff:.1e}" if isinstance(diff, float) else ""))
+    if stage.stage == "build":
+        parts = [d.get("precision") or ""]
+        parts += [f"{v} {_mib(d[f'{v}_bytes'])}" for v in ("sparse", "dense") if f"{v}_bytes" in d]
+        if "eligible" in d:
+            parts.append(f"eligible {d['eligible']} / picked sparse {d.get('picked_sparse')}")
+        if "converted_layers" in d:
+            parts.append(f"{d['converted_layers']} layers converted")
+        if d.get("providers"):
+            parts.append(",".join(p.replace("ExecutionProvider", "") for p in d["providers"]))
+        if d.get("warnings"):
+            parts.append(f"{d['warnings']} warnings")
+        return ", ".join(p for p in parts if p)
+    if stage.stage == "audit":
+        if "reason" in d:
+            return d["reason"]
+        summary = d.get("summary") or {}
+        parts = ["passed" if d.get("passed") else "FAILED"]
+        for key in ("top1_dense", "top1_sparse", "agreement"):
+            if isinstance(summary.get(key), (int, float)):
+                parts.append(f"{key} {summary[key]:.4f}")
+        speed = summary.get("speedup_p50")
+        if isinstance(speed, dict) and speed:
+            # dense p50 / sparse p50 per batch size (> 1: sparse faster)
+            parts.append("dense/sparse p50 " + " ".join(f"b{k}:{v:.2f}" for k, v in speed.items()
+                                                         if isinstance(v, (int, float))))
+        return ", ".join(parts)
+    return ""
+
+
+def print_summary(result) -> None:
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result.root}  (backend {result.backend})")
+    table.add_column("stage")
+    table.add_column("status")
+    table.add_column("seconds", justify="right")
+    table.add_column("key numbers")
+    for s in result.stages:
+        table.add_row(s.stage, s.status, f"{s.seconds:.1f}", _key_numbers(s))
+    Console(file=sys.stdout, width=160).print(table)
+
+
+def main(args: argparse.Namespace) -> int:
+    from mpdeploy.build import run_build
+    from mpdeploy.commands._progress import stage_progress
+    from mpdeploy.models import spec_from_args
+
+    prune_config, export_config, build_config, stage = configs_from_args(args)
+    spec = spec_from_args(args, default=DEFAULT_MODEL)
+    with stage_progress("build") as progress:
+        result = run_build(spec, prune_config, export_config, build_config, stage, progress=progress)
+    print_summary(result)
+    audit = result.stage("audit")
+    if audit.status != "skipped" and audit.details.get("passed") is False:
+        # The engines are built; the verdict is the audit's (ship refuses a failed audit without --force).
+        print(f"audit FAILED: {'; '.join(map(str, audit.details.get('failures') or [])) or 'see audit/audit.md'}")
+    return 0
