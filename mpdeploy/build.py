@@ -200,9 +200,11 @@ def _options_for(backend: str, config: BuildConfig) -> BuildConfig:
 
 
 def _step(progress: Progress | None, prefix: str) -> Progress:
+    """Prefix a stage's progress steps; extra fields (loss, images/s, ...) pass through."""
     if progress is None:
-        return lambda step, done, total: None
-    return lambda step, done, total: progress(f"{prefix}: {step}" if step != prefix else prefix, done, total)
+        return lambda step, done, total, **fields: None
+    return lambda step, done, total, **fields: progress(
+        f"{prefix}: {step}" if step != prefix else prefix, done, total, **fields)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -228,10 +230,41 @@ def _stage_prune(loaded, model_hash, prune_config, root, force, progress) -> Sta
     return StageResult("prune", status, time.perf_counter() - t0, folder, details)
 
 
-def _stage_export(export_config, root, force, progress) -> StageResult:
+def _stage_distill(distill_config, root, force, progress) -> StageResult:
+    """Short recovery into `distilled/` (a pruned-kind artifact); `pruned/` stays as pruning left it,
+    so a later build without distillation never picks up distilled weights."""
+    from dataclasses import asdict
+
+    from mpdeploy.distill import distill
+
+    pruned, folder = root / "pruned", root / "distilled"
+    t0 = time.perf_counter()
+    clean_stale_temps(folder)
+    ignore = ("resume", "device")
+    wanted = {k: v for k, v in artifacts.to_jsonable(asdict(distill_config)).items() if k not in ignore}
+    reusable = False
+    if not force and folder.is_dir():
+        try:
+            record = artifacts.read_manifest(folder, "pruned", verify=True).get("distill") or {}
+            done = {k: v for k, v in (record.get("config") or {}).items() if k not in (*ignore, "resolved")}
+            reusable = record.get("input_manifest_sha256") == artifacts.manifest_hash(pruned) and done == wanted
+        except MpdeployError:
+            reusable = False
+    if reusable:
+        status = "reused"
+    else:
+        distill(pruned, distill_config, out_dir=folder, progress=_step(progress, "distill"))
+        status = "built"
+    record = artifacts.read_manifest(folder, "pruned", verify=False)["distill"]
+    details = {"epochs": distill_config.epochs, "top1_before": record.get("top1_before"),
+               "top1_after": record.get("top1_after"), "top1_teacher": record.get("top1_teacher")}
+    return StageResult("distill", status, time.perf_counter() - t0, folder, details)
+
+
+def _stage_export(export_config, root, source, force, progress) -> StageResult:
     from mpdeploy.export import export
 
-    pruned, folder = root / "pruned", root / "onnx"
+    pruned, folder = source, root / "onnx"
     config_hash = artifacts.sha256_json(artifacts.to_jsonable(export_config))
     inputs = {"pruned_manifest": artifacts.manifest_hash(pruned)}
     t0 = time.perf_counter()
@@ -266,8 +299,8 @@ def _engine_details(report: dict[str, Any]) -> dict[str, Any]:
     return details
 
 
-def _stage_build(backend_name, backend_reason, variants, build_config, root, force, progress) -> StageResult:
-    pruned, onnx_dir = root / "pruned", root / "onnx"
+def _stage_build(backend_name, backend_reason, variants, build_config, root, source, force, progress) -> StageResult:
+    pruned, onnx_dir = source, root / "onnx"
     folder = root / f"engine-{backend_name}"
     backend = create_backend(backend_name)
     precision = backend.resolve_precision(build_config)
@@ -433,7 +466,7 @@ def _load(model, seed: int):
 
 
 def run_build(model, prune_config, export_config, build_config: BuildConfig, stage: BuildStageConfig,
-              progress: Progress | None = None) -> BuildResult:
+              progress: Progress | None = None, distill_config=None) -> BuildResult:
     """Run every stage; returns where it went and, per stage, whether it was built or reused."""
     backend_name, backend_reason = resolve_backend(stage.backend)  # fail fast, before loading anything
     build_config = _options_for(backend_name, build_config)
@@ -451,8 +484,13 @@ def run_build(model, prune_config, export_config, build_config: BuildConfig, sta
 
     stages = [_stage_prune(loaded, model_hash, prune_config, root, stage.force, progress)]
     del loaded  # pruned in place; the artifact is what later stages read
-    stages.append(_stage_export(export_config, root, stage.force, progress))
-    stages.append(_stage_build(backend_name, backend_reason, stage.variants, build_config, root, stage.force, progress))
+    source = root / "pruned"
+    if distill_config is not None:
+        stages.append(_stage_distill(distill_config, root, stage.force, progress))
+        source = root / "distilled"
+    stages.append(_stage_export(export_config, root, source, stage.force, progress))
+    stages.append(_stage_build(backend_name, backend_reason, stage.variants, build_config, root, source,
+                               stage.force, progress))
     stages.append(_stage_audit(backend_name, root, stage.audit, stage.variants, build_config.batch_sizes,
                                stage.force, progress))
     result = BuildResult(root, backend_name, backend_reason, stages)
@@ -470,11 +508,11 @@ def run_build(model, prune_config, export_config, build_config: BuildConfig, sta
 def build_pipeline(model, prune_config, export_config, build_config: BuildConfig, backend: str = "auto",
                    sparse: bool = True, out_root: Path = Path("engines"), name: str | None = None,
                    force: bool = False, audit: bool = True, progress: Progress | None = None,
-                   out: Path | None = None) -> Path:
+                   out: Path | None = None, distill_config=None) -> Path:
     """prune -> export -> build -> audit for `model` (a ModelSpec, a source string, or a LoadedModel).
 
     Returns the engine folder (`out_root/<name>`, or `out`).
     """
     stage = BuildStageConfig(backend=backend, sparse=sparse, out_root=Path(out_root), name=name, out=out,
                              force=force, audit=audit)
-    return run_build(model, prune_config, export_config, build_config, stage, progress).root
+    return run_build(model, prune_config, export_config, build_config, stage, progress, distill_config).root

@@ -217,15 +217,16 @@ def test_cli_vit_tiny_224_with_audit(tmp_path, capsys):
     root = tmp_path / "engines" / "vit_tiny"
     argv = ["build", "timm:vit_tiny_patch16_224", "--sparse", "--backend", "ort", "--weights", "random",
             "--out", str(root), "--batch-sizes", "1,8", "--threads", "2"]
-    assert cli_main(argv) == 0
+    code = cli_main(argv)
     stages = _stages(root)
     assert stages["prune"] == stages["export"] == stages["build"] == "built"
     _check_engine_folder(root, ("sparse", "dense"), [3, 224, 224], 1000)
-    if stages["audit"] == "built":
-        audit = json.loads((root / "audit" / "audit.json").read_text())
-        assert audit["backend"] == "ort" and "passed" in audit and audit["summary"]
-        assert cli_main(argv) == 0
-        assert _stages(root) == {"prune": "reused", "export": "reused", "build": "reused", "audit": "reused"}
+    assert stages["audit"] == "built"
+    audit = json.loads((root / "audit" / "audit.json").read_text())
+    assert audit["backend"] == "ort" and "passed" in audit and audit["summary"]
+    assert code == (0 if audit["passed"] else 1)  # build's exit code carries the audit verdict
+    assert cli_main(argv) == code
+    assert _stages(root) == {"prune": "reused", "export": "reused", "build": "reused", "audit": "reused"}
     capsys.readouterr()
 
 
@@ -237,5 +238,29 @@ def test_default_model_digits_vit(tmp_path, capsys, monkeypatch):
     assert cli_main(["build", "--sparse", "--backend", "ort", "--out", str(root), "--threads", "2"]) == 0
     chw = artifacts.read_manifest(root / "pruned", "pruned")["model"]["input_shape"]
     _check_engine_folder(root, ("sparse", "dense"), chw, 10)
-    assert _stages(root)["audit"] in ("built", "skipped")
+    stages = _stages(root)
+    # The default runs the whole method: digits calibration, 3 epochs of distillation, a passing audit.
+    assert stages["distill"] == "built" and stages["audit"] == "built"
+    distilled = artifacts.read_manifest(root / "distilled", "pruned")
+    assert distilled["distill"]["input_manifest_sha256"] == artifacts.manifest_hash(root / "pruned")
+    assert json.loads((root / "audit" / "audit.json").read_text())["passed"] is True
+    capsys.readouterr()
+
+
+def test_build_with_distillation_exports_the_distilled_weights(tmp_path, capsys):
+    root = tmp_path / "engines" / "r18d"
+    base = ["build", "timm:resnet18", "--sparse", "--backend", "ort", "--no-audit", "--weights", "random",
+            "--num-classes", "10", "--input-shape", "3,16,16", "--out", str(root), "--threads", "1"]
+    assert cli_main([*base, "--distill-epochs", "1"]) == 0
+    stages = _stages(root)
+    assert stages["distill"] == "built" and stages["export"] == "built"
+    onnx_inputs = artifacts.read_manifest(root / "onnx", "onnx")["inputs"]
+    assert onnx_inputs["pruned_manifest"] == artifacts.manifest_hash(root / "distilled")
+    assert cli_main([*base, "--distill-epochs", "1"]) == 0
+    assert _stages(root)["distill"] == "reused" and _stages(root)["export"] == "reused"
+    # Without distillation the export must come from pruned/ again, not keep the distilled weights.
+    assert cli_main(base) == 0
+    assert "distill" not in _stages(root) and _stages(root)["export"] == "built"
+    onnx_inputs = artifacts.read_manifest(root / "onnx", "onnx")["inputs"]
+    assert onnx_inputs["pruned_manifest"] == artifacts.manifest_hash(root / "pruned")
     capsys.readouterr()

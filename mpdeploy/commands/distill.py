@@ -60,10 +60,7 @@ def main(args: argparse.Namespace) -> int:
     from mpdeploy.artifacts import read_manifest
     from mpdeploy.commands._progress import stage_progress
 
-    with stage_progress("distill") as update:
-        def progress(step: str, done: int, total: int, **metrics) -> None:
-            update(step, done, total)  # loss / images/s go to the log at each epoch's end
-
+    with stage_progress("distill") as progress:  # shows loss and images/s beside the bar
         path = distill(args.pruned, config, args.out, progress=progress)
     result = read_manifest(path, "pruned", verify=False)["distill"]
     epochs = result["epochs"]

@@ -1,0 +1,69 @@
+"""Time and peak memory of `prune` (mp budget, magnitude saliency) on ViT-B/16 and ResNet50.
+
+Run: .venv/bin/python benchmarks/prune_timing.py  ->  benchmarks/results/prune_timing.json
+Each model runs in a fresh subprocess so peak RSS is its own. Random init (no weights download here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODELS = ("vit_base_patch16_224", "resnet50")
+RESULTS = Path(__file__).parent / "results" / "prune_timing.json"
+
+CHILD = r"""
+import json, resource, sys, time, tempfile
+t0 = time.perf_counter()
+import torch
+torch.manual_seed(0)
+from mpdeploy.models import ModelSpec, load_model
+from mpdeploy.prune import PruneConfig, prune
+loaded = load_model(ModelSpec("timm:" + sys.argv[1], weights="random"))
+t_load = time.perf_counter()
+steps, last = {}, [time.perf_counter()]
+def progress(step, done, total):
+    now = time.perf_counter()
+    steps[step] = steps.get(step, 0.0) + now - last[0]
+    last[0] = now
+with tempfile.TemporaryDirectory() as tmp:
+    prune(loaded, PruneConfig(budget="mp", saliency="magnitude"), __import__("pathlib").Path(tmp) / "pruned", progress=progress)
+    t_end = time.perf_counter()
+steps["count_macs+assign+write"] = t_end - last[0]
+print(json.dumps({"import_and_load_s": t_load - t0, "prune_s": t_end - t_load, "steps_s": steps,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "torch_threads": torch.get_num_threads()}))
+"""
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    load = os.getloadavg()
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d"), "loadavg_1m_at_start": round(load[0], 2)}
+
+
+def main() -> None:
+    import torch
+
+    results = {"machine": {**machine(), "torch": torch.__version__},
+               "command": "python benchmarks/prune_timing.py",
+               "config": {"budget": "mp", "saliency": "magnitude", "pattern": "2:4"},
+               "goal_s": {"vit_base_patch16_224": 60, "resnet50": 30}, "models": {}}
+    for name in MODELS:
+        out = subprocess.run([sys.executable, "-c", CHILD, name], capture_output=True, text=True, check=True)
+        results["models"][name] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(name, results["models"][name])
+    results["machine"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
