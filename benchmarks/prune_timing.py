@@ -55,7 +55,11 @@ def main() -> None:
     results = {"machine": {**machine(), "torch": torch.__version__},
                "command": "python benchmarks/prune_timing.py",
                "config": {"budget": "mp", "saliency": "magnitude", "pattern": "2:4"},
-               "goal_s": {"vit_base_patch16_224": 60, "resnet50": 30}, "models": {}}
+               "goal_s": {"vit_base_patch16_224": 60, "resnet50": 30},
+               "steps_note": "steps_s: wall time between consecutive progress reports, charged to the step that "
+                             "reported; 'fit' includes the two MAC-counting forward passes that run before the MP "
+                             "fits; the last entry is MAC assignment, compliance checks and writing the artifact",
+               "models": {}}
     for name in MODELS:
         out = subprocess.run([sys.executable, "-c", CHILD, name], capture_output=True, text=True, check=True)
         results["models"][name] = json.loads(out.stdout.strip().splitlines()[-1])

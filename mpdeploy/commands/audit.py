@@ -1,0 +1,71 @@
+"""`mpdeploy audit ENGINE_DIR [--data DIR|digits|synthetic] [--backend B] [--batch-sizes 1,8,32] ...`.
+
+Exit code: 0 the audit passed, 1 it failed (the engine is measurably worse than allowed), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mpdeploy.errors import MpdeployError
+
+BACKENDS = ("trt", "torch", "ort")
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise MpdeployError(f"cannot parse --batch-sizes {text!r}: write positive integers, e.g. 1,8,32") from None
+    if not sizes or min(sizes) < 1:
+        raise MpdeployError(f"--batch-sizes {text!r} must be positive integers, e.g. 1,8,32")
+    return sizes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("engine_dir", type=Path, metavar="ENGINE_DIR", help="engine folder (engines/<name>)")
+    parser.add_argument("--data", default="digits", help="evaluation images: an ImageFolder DIR, digits (default), "
+                                                         "or synthetic (smoke runs: no labels)")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="which engine-<backend>/ to audit (default: the only one, else the first usable)")
+    parser.add_argument("--batch-sizes", default="1,8,32", help="batch sizes to time (default: 1,8,32)")
+    parser.add_argument("--warmup", type=int, default=10, help="warm-up calls per engine and batch size (default: 10)")
+    parser.add_argument("--repeats", type=int, default=30, help="interleaved timing rounds per batch size (default: 30)")
+    parser.add_argument("--calls-per-round", type=int, default=3, help="calls of one engine per round (default: 3)")
+    parser.add_argument("--max-eval-images", type=int, default=None, help="evaluate at most this many images")
+    parser.add_argument("--max-top1-drop", type=float, default=0.02,
+                        help="fail above this absolute top-1 drop, as a fraction (default: 0.02 = 2 points)")
+    parser.add_argument("--min-speedup", type=float, default=None,
+                        help="fail if dense p50 / sparse p50 at the largest batch is below this (default: no gate)")
+    parser.add_argument("--sensitivity-batch", type=int, default=32,
+                        help="images for the per-layer sensitivity map (default: 32; 0 skips it)")
+    parser.add_argument("--no-plots", action="store_true", help="write audit.json and audit.md without PNG plots")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(args: argparse.Namespace) -> int:
+    from mpdeploy.audit import AuditConfig, audit, read_audit, verdict_line
+    from mpdeploy.commands._progress import stage_progress
+
+    config = AuditConfig(
+        data=args.data,
+        backend=args.backend,
+        batch_sizes=parse_batch_sizes(args.batch_sizes),
+        warmup=args.warmup,
+        repeats=args.repeats,
+        calls_per_round=args.calls_per_round,
+        max_eval_images=args.max_eval_images,
+        max_top1_drop=args.max_top1_drop,
+        min_speedup=args.min_speedup,
+        sensitivity_batch=args.sensitivity_batch,
+        plots=not args.no_plots,
+        seed=args.seed,
+    )
+    with stage_progress("audit") as progress:
+        path = audit(args.engine_dir, config, progress=progress)
+    result = read_audit(args.engine_dir)
+    print(verdict_line(result, path))
+    for failure in result["failures"]:
+        print(f"  failed: {failure}")
+    return 0 if result["passed"] else 1
