@@ -45,6 +45,7 @@ from mpdeploy.errors import MpdeployError  # noqa: E402
 from mpdeploy.patterns import NM  # noqa: E402
 from mpdeploy.prune import PruneConfig, load_pruned, prune  # noqa: E402
 from mpdeploy.zoo import load_zoo_model  # noqa: E402
+from mpdeploy.machine import cpu_model
 
 logger = logging.getLogger("digits_accuracy")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,14 +56,7 @@ HARDER = {NM(2, 4): NM(1, 4), NM(8, 16): NM(4, 16), NM(6, 12): NM(3, 12)}
 
 
 def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"cpu_model": cpu, "cpu_cores_visible": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mpdeploy import permute  # noqa: E402
 from mpdeploy.patterns import NM, parse_pattern  # noqa: E402
 from mpdeploy.permute import kept_saliency, search_permutation, unstructured_kept  # noqa: E402
+from mpdeploy.machine import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = ((64, 128), (768, 768), (768, 3072), (3072, 768))
@@ -53,16 +54,6 @@ def make_matrix(kind: str, rows: int, cols: int, seed: int) -> torch.Tensor:
 def per_row_kept(s: torch.Tensor, density: float) -> float:
     k = int(round(density * s.shape[1]))
     return float(s.double().topk(k, dim=1).values.sum())
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_case(kind: str, shape: tuple[int, int], pattern: NM, seed: int, seconds: float | None) -> dict:

@@ -42,8 +42,9 @@ print(json.dumps({"import_and_load_s": t_load - t0, "prune_s": t_end - t_load, "
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    from mpdeploy.machine import cpu_model
+
+    cpu = cpu_model()
     load = os.getloadavg()
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d"), "loadavg_1m_at_start": round(load[0], 2)}

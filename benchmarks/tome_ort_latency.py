@@ -33,20 +33,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mpdeploy.tome import apply_tome, tome_mac_ratio, tome_token_counts  # noqa: E402
+from mpdeploy.machine import cpu_model
 
 logger = logging.getLogger("tome_ort_latency")
 RESULTS = Path(__file__).resolve().parent / "results" / "tome_ort_latency.json"
 
 
 def machine_info(threads: int) -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {
         "cpu_model": cpu,
         "cpu_cores_visible": os.cpu_count(),

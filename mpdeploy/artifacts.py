@@ -174,6 +174,9 @@ def write_manifest(
         "inputs": dict(inputs or {}),
         "files": files,
     }
+    clash = sorted(set(manifest) & set(extra or {}))
+    if clash:  # a stage overwriting e.g. `files` would silently disable hash verification
+        raise ValueError(f"manifest extra keys {clash} are reserved by write_manifest")
     manifest.update(to_jsonable(dict(extra or {})))
     write_json(folder / MANIFEST, manifest)
     return manifest

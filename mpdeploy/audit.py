@@ -47,6 +47,7 @@ import numpy as np
 from mpdeploy import artifacts
 from mpdeploy.backends import base as backends
 from mpdeploy.errors import MpdeployError
+from mpdeploy.machine import cpu_model
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ def pick_backend(engine_root: Path, wanted: str | None) -> str:
 
 
 def _engine_files(engine_dir: Path, manifest: Mapping[str, Any]) -> dict[str, Path]:
-    files = manifest.get("files") or {}
+    files = manifest.get("variants") or {}
     missing = [v for v in backends.VARIANTS if not isinstance(files.get(v), str)]
     if missing:
         raise MpdeployError(
@@ -592,14 +593,7 @@ def torch_reference(pruned_dir: Path, x) -> dict[str, np.ndarray]:
 
 
 def host_info() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "loadavg": _loadavg()}
 

@@ -47,6 +47,13 @@ def seb_weight(z: float, sparsity: float, is_mlp: bool = False) -> float:
     return max(0.1, 1.0 + beta * d * z)
 
 
+def _signal_z(signals: list[float | None]) -> np.ndarray:
+    """z-scores of the known signals; layers without one get z = 0 (the neutral weight w = 1)."""
+    known = [s for s in signals if s is not None]
+    z_known = iter(standardize(np.array(known)) if known else [])
+    return np.array([0.0 if s is None else float(next(z_known)) for s in signals])
+
+
 def standardize(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values, dtype=float)
     std = values.std()
@@ -59,7 +66,7 @@ class Candidate:
 
     name: str
     macs: int
-    signal: float
+    signal: float | None  # None: no reliable MP signal (tiny matrix, failed fit) -> neutral weight
     options: tuple[tuple[NM, float], ...]
     is_mlp: bool = False
 
@@ -95,7 +102,7 @@ def assign_mp(candidates: list[Candidate], total_macs: int, target: float | None
             f"--target-mac-reduction {target:.3f} is more than the eligible layers can give ({max_reduction:.3f}) "
             "with these patterns; lower it or allow a sparser pattern"
         )
-    z = standardize(np.array([c.signal for c in candidates]))
+    z = _signal_z([c.signal for c in candidates])
     weights = [seb_weight(float(zi), target, c.is_mlp) for zi, c in zip(z, candidates)]
     level = {c.name: -1 for c in candidates}  # index into options; -1 = dense
     saved = 0.0
@@ -137,7 +144,7 @@ def seb_unstructured_masks(
     if not 0 < sparsity < 1:
         raise MpdeployError(f"--sparsity must be between 0 and 1, got {sparsity}")
     names = list(scores)
-    z = standardize(np.array([signals[n] for n in names]))
+    z = _signal_z([signals.get(n) for n in names])
     mlp_names = mlp_names or set()
     weights = {
         n: (1.0 if sparsity < 0.2 else seb_weight(float(zi), sparsity, n in mlp_names)) for n, zi in zip(names, z)

@@ -144,7 +144,7 @@ def clean_stale_temps(target: Path) -> list[Path]:
 
 
 def engine_is_complete(folder: Path, config_hash: str, inputs: dict[str, str]) -> bool:
-    """Like artifacts.is_complete for engine folders, whose manifest `files` maps variants to files
+    """Like artifacts.is_complete for engine folders, whose manifest `variants` maps variants to files
     (the engine contract) and whose hashes live in `file_sha256`."""
     try:
         manifest = artifacts.read_manifest(folder, ENGINE_KIND, verify=False)
@@ -153,7 +153,7 @@ def engine_is_complete(folder: Path, config_hash: str, inputs: dict[str, str]) -
     if manifest.get("config_hash") != config_hash or manifest.get("inputs") != dict(inputs):
         return False
     hashes = manifest.get("file_sha256") or {}
-    if not manifest.get("files") or any(rel not in hashes for rel in manifest["files"].values()):
+    if not manifest.get("variants") or any(rel not in hashes for rel in manifest["variants"].values()):
         return False
     for rel, digest in hashes.items():
         path = Path(folder) / rel
@@ -373,7 +373,7 @@ def _stage_build(backend_name, backend_reason, variants, build_config, root, sou
             extra={
                 "backend": backend_name,
                 "precision": precision,
-                "files": files,  # the engine contract: variant -> file (hashes in file_sha256)
+                "variants": files,  # the engine contract: variant -> file name (hashes in files / file_sha256)
                 "io": io,
                 "device": device,
                 "sources": {"onnx_sha256": onnx_hash, "pruned_manifest_sha256": pruned_hash},

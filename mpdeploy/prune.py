@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 
 KIND = "pruned"
 Progress = Callable[[str, int, int], None]
+# Below this many rows/columns the MP fit still runs (and is reported) but gives no budget signal: the
+# bulk edge of a 32x216 stem conv is not a reliable noise estimate, and on the digits CNN such layers
+# looked most noise-like while being the most sensitive. They get the neutral weight instead.
+MIN_SIGNAL_DIM = 64
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,8 @@ def _fit_signal(weight: torch.Tensor, layer: LayerInfo) -> tuple[dict[str, Any] 
     if not fits:
         return None, None
     fit = fits[0].to_dict() if len(fits) == 1 else {"groups": [f.to_dict() for f in fits]}
+    if min(mats[0].shape) < MIN_SIGNAL_DIM:
+        return fit, None
     signal = float(sum(f.bulk_fraction for f in fits) / len(fits))
     return fit, signal
 
@@ -189,8 +195,8 @@ def prune_model(loaded: LoadedModel, config: PruneConfig, progress: Progress | N
             layer_masks[(layer.name, pattern)] = mask
             options.append((pattern, removed_energy_fraction(weight, mask, config.saliency, stats.get(layer.name))))
         _, signal = fits[layer.name]
-        candidates.append(Candidate(layer.name, macs.get(layer.name, 0), signal if signal is not None else 0.0,
-                                    tuple(options), is_mlp=".mlp." in f".{layer.name}."))
+        candidates.append(Candidate(layer.name, macs.get(layer.name, 0), signal, tuple(options),
+                                    is_mlp=".mlp." in f".{layer.name}."))
         step("mask", i + 1, len(eligible))
 
     total = sum(macs.values())

@@ -165,7 +165,7 @@ def _read_manifest(engine_dir: Path, backend: str) -> dict[str, Any]:
 
 
 def _engine_file(engine_dir: Path, backend: str, manifest: dict[str, Any], variant: str) -> Path:
-    files = manifest.get("files") or {}
+    files = manifest.get("variants") or {}
     if variant not in files:
         have = ", ".join(sorted(files)) or "none"
         raise MpdeployError(f"engine-{backend} has no {variant} engine (has: {have}); pass --variant with one of those")
@@ -329,7 +329,7 @@ def _fill_version_dir(
         shutil.copyfile(_PYTHON_MODEL_TEMPLATE if fname == "model.py" else source, dest / fname)
     (dest / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     sums = {p.name: sha256_file(p) for p in sorted(dest.iterdir())}
-    expected = (manifest.get("file_sha256") or {}).get(manifest["files"][variant])
+    expected = (manifest.get("file_sha256") or {}).get(manifest["variants"][variant])
     if expected is not None and sums[model_files[-1]] != expected:
         raise MpdeployError(f"copy of {source} does not match its manifest sha256; check the disk and retry")
     (dest / "SHA256SUMS").write_text("".join(f"{h}  {n}\n" for n, h in sums.items()))

@@ -129,7 +129,6 @@ def load_zoo_model(name: str, progress: Callable[[int, int, float], None] | None
     config = {"arch": entry.arch, "kwargs": dict(entry.kwargs), "epochs": entry.epochs, "lr": entry.lr,
               "weight_decay": entry.weight_decay, "seed": 0}
     if artifacts.is_complete(folder, "zoo", artifacts.sha256_json(config), {}):
-        manifest = artifacts.read_manifest(folder, "zoo")
         load_weights_strict(model, load_file(str(folder / "model.safetensors")), str(folder), name)
     else:
         logger.info("training zoo model %s on digits (first use; cached in %s)", name, folder)
@@ -137,7 +136,7 @@ def load_zoo_model(name: str, progress: Callable[[int, int, float], None] | None
         with artifacts.atomic_dir(folder) as tmp:
             state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
             save_file(state, str(tmp / "model.safetensors"))
-            manifest = artifacts.write_manifest(tmp, "zoo", config, extra={"metrics": metrics})
+            artifacts.write_manifest(tmp, "zoo", config, extra={"metrics": metrics})
         logger.info("zoo model %s: test top-1 %.4f", name, metrics["test_top1"])
     model.eval()
     return LoadedModel(

@@ -127,7 +127,7 @@ def _write_engine(root: Path, sparse: torch.nn.Module, dense: torch.nn.Module, s
     artifacts.write_manifest(ed, "engine", {}, extra={
         "backend": "ort",
         "precision": "fp32",
-        "files": {"sparse": "sparse.onnx", "dense": "dense.onnx"},
+        "variants": {"sparse": "sparse.onnx", "dense": "dense.onnx"},
         "io": {"inputs": [{"name": "input", "dtype": "float32", "shape": [-1, *shape]}],
                "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, classes]}]},
         "device": {"name": "cpu", "gpu": None, "tensorrt_version": None},

@@ -38,7 +38,7 @@ def _check_engine_folder(root: Path, variants: tuple[str, ...], chw: list[int], 
     manifest = json.loads((engine / "manifest.json").read_text())
     assert manifest["schema"] == "mpdeploy.engine/1" and manifest["kind"] == "engine"
     assert manifest["backend"] == "ort" and manifest["precision"] == "fp32"
-    assert manifest["files"] == {v: f"{v}.onnx" for v in variants}
+    assert manifest["variants"] == {v: f"{v}.onnx" for v in variants}
     assert manifest["io"] == {"inputs": [{"name": "input", "dtype": "float32", "shape": [-1, *chw]}],
                               "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, classes]}]}
     assert manifest["device"]["gpu"] is None and manifest["device"]["tensorrt_version"] is None
@@ -46,7 +46,7 @@ def _check_engine_folder(root: Path, variants: tuple[str, ...], chw: list[int], 
                                    "pruned_manifest_sha256": artifacts.manifest_hash(root / "pruned")}
     for rel, digest in manifest["file_sha256"].items():
         assert artifacts.sha256_file(engine / rel) == digest
-    assert set(manifest["files"].values()) <= set(manifest["file_sha256"])
+    assert set(manifest["variants"].values()) <= set(manifest["file_sha256"])
     assert manifest["backend_reason"].startswith("asked for (onnxruntime")
     report = json.loads((engine / "build_report.json").read_text())
     assert report["backend"] == "ort" and report["device"]["cpu"]

@@ -83,7 +83,7 @@ def base_engine(tmp_path_factory) -> Path:
         "kind": "engine",
         "backend": "ort",
         "precision": "fp32",
-        "files": {"sparse": "sparse.onnx", "dense": "dense.onnx"},
+        "variants": {"sparse": "sparse.onnx", "dense": "dense.onnx"},
         "io": {
             "inputs": [{"name": "input", "dtype": "float32", "shape": [-1, 3, 16, 16]}],
             "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 10]}],
@@ -129,7 +129,7 @@ def _trt_engine(tmp_path: Path) -> Path:
         "kind": "engine",
         "backend": "trt",
         "precision": "fp16",
-        "files": {"dense": "dense.plan"},
+        "variants": {"dense": "dense.plan"},
         "io": {
             "inputs": [{"name": "input", "dtype": "float16", "shape": [-1, 3, 224, 224]}],
             "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 1000]}],

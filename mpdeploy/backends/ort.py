@@ -21,6 +21,7 @@ import numpy as np
 
 from mpdeploy.backends.base import Backend, BuildConfig, BuildInputs, BuiltEngine, Runner
 from mpdeploy.errors import MpdeployError
+from mpdeploy.machine import cpu_model
 
 logger = logging.getLogger(__name__)
 
@@ -38,16 +39,6 @@ def _ort():
     except ImportError:
         raise MpdeployError("onnxruntime is not installed; pip install onnxruntime (or onnxruntime-gpu, not both)") from None
     return onnxruntime
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def _providers(ort, wanted: str) -> list[str]:

@@ -8,19 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpdeploy.errors import MpdeployError
 
 BACKENDS = ("trt", "torch", "ort")
-
-
-def parse_batch_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(v) for v in str(text).split(",") if v.strip())
-    except ValueError:
-        raise MpdeployError(f"cannot parse --batch-sizes {text!r}: write positive integers, e.g. 1,8,32") from None
-    if not sizes or min(sizes) < 1:
-        raise MpdeployError(f"--batch-sizes {text!r} must be positive integers, e.g. 1,8,32")
-    return sizes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from mpdeploy.audit import AuditConfig, audit, read_audit, verdict_line
     from mpdeploy.commands._progress import stage_progress
+    from mpdeploy.commands.build import parse_batch_sizes
 
     config = AuditConfig(
         data=args.data,
