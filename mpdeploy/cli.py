@@ -41,13 +41,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at emit time (it may be swapped, e.g. by test capture)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _configure_logging(verbose: int, quiet: bool) -> None:
     """One stderr handler on the `mpdeploy` logger; the root logger (and pytest's capture) stays as is."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logger = logging.getLogger("mpdeploy")
     for handler in [h for h in logger.handlers if getattr(h, "_mpdeploy_cli", False)]:
         logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     handler._mpdeploy_cli = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
