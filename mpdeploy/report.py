@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from mpdeploy import artifacts
-from mpdeploy.audit import _figure, _pattern_text, _runtime_text, read_audit
+from mpdeploy.audit import read_audit
+from mpdeploy.audit.common import _pattern_text, _runtime_text
+from mpdeploy.audit.plots import _figure
 from mpdeploy.errors import MpdeployError
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,26 @@
+"""The audit stage: the sparse engine against its dense twin, measured in one run -> `audit/` artifact.
+
+`stage.py` runs it; `metrics.py` (certificates, latency statistics), `engine.py` (the engine folder and
+its N:M weights), `evaluate.py` (running both engines, per-layer sensitivity), `plots.py` and
+`markdown.py` (what a person reads) hold the parts.
+"""
+
+from mpdeploy.audit.common import SCHEMA
+from mpdeploy.audit.engine import check_engine_weights
+from mpdeploy.audit.evaluate import accuracy_metrics, layer_sensitivity
+from mpdeploy.audit.metrics import (
+    certified_mask,
+    dense_margins,
+    labels_fit,
+    latency_stats,
+    logit_distance,
+    measure_latency,
+    topk_correct,
+)
+from mpdeploy.audit.stage import AuditConfig, audit, read_audit, verdict_line
+
+__all__ = [
+    "SCHEMA", "AuditConfig", "audit", "read_audit", "verdict_line", "certified_mask", "dense_margins",
+    "labels_fit", "latency_stats", "logit_distance", "measure_latency", "topk_correct", "accuracy_metrics",
+    "layer_sensitivity", "check_engine_weights",
+]

@@ -1,0 +1,79 @@
+"""Shared constants, host description and text helpers of the audit."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+
+from mpdeploy.machine import cpu_model
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = "mpdeploy.audit/1"
+KIND = "audit"
+AUDIT_DIR = "audit"
+ENGINE_PREFIX = "engine-"
+# A dense top-1 this many binomial standard errors above chance counts as "the labels fit the model".
+CHANCE_SIGMAS = 3.0
+# Engine vs PyTorch logits: beyond this relative error (fp32 engines) the engine is not computing the
+# pruned model; a warning, not a gate, since reduced precision legitimately moves logits.
+FP32_REL_TOLERANCE = 1e-3
+
+Progress = Callable[[str, int, int], None]
+
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# device and host
+
+
+def host_info() -> dict[str, Any]:
+    cpu = cpu_model()
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "loadavg": _loadavg()}
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def _runtime_text(backend: str, runtime: Mapping[str, Any], host: Mapping[str, Any]) -> str:
+    parts = [backend]
+    for key in ("gpu", "providers_preferred", "provider", "providers", "device", "name"):
+        if runtime.get(key):
+            value = runtime[key]
+            parts.append(", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
+            break
+    parts.append(str(host.get("cpu")))
+    return " / ".join(parts)
+
+
+def _cpu_only(backend: str, runtime: Mapping[str, Any]) -> bool:
+    text = " ".join(str(v) for v in runtime.values()).lower()
+    return backend == "ort" and "cuda" not in text and "tensorrt" not in text
+
+
+# ---------------------------------------------------------------------------------------------------
+# the stage
+
+
+def _fmt_pct(v: float | None, digits: int = 1) -> str:
+    return "n/a" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def _pattern_text(layers: Sequence[Mapping[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for layer in layers:
+        if layer.get("pattern"):
+            counts[layer["pattern"]] = counts.get(layer["pattern"], 0) + 1
+    if not counts:
+        return "none"
+    return " + ".join(f"{p} ({n})" if len(counts) > 1 else p for p, n in sorted(counts.items(), key=lambda kv: -kv[1]))

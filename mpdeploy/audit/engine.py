@@ -1,0 +1,229 @@
+"""Reading an engine folder, and checking that its pruned weights are still N:M."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpdeploy import artifacts
+from mpdeploy.backends import base as backends
+from mpdeploy.errors import MpdeployError
+
+from mpdeploy.audit.common import ENGINE_PREFIX
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------------
+# reading the engine folder
+
+
+def engine_backends(engine_root: Path) -> list[str]:
+    """Backends with an engine-<backend>/ folder under `engine_root`, in preference order."""
+    present = [b for b in backends.REGISTRY if (engine_root / f"{ENGINE_PREFIX}{b}").is_dir()]
+    others = sorted(p.name[len(ENGINE_PREFIX):] for p in engine_root.glob(f"{ENGINE_PREFIX}*")
+                    if p.is_dir() and p.name[len(ENGINE_PREFIX):] not in backends.REGISTRY)
+    return present + others
+
+
+def _check_root(engine_root: Path) -> None:
+    if not engine_root.exists():
+        raise MpdeployError(f"engine folder not found: {engine_root}; pass engines/<name> as made by mpdeploy build")
+    if not engine_root.is_dir():
+        raise MpdeployError(f"{engine_root} is a file; pass the engine folder engines/<name>")
+    if not engine_backends(engine_root):
+        raise MpdeployError(
+            f"{engine_root} is not an engine root (no engine-<backend>/ folder inside); "
+            "pass engines/<name> after mpdeploy build"
+        )
+
+
+def pick_backend(engine_root: Path, wanted: str | None) -> str:
+    present = engine_backends(engine_root)
+    if wanted is not None:
+        if wanted not in backends.REGISTRY:
+            raise MpdeployError(f"unknown backend {wanted!r}; choose one of {', '.join(backends.REGISTRY)}")
+        if wanted not in present:
+            raise MpdeployError(
+                f"{engine_root} has no {ENGINE_PREFIX}{wanted}/ (present: {', '.join(present)}); "
+                "build it first or pick another --backend"
+            )
+        return wanted
+    known = [b for b in present if b in backends.REGISTRY]
+    if not known:
+        raise MpdeployError(f"{engine_root}: no engine of a known backend ({', '.join(present)}); rebuild it")
+    if len(known) == 1:
+        return known[0]
+    reasons = []
+    for name in known:  # several engines: the first one this machine can run
+        ok, why = backends.backend_class(name).availability()
+        if ok:
+            return name
+        reasons.append(f"{name}: {why}")
+    raise MpdeployError(f"none of the engines in {engine_root} can run here ({'; '.join(reasons)}); "
+                        "audit them on a machine with the right GPU / libraries")
+
+
+def _engine_files(engine_dir: Path, manifest: Mapping[str, Any]) -> dict[str, Path]:
+    files = manifest.get("variants") or {}
+    missing = [v for v in backends.VARIANTS if not isinstance(files.get(v), str)]
+    if missing:
+        raise MpdeployError(
+            f"{engine_dir}/manifest.json names no {' and no '.join(missing)} engine; the audit compares a sparse "
+            "engine with its dense twin: rebuild with mpdeploy build --sparse"
+        )
+    paths = {v: engine_dir / files[v] for v in backends.VARIANTS}
+    for variant, path in paths.items():
+        if not path.is_file():
+            raise MpdeployError(f"{variant} engine {path} is missing; rebuild the engine folder")
+    hashes = manifest.get("file_sha256") or {}
+    for variant, path in paths.items():
+        expected = hashes.get(files[variant])
+        if expected and artifacts.sha256_file(path) != expected:
+            raise MpdeployError(
+                f"{path} does not match the sha256 in its manifest (modified or corrupt); rebuild the engine"
+            )
+    return paths
+
+
+def _read_optional_manifest(folder: Path, kind: str) -> dict[str, Any] | None:
+    if not (folder / artifacts.MANIFEST).is_file():
+        return None
+    return artifacts.read_manifest(folder, kind, verify=True)
+
+
+def _io_spec(manifest: Mapping[str, Any], pruned: Mapping[str, Any] | None) -> tuple[tuple[int, ...], int | None,
+                                                                                       int | None, dict]:
+    """(input C,H,W, fixed batch or None, number of outputs or None, data_config)."""
+    io = manifest.get("io") or {}
+    inputs, outputs = io.get("inputs") or [], io.get("outputs") or []
+    shape = list(inputs[0].get("shape") or []) if inputs else []
+    model = (pruned or {}).get("model") or {}
+    if len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        chw = tuple(shape[1:])
+    elif model.get("input_shape"):
+        chw = tuple(model["input_shape"])
+    else:
+        raise MpdeployError("the engine manifest has no 4-D input shape in io.inputs and no pruned/ folder says it; "
+                            "rebuild the engine")
+    fixed = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
+    out_shape = list(outputs[0].get("shape") or []) if outputs else []
+    classes = out_shape[-1] if out_shape and isinstance(out_shape[-1], int) and out_shape[-1] > 0 else None
+    classes = classes or model.get("num_classes")
+    return chw, fixed, classes, dict(model.get("data_config") or {})
+
+
+# ---------------------------------------------------------------------------------------------------
+# engine weights: are the pruned layers N:M inside the engine?
+
+
+def _onnx_for_weights(engine_root: Path, engine_file: Path) -> tuple[Path | None, str]:
+    if engine_file.suffix == ".onnx":
+        return engine_file, "the sparse engine file itself"
+    source = engine_root / "onnx" / "model.onnx"
+    if source.is_file():
+        return source, f"the ONNX the {engine_file.suffix or 'engine'} file was built from (its weights are not inspectable)"
+    return None, f"{engine_file.name} is opaque and no onnx/model.onnx is present"
+
+
+def _annotations(proto) -> dict[str, dict[str, Any]]:
+    import json
+
+    for entry in proto.metadata_props:
+        if entry.key == "mpdeploy.sparsity":
+            try:
+                return dict(json.loads(entry.value).get("tensors") or {})
+            except (ValueError, AttributeError):
+                return {}
+    return {}
+
+
+def check_engine_weights(onnx_path: Path, layers: Sequence[Mapping[str, Any]],
+                         masks: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Find each pruned layer's weight in the engine ONNX and check its N:M pattern along the reduction axis.
+
+    Found by the exporter's `mpdeploy.sparsity` annotation first; else by the mask: the one initializer of
+    the layer's shape (or transposed, for MatMul weights) that is zero wherever the pruned mask is zero
+    (this survives renaming and BatchNorm folding, which scales rows but keeps zeros).
+    """
+    import onnx
+
+    from mpdeploy.export import check_trt_sparsity, nm_compliant_along, tensor_array
+    from mpdeploy.patterns import NM, parse_pattern
+
+    proto = onnx.load(str(onnx_path))
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    inits = {t.name: t for t in proto.graph.initializer if t.data_type in float_types}
+    annotations = _annotations(proto)
+    arrays: dict[str, np.ndarray] = {}
+
+    def array(name: str) -> np.ndarray:
+        if name not in arrays:
+            arrays[name] = tensor_array(inits[name])
+        return arrays[name]
+
+    by_param = {a.get("param"): (name, a) for name, a in annotations.items() if name in inits}
+    claimed: set[str] = set()
+    records = []
+    for layer in layers:
+        if not layer.get("pattern"):
+            continue
+        pattern = parse_pattern(layer["pattern"])
+        param = layer["param"]
+        rec: dict[str, Any] = {"layer": layer["name"], "param": param, "pattern": str(pattern),
+                               "runs_sparse": pattern.runs_sparse, "initializer": None, "axis": None,
+                               "found_by": None, "nm_compliant": False, "is_2_4": False, "problem": None}
+        hit = by_param.get(param)
+        if hit is not None:
+            rec.update(initializer=hit[0], axis=int(hit[1].get("axis", 1)), found_by="annotation")
+        elif param in masks:
+            mask = np.asarray(masks[param], dtype=bool)
+            # A MatMul holds the Linear weight transposed ([in, out]): its groups run along axis 0.
+            shapes = [(mask, 1)] + ([(mask.T, 0)] if mask.ndim == 2 else [])
+            same_shape = [(name, m, axis) for name, tensor in inits.items() if name not in claimed
+                          for m, axis in shapes if tuple(tensor.dims) == m.shape]
+            # Nonzero candidates first; an all-zero weight (BatchNorm with gamma = 0 folded in) matches any
+            # mask, so it is taken only when nothing else fits.
+            for want_nonzero in (True, False):
+                for name, m, axis in same_shape:
+                    arr = array(name)
+                    if name not in claimed and bool(np.any(arr != 0)) == want_nonzero and not np.any((arr != 0) & ~m):
+                        rec.update(initializer=name, axis=axis, found_by="mask" if want_nonzero else "mask (all-zero weight)")
+                        break
+                if rec["initializer"]:
+                    break
+            same_shape = [(name, axis) for name, _, axis in same_shape]
+            if rec["initializer"] is None:
+                nm_anywhere = [n for n, axis in same_shape if nm_compliant_along(array(n), axis, pattern)]
+                rec["candidates"] = len(same_shape)
+                rec["problem"] = (
+                    "an engine weight of this shape is N:M but not with the pruned mask: the engine does not hold "
+                    "the pruned weights" if nm_anywhere else
+                    f"no engine weight of shape {list(mask.shape)} is {pattern} along the input-channel axis"
+                )
+        else:
+            rec["problem"] = "no mask for this layer in the pruned artifact"
+        if rec["initializer"]:
+            claimed.add(rec["initializer"])
+            arr = array(rec["initializer"])
+            rec["shape"] = list(arr.shape)
+            rec["nm_compliant"] = nm_compliant_along(arr, rec["axis"], pattern)
+            rec["is_2_4"] = nm_compliant_along(arr, rec["axis"], NM(2, 4))
+            if not rec["nm_compliant"]:
+                rec["problem"] = f"not {pattern} along axis {rec['axis']} (the reduction axis)"
+            elif pattern.runs_sparse and not rec["is_2_4"]:
+                rec["problem"] = f"{pattern} but not 2:4 along axis {rec['axis']}"
+        records.append(rec)
+    trt = check_trt_sparsity(proto)
+    return {
+        "source": str(onnx_path),
+        "checked": len(records),
+        "ok": sum(r["problem"] is None for r in records),
+        "violations": [r for r in records if r["problem"] is not None],
+        "tensors": records,
+        "trt_rules": {"weights_seen": len(trt), "eligible": sum(v["eligible"] for v in trt.values()),
+                      "eligible_and_2_4": sum(v["eligible"] and v["is_2_4"] for v in trt.values())},
+    }

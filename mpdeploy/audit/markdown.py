@@ -1,0 +1,183 @@
+"""audit.md: the report a person reads."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+
+from mpdeploy.audit.common import _fmt_pct, _runtime_text
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------------
+# the Markdown report
+
+
+def _ms(v: float) -> str:
+    return f"{v:.3g}" if v < 100 else f"{v:.0f}"
+
+
+def _compact(info: Mapping[str, Any]) -> str:
+    """key: value pairs for a table cell; long notes and nested records stay in audit.json."""
+    parts = []
+    for k, v in info.items():
+        if v is None or isinstance(v, Mapping) or k in ("note", "fingerprint"):
+            continue
+        text = ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+        if len(text) <= 80:
+            parts.append(f"{k}: {text}")
+    return "; ".join(parts) or "n/a"
+
+
+def render_markdown(result: Mapping[str, Any], engine_root: Path) -> str:
+    s, acc, lat = result["summary"], result["accuracy"], result["latency"]
+    dev = result["device"]
+    verdict = "PASS" if result["passed"] else "FAIL"
+    lines = [f"# Audit of `{engine_root.name}`: **{verdict}**", ""]
+    lines.append(
+        f"Sparse engine ({s['pattern']}, budget {s['budget']}, saliency {s['saliency']}) against its dense twin, "
+        f"both on **{_runtime_text(result['backend'], dev['runtime'], dev['host'])}**, "
+        f"{result['data']['images']} {result['data']['kind']} images."
+    )
+    lines.append("")
+    if acc is not None:
+        if acc.get("top1_dense") is not None:
+            err = f" ± {100 * acc['top1_drop_stderr']:.2f}" if acc.get("top1_drop_stderr") is not None else ""
+            lines.append(f"- **Top-1**: dense {_fmt_pct(acc['top1_dense'], 2)} -> sparse {_fmt_pct(acc['top1_sparse'], 2)} "
+                         f"(drop {100 * acc['top1_drop']:.2f}{err} pts; gate: at most "
+                         f"{100 * result['thresholds']['max_top1_drop']:.2f} pts)")
+        else:
+            lines.append(f"- **Top-1**: not measured: {acc.get('labels_note')}; gate: top-1 disagreement with dense at "
+                         f"most {100 * result['thresholds']['max_top1_drop']:.2f} pts")
+        lines.append(f"- **Agreement with dense**: {_fmt_pct(acc['agreement'], 2)} ({acc['disagreements']} of "
+                     f"{acc['images']} images change their top-1); **certified**: {_fmt_pct(acc['certified_fraction'], 1)}")
+    if lat:
+        speed = ", ".join(f"batch {b}: {v['ratio_p50']:.2f}x" for b, v in lat.items())
+        gate = result["thresholds"]["min_speedup"]
+        lines.append(f"- **Speedup** (dense p50 / sparse p50): {speed} "
+                     f"({'gate: at least ' + format(gate, 'g') + 'x at the largest batch' if gate else 'no speed gate'})")
+    if s.get("mac_reduction") is not None:
+        lines.append(f"- **MAC reduction**: {_fmt_pct(s['mac_reduction'])} (runs sparse on 2:4 hardware: "
+                     f"{_fmt_pct(s['sparse_execution_mac_reduction'])})")
+    lines.append("")
+    if result["failures"]:
+        lines += ["**Failures:**", ""] + [f"- {f}" for f in result["failures"]] + [""]
+    plots = set(result.get("plots") or [])
+
+    lines += ["## What was measured, where", "", "| | |", "|---|---|"]
+    host = dev["host"]
+    rows = [
+        ("engine folder", f"`{result['engine']['folder']}/` ({result['engine']['files']['sparse']}, "
+                          f"{result['engine']['files']['dense']}), precision {result['engine']['precision']}"),
+        ("backend", result["backend"]),
+        ("runtime", _compact(dev["runtime"])),
+        ("built for", _compact(dev["engine_manifest"] or {})),
+        ("host", f"{host['cpu']}, {host['cpu_count']} cores, {host['platform']}"),
+        ("load average", f"before timing {dev['loadavg_before_timing']}, after {dev['loadavg_after_timing']}"),
+        ("data", f"{result['data']['description']}; labels: {result['data']['labels_note']}"),
+        ("timing", f"{result['latency_method']['warmup_calls']} warm-up calls per engine and batch, then "
+                   f"{result['latency_method']['rounds']} interleaved rounds x "
+                   f"{result['latency_method']['calls_per_round']} calls (dense first in even rounds, sparse first "
+                   f"in odd)"),
+        ("when", f"{result['started']} ({result['seconds']} s)"),
+    ]
+    lines += [f"| {k} | {v} |" for k, v in rows] + [""]
+
+    if lat:
+        lines += ["## Latency", "",
+                  "| batch | dense p50 / p90 / p99 ms | sparse p50 / p90 / p99 ms | dense img/s | sparse img/s | "
+                  "speedup p50 | per-round p10-p90 |",
+                  "|---:|---|---|---:|---:|---:|---|"]
+        for b, v in lat.items():
+            d, sp, r = v["dense"], v["sparse"], v["ratio_spread"]
+            lines.append(f"| {b} | {_ms(d['p50'])} / {_ms(d['p90'])} / {_ms(d['p99'])} | {_ms(sp['p50'])} / "
+                         f"{_ms(sp['p90'])} / {_ms(sp['p99'])} | {d['throughput_img_s']:.0f} | "
+                         f"{sp['throughput_img_s']:.0f} | **{v['ratio_p50']:.3f}x** | {r['p10']:.3f}-{r['p90']:.3f} |")
+        lines += ["", f"Each p-value is over {next(iter(lat.values()))['dense']['samples']} calls; throughput is "
+                  "batch / mean call time; speedup > 1 means the sparse engine is faster.", ""]
+        if "latency.png" in plots:
+            lines += ["![latency: dense vs sparse per batch size](latency.png)", ""]
+
+    if acc is not None:
+        lines += ["## Accuracy", "", "| metric | dense | sparse | difference |", "|---|---:|---:|---:|"]
+        for k in (1, 5):
+            if acc.get(f"top{k}_dense") is not None:
+                lines.append(f"| top-{k} | {_fmt_pct(acc[f'top{k}_dense'], 2)} | {_fmt_pct(acc[f'top{k}_sparse'], 2)} | "
+                             f"{-100 * acc[f'top{k}_drop']:+.2f} pts |")
+        lines.append(f"| top-1 agreement with dense | | {_fmt_pct(acc['agreement'], 2)} | {acc['disagreements']} images differ |")
+        lines.append(f"| certified (m > 2d) | | {_fmt_pct(acc['certified_fraction'], 2)} | {acc['certified']} of {acc['images']} |")
+        lines.append(f"| logit error max / mean abs | | {acc['max_logit_error']:.4g} / {acc['mean_logit_error']:.4g} | "
+                     f"dense mean abs logit {acc['dense_logit_scale']:.3g} |")
+        lines.append("")
+        if "accuracy.png" in plots:
+            lines += ["![accuracy and agreement](accuracy.png)", ""]
+        lines += ["### Certified fraction", "",
+                  "For each image, m is the dense engine's top-1 margin (largest minus second-largest logit) and "
+                  "d = max |z_sparse - z_dense| over the logits. A perturbation of size d can shrink the margin by at "
+                  "most 2d, so an image with m > 2d provably keeps its dense prediction. The certified fraction is a "
+                  "lower bound on agreement that does not depend on labels. Median margin "
+                  f"{acc['margin_quantiles']['p50']:.3g}, median d {acc['perturbation_quantiles']['p50']:.3g}.", ""]
+        if "certified.png" in plots:
+            lines += ["![certified fraction: margins vs perturbations](certified.png)", ""]
+
+    ref = result.get("engine_vs_pytorch")
+    if ref:
+        lines += ["### Engines vs the pruned PyTorch model", "",
+                  f"On {ref['images']} images: sparse engine max |diff| {ref['sparse']['max_abs_diff']:.3g} "
+                  f"(relative {ref['sparse']['relative']:.2g}), dense engine {ref['dense']['max_abs_diff']:.3g} "
+                  f"(relative {ref['dense']['relative']:.2g}). Small values mean the engines compute the pruned "
+                  "artifact's functions; reduced precision (fp16/int8) legitimately raises them.", ""]
+
+    sens = result.get("sensitivity_summary")
+    if sens and result["sensitivity"]:
+        lines += ["## Per-layer sensitivity", "",
+                  f"The dense model in PyTorch with only one layer's mask applied, on {sens['images']} images. "
+                  "Effect = mean over images of max |z - z_dense| (the certificate's d, for that layer alone); "
+                  "relative L2 = mean ||z - z_dense|| / ||z_dense||; flips = share of images whose top-1 changes. "
+                  "The MP signal is the layer's bulk fraction from the pruned manifest (higher = more noise-like, "
+                  "expected to be safer to prune; a negative Spearman correlation means the signal ranks layers "
+                  "the way the logits do). "
+                  f"Spearman(signal, effect) = {'n/a' if sens['spearman_signal_vs_effect'] is None else format(sens['spearman_signal_vs_effect'], '+.2f')}; "
+                  f"all masks together: effect {sens['all_layers']['logit_effect']:.3g}, flips "
+                  f"{_fmt_pct(sens['all_layers']['flips'])} (sum of single effects {sens['sum_of_single_effects']:.3g}).",
+                  "", "| layer | pattern | MP signal | z | effect | relative L2 | flips |", "|---|---|---:|---:|---:|---:|---:|"]
+        ranked = sorted(result["sensitivity"], key=lambda r: -r["logit_effect"])
+        for r in ranked[:12]:
+            sig = "n/a" if r["signal"] is None else f"{r['signal']:.3f}"
+            # The uniform budget standardizes nothing: its z of 0 would read as "average".
+            z = "n/a" if r["z"] is None or s.get("budget") != "mp" else f"{r['z']:+.2f}"
+            lines.append(f"| `{r['layer']}` | {r['pattern']} | {sig} | {z} | {r['logit_effect']:.3g} | "
+                         f"{r['relative_l2']:.3g} | {_fmt_pct(r['flips'])} |")
+        if len(ranked) > 12:
+            lines.append(f"| ... {len(ranked) - 12} more in audit.json | | | | | | |")
+        lines.append("")
+        if "sensitivity.png" in plots:
+            lines += ["![per-layer sensitivity vs MP signal](sensitivity.png)", ""]
+
+    w = result.get("weights")
+    lines += ["## Sparse weights in the engine", ""]
+    if w:
+        lines.append(f"Checked {w['checked']} pruned layers in `{Path(w['source']).name}` ({w['note']}): "
+                     f"{w['ok']} are N:M along their reduction axis"
+                     f"{', every 2:4 layer also 2:4' if not w['violations'] else ''}. By TensorRT's placement "
+                     f"rules, {w['trt_rules']['eligible_and_2_4']} of {w['trt_rules']['weights_seen']} Conv/MatMul/Gemm "
+                     "weights are eligible for sparse math and 2:4.")
+        for v in w["violations"][:10]:
+            lines.append(f"- `{v['layer']}` ({v['pattern']}): {v['problem']}")
+    else:
+        lines.append("Not checked (see caveats).")
+    lines.append("")
+    if result["warnings"]:
+        lines += ["## Caveats", ""] + [f"- {x}" for x in result["warnings"]] + [""]
+    t = result["thresholds"]
+    lines += ["## Thresholds", "",
+              f"- accuracy gate: {t['accuracy_gate']['metric']} at most {100 * t['max_top1_drop']:.2f} pts "
+              "(top-1 drop when the labels fit the model, else top-1 disagreement with dense)",
+              f"- speed gate: {'none' if t['min_speedup'] is None else format(t['min_speedup'], 'g') + 'x dense p50 / sparse p50 at the largest batch'}",
+              "- always: every pruned layer N:M in the engine weights; outputs of the right shape, finite",
+              "", "Machine-readable: `audit.json` (schema mpdeploy.audit/1).", ""]
+    return "\n".join(lines)
