@@ -10,7 +10,7 @@ from torch import nn
 
 timm = pytest.importorskip("timm")
 
-from mpdeploy import permute  # noqa: E402
+from mpdeploy.permute import search as permute_search  # noqa: E402
 from mpdeploy.errors import MpdeployError  # noqa: E402
 from mpdeploy.layers import find_layers, skip_reason  # noqa: E402
 from mpdeploy.patterns import NM, is_nm_compliant  # noqa: E402
@@ -30,8 +30,8 @@ REPORT_KEYS = {
 @pytest.fixture
 def quick_search(monkeypatch):
     """Less search work: these tests check folding, not search quality, on 2 shared cores."""
-    monkeypatch.setattr(permute, "DEFAULT_WORK", 4e6)
-    monkeypatch.setattr(permute, "DEFAULT_ESCAPES", 1)
+    monkeypatch.setattr(permute_search, "DEFAULT_WORK", 4e6)
+    monkeypatch.setattr(permute_search, "DEFAULT_ESCAPES", 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,7 +52,7 @@ def planted(rows: int, k: int, pattern: NM, seed: int = 0) -> tuple[torch.Tensor
 def test_sorting_network_sorts():
     for m in range(2, 17):
         x = torch.randn(3, 5, m)
-        got = torch.stack(permute._sorted_desc(list(x.unbind(-1))), -1)
+        got = torch.stack(permute_search._sorted_desc(list(x.unbind(-1))), -1)
         assert torch.equal(got, x.sort(-1, descending=True).values), m
 
 

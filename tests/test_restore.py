@@ -3,7 +3,6 @@ held-out error never rises, and the prune stage's --restore path keeps every lay
 
 from __future__ import annotations
 
-import inspect
 
 import numpy as np
 import pytest
@@ -181,26 +180,15 @@ def check_pruned(result) -> int:
 
 
 def test_prune_model_permute_and_restore(monkeypatch):
-    """prune_model(permute=True, restore=True) on a small ViT keeps every pruned layer exactly N:M.
+    """prune_model(permute=True, restore=True) on a small ViT keeps every pruned layer exactly N:M."""
+    from mpdeploy.permute import search as permute_search
+    from mpdeploy.prune import PruneConfig, prune_model
 
-    Until prune.py passes its `dense_state` to restore_layers (docs/permute_restore.md), the same
-    path runs by hand: prune with permutation, then restore with the stage's own dense weights.
-    """
-    from mpdeploy import permute
-    from mpdeploy.prune import PruneConfig, _calibration, prune_model
-
-    monkeypatch.setattr(permute, "DEFAULT_WORK", 4e6)
-    wired = "dense_state=" in inspect.getsource(prune_model)
+    monkeypatch.setattr(permute_search, "DEFAULT_WORK", 4e6)
     loaded = tiny_vit()
-    config = PruneConfig(permute=True, restore=wired, calib="digits", saliency="wanda", calib_batches=2)
+    config = PruneConfig(permute=True, restore=True, calib="digits", saliency="wanda", calib_batches=2)
     result = prune_model(loaded, config)
-    if wired:
-        report = {r["name"]: r["restore"] for r in result.layers if r["restore"]}
-    else:
-        masks_before = {k: v.clone() for k, v in result.masks.items()}
-        calib, held, _ = _calibration(config, loaded)
-        report = restore_layers(result.model, result.masks, calib, held, dense_state=result.extra["dense_state"])
-        assert all(torch.equal(result.masks[k], masks_before[k]) for k in masks_before)
+    report = {r["name"]: r["restore"] for r in result.layers if r["restore"]}
     assert set(report) == {r["name"] for r in result.layers if r["pattern"]}
     for entry in report.values():
         assert entry["improved"] == (entry["error_after"] < entry["error_before"])
