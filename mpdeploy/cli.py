@@ -19,7 +19,8 @@ COMMANDS = {
     "analyze": "fit the Marchenko-Pastur bulk of every layer; write spectra.json and plots",
     "prune": "prune to N:M with an MP budget; write the pruned/ artifact",
     "export": "export a pruned artifact to ONNX that carries its sparsity, and check it",
-    "build": "prune -> export -> build sparse and dense engines (-> audit)",
+    "engine": "build the sparse engine and its dense twin from an onnx/ artifact",
+    "build": "prune [-> distill] -> export -> engines (-> audit)",
     "audit": "measure latency and accuracy of the sparse engine against its dense twin",
     "report": "compare several audits side by side",
     "distill": "short recovery: distill the dense teacher into the pruned student, masks frozen",
@@ -27,18 +28,28 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `only`, just that subcommand's arguments are added (its module imported)."""
     parser = argparse.ArgumentParser(prog="mpdeploy", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mpdeploy {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f"mpdeploy.commands.{name}")
         command = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(command)
-        command.set_defaults(_main=module.main)
+        if only is None or only == name:
+            module = importlib.import_module(f"mpdeploy.commands.{name}")
+            module.add_arguments(command)
+            command.set_defaults(_main=module.main)
     return parser
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand named in argv (the first word that is one), so only its module is imported."""
+    for word in argv:
+        if word in COMMANDS:
+            return word
+    return None
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -70,7 +81,8 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=_command_in(argv) or "")
     args = parser.parse_args(argv)
     if not getattr(args, "_main", None):
         parser.print_help()
@@ -84,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mpdeploy {args.command}: interrupted; no partial artifact was kept", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk or an over-long path anywhere: one line, not a traceback
+        from mpdeploy.artifacts import os_error_message
+
+        message = os_error_message(exc, exc.filename or "the output")
+        if message is None:
+            raise
+        print(f"mpdeploy {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

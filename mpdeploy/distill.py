@@ -32,7 +32,7 @@ from torch import nn
 from mpdeploy import artifacts
 from mpdeploy.errors import MpdeployError
 from mpdeploy.patterns import NM, is_nm_compliant
-from mpdeploy.prune import KIND, apply_masks, load_pruned
+from mpdeploy.weights import apply_masks, load_pruned
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,10 @@ PAPER_STEPS = 3 * math.ceil(1_281_167 / 256)  # optimizer steps of that schedule
 MAX_LR_SCALE = 100.0
 WEIGHT_DECAY = {"adamw": 0.05, "sgd": 1e-4}
 SGD_MOMENTUM = 0.9
+KIND = "distilled"  # its own artifact kind; its source ("pruned") is the artifact it recovered
+DEFAULT_OUT = "distilled"  # beside the input: engines/<name>/pruned -> engines/<name>/distilled
+# Fields that change how, not what, a run computes: left out of the reuse key.
+RUN_ONLY_FIELDS = ("resume", "device")
 DUMP_ENV = "MPDEPLOY_TEST_DUMP_DIR"  # tests: each rank writes the hash of its final weights here
 
 
@@ -258,7 +262,7 @@ def _save_checkpoint(ckpt: Path, key: str, student: nn.Module, optimizer, schedu
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    with artifacts.atomic_dir(ckpt) as tmp:
+    with artifacts.atomic_dir(ckpt, replace_any=True) as tmp:
         torch.save(state, tmp / "state.pt")
         artifacts.write_json(tmp / "meta.json", {"key": key, "epochs_done": epochs_done, "epochs": records})
 
@@ -315,16 +319,30 @@ def _optimizer(student: nn.Module, settings: dict[str, Any]) -> torch.optim.Opti
     return torch.optim.SGD(groups, lr=settings["lr"], momentum=SGD_MOMENTUM)
 
 
+def reuse_config(config: DistillConfig) -> dict[str, Any]:
+    """The config a distilled manifest records and its reuse key hashes (run-only fields left out)."""
+    return {k: v for k, v in artifacts.to_jsonable(asdict(config)).items() if k not in RUN_ONLY_FIELDS}
+
+
+def default_out(pruned_dir: Path) -> Path:
+    return Path(pruned_dir).parent / DEFAULT_OUT
+
+
 def distill(pruned_dir: Path, config: DistillConfig, out_dir: Path | None = None,
             progress: Progress | None = None) -> Path:
-    """Distill the dense teacher into the pruned student; write the updated `pruned/` artifact.
+    """Distill the dense teacher into the pruned student; write a `distilled/` artifact (source: the input).
 
-    Default output replaces `pruned_dir` atomically. Under torchrun every rank calls this; rank 0
-    writes checkpoints and the artifact, and every rank returns the output path.
+    The input is never rewritten: the default output is `distilled/` beside it. Under torchrun every
+    rank calls this; rank 0 writes checkpoints and the artifact, and every rank returns the output path.
     """
     pruned_dir = Path(pruned_dir)
-    target = Path(out_dir) if out_dir is not None else pruned_dir
-    art = load_pruned(pruned_dir, which="sparse")  # checks the file hashes too
+    target = Path(out_dir) if out_dir is not None else default_out(pruned_dir)
+    src, dst = pruned_dir.resolve(), target.resolve()
+    if src == dst or src in dst.parents or dst in src.parents:
+        raise MpdeployError(f"--out {target} overlaps the input artifact {pruned_dir}; distillation writes a new "
+                            "artifact and never rewrites its input: choose a sibling folder")
+    art = load_pruned(pruned_dir, which="sparse")  # checks the file hashes and the chain too
+    artifacts.check_replaceable(target, KIND)  # refuse a user's folder before hours of training
     manifest = art.manifest
     device = _device(config)
     dist = _init_distributed(device)
@@ -366,7 +384,7 @@ def _distill(pruned_dir, target, art, manifest, config, device, dist, progress) 
     amp = bool(settings["amp"])
     config_record = {**asdict(config), "resolved": settings}
     key = artifacts.sha256_json({
-        "config": {k: v for k, v in asdict(config).items() if k not in ("resume", "device")},
+        "config": reuse_config(config),
         "settings": {k: v for k, v in settings.items() if k != "device"},
         "input": artifacts.manifest_hash(pruned_dir),
     })
@@ -480,7 +498,7 @@ def _distill(pruned_dir, target, art, manifest, config, device, dist, progress) 
             "top1_split": "digits test" if test is not None else None,
             "input_manifest_sha256": artifacts.manifest_hash(pruned_dir),
         }
-        _write_artifact(pruned_dir, target, manifest, state, result)
+        _write_artifact(pruned_dir, target, manifest, state, result, config)
         shutil.rmtree(ckpt, ignore_errors=True)
         if test is not None:
             logger.info("top-1 on the digits test split: %.2f%% -> %.2f%% (teacher %.2f%%)",
@@ -489,22 +507,27 @@ def _distill(pruned_dir, target, art, manifest, config, device, dist, progress) 
     return target
 
 
-_MANIFEST_BASE = ("schema", "kind", "created", "tool_versions", "config", "config_hash", "inputs", "files")
+_MANIFEST_BASE = ("schema", "kind", "created", "tool_versions", "config", "config_hash", "inputs", "files",
+                  "sources")
 
 
 def _write_artifact(pruned_dir: Path, target: Path, manifest: dict[str, Any], state: dict[str, torch.Tensor],
-                    result: dict[str, Any]) -> None:
-    """Copy the input artifact with new student weights; the prune config and inputs stay as they were."""
+                    result: dict[str, Any], config: DistillConfig) -> None:
+    """A new `distilled` artifact: the input's files with new student weights; source "pruned" = the input.
+
+    The input's model, layers and totals are carried over (export and the audit read them); its prune
+    config stays in the input, reached through the source."""
     from safetensors.torch import save_file
 
     extra = {k: v for k, v in manifest.items() if k not in _MANIFEST_BASE}
     if "distill" in extra:  # distilled before: keep the earlier runs' records
         extra["distill_history"] = [*extra.get("distill_history", []), extra["distill"]]
     extra["distill"] = result
-    with artifacts.atomic_dir(target) as tmp:
+    with artifacts.atomic_dir(target, kind=KIND) as tmp:
         for rel in manifest.get("files", {}):
             if rel != "model.safetensors":
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(pruned_dir / rel, tmp / rel)
+                shutil.copyfile(pruned_dir / rel, tmp / rel)
         save_file(state, str(tmp / "model.safetensors"))
-        artifacts.write_manifest(tmp, KIND, manifest.get("config"), inputs=manifest.get("inputs"), extra=extra)
+        artifacts.write_manifest(tmp, KIND, reuse_config(config), extra=extra, sources={"pruned": pruned_dir},
+                                 target=target)

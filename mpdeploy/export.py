@@ -612,7 +612,7 @@ def export(pruned_dir: Path, config: ExportConfig, out_dir: Path) -> Path:
         raise MpdeployError(f"--out {out_dir} overlaps the pruned artifact {pruned_dir}; choose a sibling folder")
     source_hash = artifacts.manifest_hash(pruned_dir)
     timings: dict[str, float] = {}
-    with artifacts.atomic_dir(out_dir) as tmp:
+    with artifacts.atomic_dir(out_dir, kind=KIND) as tmp:
         sparse = load_pruned(pruned_dir, "sparse", verify=False)
         dense = load_pruned(pruned_dir, "dense", verify=False)
         shape, name = sparse.input_shape, sparse.name
@@ -718,7 +718,7 @@ def export(pruned_dir: Path, config: ExportConfig, out_dir: Path) -> Path:
         }
         artifacts.write_json(tmp / "sparsity.json", sparsity)
         artifacts.write_manifest(
-            tmp, KIND, config, inputs={"pruned_manifest": source_hash},
+            tmp, KIND, config, inputs={"pruned_manifest": source_hash}, sources={"weights": pruned_dir},
             extra={
                 "model": {**sparse.manifest["model"], "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
                           "dynamic_batch": config.dynamic_batch},

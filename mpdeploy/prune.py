@@ -20,9 +20,11 @@ from mpdeploy import artifacts
 from mpdeploy.budgets import BUDGETS, Candidate, assign_mp, assign_uniform
 from mpdeploy.errors import MpdeployError
 from mpdeploy.layers import LayerInfo, capture_inputs, count_macs, find_layers, skip_reason
-from mpdeploy.models import LoadedModel, recreate_architecture
+from mpdeploy.models import LoadedModel
 from mpdeploy.patterns import NM, is_nm_compliant, parse_pattern
 from mpdeploy.saliency import InputStats, check_saliency, compute_mask, removed_energy_fraction
+# Re-created models live in mpdeploy.weights (below the stages, so backends can load them); kept here for callers.
+from mpdeploy.weights import PrunedArtifact, apply_masks, build_architecture, load_pruned  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +306,7 @@ def prune(loaded: LoadedModel, config: PruneConfig, out_dir: Path, progress: Pro
     out_dir = Path(out_dir)
     result = prune_model(loaded, config, progress)
     dense_state = result.extra.pop("dense_state")
-    with artifacts.atomic_dir(out_dir) as tmp:
+    with artifacts.atomic_dir(out_dir, kind=KIND) as tmp:
         save_file(_state_for_save(result.model.state_dict()), str(tmp / "model.safetensors"))
         save_file(_state_for_save(dense_state), str(tmp / "dense.safetensors"))
         save_file({k: v.to(torch.uint8).contiguous() for k, v in result.masks.items()}, str(tmp / "masks.safetensors"))
@@ -321,60 +323,3 @@ def prune(loaded: LoadedModel, config: PruneConfig, out_dir: Path, progress: Pro
         )
     logger.info("pruned %d layers of %s -> %s", result.totals["pruned_layers"], loaded.name, out_dir)
     return out_dir
-
-
-@dataclass
-class PrunedArtifact:
-    path: Path
-    manifest: dict[str, Any]
-    model: nn.Module
-    masks: dict[str, torch.Tensor]
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.manifest["model"]["input_shape"])
-
-    @property
-    def name(self) -> str:
-        return self.manifest["model"]["name"]
-
-    def patterns(self) -> dict[str, NM]:
-        return {r["param"]: parse_pattern(r["pattern"]) for r in self.manifest["layers"] if r["pattern"]}
-
-
-def build_architecture(manifest: dict[str, Any]) -> nn.Module:
-    model = recreate_architecture(manifest["model"]["source"])
-    tome = manifest.get("tome")
-    if tome:
-        from mpdeploy.tome import apply_tome
-
-        apply_tome(model, tome["r"])
-    return model.eval()
-
-
-def load_pruned(path: Path, which: str = "sparse", verify: bool = True) -> PrunedArtifact:
-    """Re-create the pruned (or, with which="dense", the dense twin) model from the artifact."""
-    from safetensors.torch import load_file
-
-    from mpdeploy.models import load_weights_strict
-
-    path = Path(path)
-    manifest = artifacts.read_manifest(path, KIND, verify=verify)
-    model = build_architecture(manifest)
-    weights = "model.safetensors" if which == "sparse" else "dense.safetensors"
-    try:
-        state = load_file(str(path / weights))
-        masks = {k: v.bool() for k, v in load_file(str(path / "masks.safetensors")).items()}
-    except Exception as exc:
-        raise MpdeployError(f"{path}: cannot read {weights} / masks.safetensors ({exc}); re-run `mpdeploy prune`") from None
-    load_weights_strict(model, state, where=str(path / weights), arch=manifest["model"]["name"])
-    return PrunedArtifact(path, manifest, model.eval(), masks)
-
-
-def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Zero every masked-out weight (after an optimizer step, masks must never drift)."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, mask in masks.items():
-            param = params[name]
-            param.mul_(mask.to(device=param.device, dtype=param.dtype))

@@ -1,7 +1,8 @@
 """Compare several audits side by side: one Markdown table and one comparison plot.
 
-Each engine root contributes its `audit/audit.json` and, when present, its `pruned/manifest.json`
-(pattern, budget, saliency, permutation / restore / distillation, MAC reduction). A `dense` row per
+Each engine root contributes its audit (opened verified, with its chain) and the weights the audited
+engine was built from, found through the recorded sources: pattern, budget, saliency, permutation /
+restore / distillation, MAC reduction (a distilled artifact's prune config is its own source's). A `dense` row per
 model carries the dense twin's numbers (the reference every sparse row is measured against).
 """
 
@@ -17,10 +18,9 @@ from typing import Any
 import numpy as np
 
 from mpdeploy import artifacts
-from mpdeploy.audit import read_audit
-from mpdeploy.audit.common import _pattern_text, _runtime_text
-from mpdeploy.audit.plots import _figure
+from mpdeploy.audit.common import pattern_text, runtime_text
 from mpdeploy.errors import MpdeployError
+from mpdeploy.kinds import AuditFolder, DistilledFolder, open_weights
 
 logger = logging.getLogger(__name__)
 
@@ -31,18 +31,31 @@ class ReportConfig:
     plots: bool = True
 
 
-def _pruned_manifest(root: Path) -> dict[str, Any] | None:
-    path = root / "pruned" / artifacts.MANIFEST
-    if not path.is_file():
-        return None
-    data = artifacts.read_json(path, what="pruned manifest")
-    return data if isinstance(data, dict) else None
+def _figure(width: float, height: float, **margins: float):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MpdeployError("plots need matplotlib: pip install matplotlib, or pass --no-plots") from None
+    fig = Figure(figsize=(width, height), dpi=100)  # Agg, no pyplot global state
+    fig.subplots_adjust(**margins)
+    return fig
 
 
-def _extras(pruned: Mapping[str, Any] | None) -> str:
+def _weights_manifests(audit: AuditFolder) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """(the audited engine's weights manifest, the prune config behind it) via the recorded sources."""
+    path = audit.source_path("weights")
+    if path is None:
+        return None, {}
+    weights = open_weights(path, verify=False)  # verified with the audit's chain
+    prune_conf = weights.config or {}
+    if isinstance(weights, DistilledFolder) and weights.source_path("pruned") is not None:
+        prune_conf = open_weights(weights.source_path("pruned"), verify=False).config or {}
+    return weights.manifest, prune_conf
+
+
+def _extras(pruned: Mapping[str, Any] | None, conf: Mapping[str, Any]) -> str:
     if not pruned:
         return ""
-    conf = pruned.get("config") or {}
     tags = []
     if conf.get("permute"):
         tags.append("permute")
@@ -66,20 +79,20 @@ def collect(roots: Sequence[Path]) -> list[dict[str, Any]]:
             raise MpdeployError(f"engine folder not found: {root}; pass engines/<name> folders that were audited")
         if not (root / "audit" / "audit.json").is_file():
             raise MpdeployError(f"{root} has no audit/audit.json; run mpdeploy audit {root} first")
-        a = read_audit(root)
-        pruned = _pruned_manifest(root)
+        audit = AuditFolder.open(root / "audit")
+        a = audit.result()
+        pruned, conf = _weights_manifests(audit)
         s = a.get("summary") or {}
-        conf = (pruned or {}).get("config") or {}
         totals = (pruned or {}).get("totals") or {}
         label = root.name if names.count(root.name) == 1 else f"{root.parent.name}/{root.name}"
         rows.append({
             "label": label,
             "path": str(root),
             "model": ((pruned or {}).get("model") or {}).get("name") or s.get("model") or root.name,
-            "pattern": _pattern_text((pruned or {}).get("layers") or []) if pruned else s.get("pattern"),
+            "pattern": pattern_text((pruned or {}).get("layers") or []) if pruned else s.get("pattern"),
             "budget": conf.get("budget", s.get("budget")),
             "saliency": conf.get("saliency", s.get("saliency")),
-            "extras": _extras(pruned),
+            "extras": _extras(pruned, conf),
             "mac_reduction": totals.get("mac_reduction", s.get("mac_reduction")),
             "sparse_execution_mac_reduction": totals.get("sparse_execution_mac_reduction",
                                                          s.get("sparse_execution_mac_reduction")),
@@ -91,7 +104,7 @@ def collect(roots: Sequence[Path]) -> list[dict[str, Any]]:
             "speedup": {str(k): v for k, v in (s.get("speedup_p50") or {}).items()},
             "passed": a.get("passed"),
             "backend": a.get("backend"),
-            "runtime": _runtime_text(a.get("backend") or "?", (a.get("device") or {}).get("runtime") or {},
+            "runtime": runtime_text(a.get("backend") or "?", (a.get("device") or {}).get("runtime") or {},
                                      (a.get("device") or {}).get("host") or {}),
             "data": (a.get("data") or {}).get("description"),
         })
@@ -184,7 +197,14 @@ def report(engine_roots: Sequence[Path], config: ReportConfig) -> Path:
     out = Path(config.out)
     if out.is_dir():
         raise MpdeployError(f"--out {out} is a folder; give a file name such as {out / 'report.md'}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise MpdeployError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MpdeployError(artifacts.os_error_message(exc, out) or f"cannot create {out.parent} ({exc.strerror}); "
+                            "choose another --out") from None
     png = out.with_suffix(".png") if config.plots else None
     if png is not None:
         import io

@@ -95,15 +95,14 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def _read_audit(engine_dir: Path) -> dict[str, Any] | None:
-    path = engine_dir / "audit" / "audit.json"
-    if not path.exists():
+    """The audit, opened through its verified artifact: every file hashed, and the engine and weights it
+    audited unchanged since; a forged or stale audit is refused (exit 2), --force or not."""
+    from mpdeploy.kinds import AuditFolder
+
+    folder = engine_dir / "audit"
+    if not folder.exists():
         return None
-    audit = _read_json(path, "audit")
-    if audit.get("schema") != AUDIT_SCHEMA:
-        raise MpdeployError(
-            f"{path} has schema {audit.get('schema')!r}, expected {AUDIT_SCHEMA!r}; re-run mpdeploy audit"
-        )
-    return audit
+    return AuditFolder.open(folder).result()
 
 
 def _pick_engine_backend(engine_dir: Path, config: ShipConfig, audit: dict[str, Any] | None) -> str:

@@ -25,9 +25,6 @@ FP32_REL_TOLERANCE = 1e-3
 
 Progress = Callable[[str, int, int], None]
 
-
-
-
 # ---------------------------------------------------------------------------------------------------
 # device and host
 
@@ -35,17 +32,17 @@ Progress = Callable[[str, int, int], None]
 def host_info() -> dict[str, Any]:
     cpu = cpu_model()
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "loadavg": _loadavg()}
+            "python": platform.python_version(), "loadavg": loadavg()}
 
 
-def _loadavg() -> list[float] | None:
+def loadavg() -> list[float] | None:
     try:
         return [round(v, 2) for v in os.getloadavg()]
     except (OSError, AttributeError):
         return None
 
 
-def _runtime_text(backend: str, runtime: Mapping[str, Any], host: Mapping[str, Any]) -> str:
+def runtime_text(backend: str, runtime: Mapping[str, Any], host: Mapping[str, Any]) -> str:
     parts = [backend]
     for key in ("gpu", "providers_preferred", "provider", "providers", "device", "name"):
         if runtime.get(key):
@@ -56,20 +53,16 @@ def _runtime_text(backend: str, runtime: Mapping[str, Any], host: Mapping[str, A
     return " / ".join(parts)
 
 
-def _cpu_only(backend: str, runtime: Mapping[str, Any]) -> bool:
+def cpu_only(backend: str, runtime: Mapping[str, Any]) -> bool:
     text = " ".join(str(v) for v in runtime.values()).lower()
     return backend == "ort" and "cuda" not in text and "tensorrt" not in text
 
 
-# ---------------------------------------------------------------------------------------------------
-# the stage
-
-
-def _fmt_pct(v: float | None, digits: int = 1) -> str:
+def fmt_pct(v: float | None, digits: int = 1) -> str:
     return "n/a" if v is None else f"{100 * v:.{digits}f}%"
 
 
-def _pattern_text(layers: Sequence[Mapping[str, Any]]) -> str:
+def pattern_text(layers: Sequence[Mapping[str, Any]]) -> str:
     counts: dict[str, int] = {}
     for layer in layers:
         if layer.get("pattern"):
@@ -77,3 +70,7 @@ def _pattern_text(layers: Sequence[Mapping[str, Any]]) -> str:
     if not counts:
         return "none"
     return " + ".join(f"{p} ({n})" if len(counts) > 1 else p for p, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+# Old private names, kept for modules that still import them.
+_fmt_pct, _pattern_text, _runtime_text, _cpu_only, _loadavg = fmt_pct, pattern_text, runtime_text, cpu_only, loadavg

@@ -29,7 +29,7 @@ def engine_backends(engine_root: Path) -> list[str]:
     return present + others
 
 
-def _check_root(engine_root: Path) -> None:
+def check_root(engine_root: Path) -> None:
     if not engine_root.exists():
         raise MpdeployError(f"engine folder not found: {engine_root}; pass engines/<name> as made by mpdeploy build")
     if not engine_root.is_dir():
@@ -67,35 +67,19 @@ def pick_backend(engine_root: Path, wanted: str | None) -> str:
                         "audit them on a machine with the right GPU / libraries")
 
 
-def _engine_files(engine_dir: Path, manifest: Mapping[str, Any]) -> dict[str, Path]:
-    files = manifest.get("variants") or {}
+def engine_files(engine) -> dict[str, Path]:
+    """variant -> engine file of an opened (verified) EngineFolder; both variants must be there."""
+    files = engine.manifest.get("variants") or {}
     missing = [v for v in backends.VARIANTS if not isinstance(files.get(v), str)]
     if missing:
         raise MpdeployError(
-            f"{engine_dir}/manifest.json names no {' and no '.join(missing)} engine; the audit compares a sparse "
+            f"{engine.path}/manifest.json names no {' and no '.join(missing)} engine; the audit compares a sparse "
             "engine with its dense twin: rebuild with mpdeploy build --sparse"
         )
-    paths = {v: engine_dir / files[v] for v in backends.VARIANTS}
-    for variant, path in paths.items():
-        if not path.is_file():
-            raise MpdeployError(f"{variant} engine {path} is missing; rebuild the engine folder")
-    hashes = manifest.get("file_sha256") or {}
-    for variant, path in paths.items():
-        expected = hashes.get(files[variant])
-        if expected and artifacts.sha256_file(path) != expected:
-            raise MpdeployError(
-                f"{path} does not match the sha256 in its manifest (modified or corrupt); rebuild the engine"
-            )
-    return paths
+    return {v: p for v, p in engine.variant_files().items() if v in backends.VARIANTS}
 
 
-def _read_optional_manifest(folder: Path, kind: str) -> dict[str, Any] | None:
-    if not (folder / artifacts.MANIFEST).is_file():
-        return None
-    return artifacts.read_manifest(folder, kind, verify=True)
-
-
-def _io_spec(manifest: Mapping[str, Any], pruned: Mapping[str, Any] | None) -> tuple[tuple[int, ...], int | None,
+def io_spec(manifest: Mapping[str, Any], pruned: Mapping[str, Any] | None) -> tuple[tuple[int, ...], int | None,
                                                                                        int | None, dict]:
     """(input C,H,W, fixed batch or None, number of outputs or None, data_config)."""
     io = manifest.get("io") or {}
@@ -120,13 +104,15 @@ def _io_spec(manifest: Mapping[str, Any], pruned: Mapping[str, Any] | None) -> t
 # engine weights: are the pruned layers N:M inside the engine?
 
 
-def _onnx_for_weights(engine_root: Path, engine_file: Path) -> tuple[Path | None, str]:
+def onnx_for_weights(engine, engine_file: Path) -> tuple[Path | None, str]:
+    """The ONNX whose initializers show the engine's weights: the engine file itself, or its onnx source."""
     if engine_file.suffix == ".onnx":
         return engine_file, "the sparse engine file itself"
-    source = engine_root / "onnx" / "model.onnx"
-    if source.is_file():
-        return source, f"the ONNX the {engine_file.suffix or 'engine'} file was built from (its weights are not inspectable)"
-    return None, f"{engine_file.name} is opaque and no onnx/model.onnx is present"
+    onnx = engine.onnx()
+    if onnx is not None:
+        return onnx.sparse_model, (f"the ONNX the {engine_file.suffix or 'engine'} file was built from "
+                                   "(its weights are not inspectable)")
+    return None, f"{engine_file.name} is opaque and its manifest records no onnx source"
 
 
 def _annotations(proto) -> dict[str, dict[str, Any]]:

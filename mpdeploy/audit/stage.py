@@ -43,11 +43,13 @@ from typing import Any
 import numpy as np
 
 from mpdeploy import artifacts
-from mpdeploy.backends import base as backends
+from mpdeploy.engines import load_config
 from mpdeploy.errors import MpdeployError
+from mpdeploy.kinds import AuditFolder, EngineFolder, PrunedFolder
 
-from mpdeploy.audit.common import AUDIT_DIR, ENGINE_PREFIX, FP32_REL_TOLERANCE, KIND, Progress, SCHEMA, _cpu_only, _fmt_pct, _loadavg, _pattern_text, host_info
-from mpdeploy.audit.engine import _check_root, _engine_files, _io_spec, _onnx_for_weights, _read_optional_manifest, check_engine_weights, pick_backend
+from mpdeploy.audit.common import (AUDIT_DIR, ENGINE_PREFIX, FP32_REL_TOLERANCE, KIND, SCHEMA, Progress, cpu_only,
+                                   fmt_pct, host_info, loadavg, pattern_text)
+from mpdeploy.audit.engine import check_engine_weights, check_root, engine_files, io_spec, onnx_for_weights, pick_backend
 from mpdeploy.audit.evaluate import accuracy_metrics, image_batches, layer_sensitivity, run_both, torch_reference
 from mpdeploy.audit.markdown import render_markdown
 from mpdeploy.audit.metrics import labels_fit, measure_latency
@@ -91,12 +93,25 @@ class AuditConfig:
 
 
 
-def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = None) -> Path:
-    """Audit `engine_root/engine-<backend>/` (sparse vs dense) and write `engine_root/audit/`. Returns its path."""
+def audit_sources(engine: EngineFolder) -> dict[str, Path]:
+    """What an audit of `engine` is made from: the engine and the exact weights it was built from."""
+    sources = {"engine": engine.path}
+    weights = engine.source_path("weights")
+    if weights is not None:
+        sources["weights"] = weights
+    return sources
+
+
+def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = None, runtime=None) -> Path:
+    """Audit `engine_root/engine-<backend>/` (sparse vs dense) and write `engine_root/audit/`. Returns its path.
+
+    The engine is opened verified with its chain; the PyTorch reference, the weight check and the
+    per-layer sensitivity use the weights the engine records as its source (distilled or pruned).
+    `runtime` (a BuildConfig) overrides the run-time options recorded with the engine (threads)."""
     from mpdeploy.data import load_images
 
     engine_root = Path(engine_root)
-    _check_root(engine_root)
+    check_root(engine_root)
     step = progress or (lambda stage, done, total: None)
     started = _dt.datetime.now(_dt.timezone.utc)
     t_start = time.perf_counter()
@@ -110,21 +125,21 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
 
     backend_name = pick_backend(engine_root, config.backend)
     engine_dir = engine_root / f"{ENGINE_PREFIX}{backend_name}"
-    # verify=False: the engine manifest's `files` maps variants to file names (not hashes); the engine
-    # files are checked against `file_sha256` where the manifest has it.
-    manifest = artifacts.read_manifest(engine_dir, "engine", verify=False)
-    files = _engine_files(engine_dir, manifest)
-    pruned_dir = engine_root / "pruned"
-    pruned = _read_optional_manifest(pruned_dir, "pruned")
+    engine = EngineFolder.open(engine_dir)  # every file hashed, nothing unlisted, its sources unchanged
+    manifest = engine.manifest
+    files = engine_files(engine)
+    weights_folder: PrunedFolder | None = engine.weights()
+    pruned_dir = None if weights_folder is None else weights_folder.path
+    pruned = None if weights_folder is None else weights_folder.manifest
     layers = list((pruned or {}).get("layers") or [])
-    chw, fixed_batch, classes, data_config = _io_spec(manifest, pruned)
+    chw, fixed_batch, classes, data_config = io_spec(manifest, pruned)
     precision = manifest.get("precision")
 
     failures: list[str] = []
     warnings: list[str] = []
     if pruned is None:
-        warnings.append("no pruned/ artifact beside the engine: per-layer sensitivity, MP signals and the "
-                        "weight check against the pruned masks are skipped")
+        warnings.append("the engine records no weights source (built by an older mpdeploy): per-layer "
+                        "sensitivity, MP signals and the weight check against the pruned masks are skipped")
 
     # --- data
     data = load_images(config.data, chw, split="test", data_config=data_config,
@@ -136,13 +151,14 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
 
     lap("read_inputs_s")
     # --- engines
-    backend = backends.create_backend(backend_name)
-    load_config = backends.BuildConfig(precision=precision if precision in backends.PRECISIONS else None,
-                                       batch_sizes=config.batch_sizes)
+    from mpdeploy.backends.base import create_backend
+
+    backend = create_backend(backend_name)
+    runner_config = load_config(manifest, config.batch_sizes, getattr(runtime, "threads", None))
     runners = {}
     try:
         for variant in ("dense", "sparse"):
-            runners[variant] = backend.load(files[variant], load_config)
+            runners[variant] = backend.load(files[variant], runner_config)
         runtime = dict(backend.device_info() or {})
         host = host_info()
         batch_sizes = list(config.batch_sizes)
@@ -193,7 +209,7 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
         for b in batch_sizes:
             reps = math.ceil(b / len(x_head))
             inputs[b] = np.ascontiguousarray(np.concatenate([x_head] * reps)[:b])
-        load_before = _loadavg()
+        load_before = loadavg()
         latency_raw: dict[int, dict[str, Any]] = {}
         for b, xb in inputs.items():
             try:
@@ -203,7 +219,7 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
                 logger.warning("batch %d could not be timed: %s", b, exc)
                 failures.append(f"batch {b}: an engine failed to run ({type(exc).__name__}: {str(exc)[:160]})")
             step("latency", len(latency_raw), len(inputs))
-        load_after = _loadavg()
+        load_after = loadavg()
 
         lap("latency_s")
         # --- engine vs PyTorch reference (same images)
@@ -218,6 +234,7 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
                     scale = float(np.abs(ref[which]).max()) or 1.0
                     reference[which] = {"max_abs_diff": err, "relative": err / scale}
                 reference["images"] = n_ref
+                reference["weights"] = pruned_dir.name  # the engine's recorded weights source
             except MpdeployError as exc:
                 warnings.append(f"PyTorch reference not computed: {exc}")
     finally:
@@ -230,18 +247,18 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
     if reference is not None and (precision in (None, "fp32")):
         for which in ("sparse", "dense"):
             if reference[which]["relative"] > FP32_REL_TOLERANCE:
-                warnings.append(f"the {which} engine differs from the pruned artifact's PyTorch model by "
-                                f"{reference[which]['max_abs_diff']:.3g} (relative {reference[which]['relative']:.2g}) "
-                                "at fp32: it may not have been built from this pruned/ artifact")
+                warnings.append(f"the {which} engine differs from the PyTorch model of its weights source "
+                                f"{pruned_dir.name}/ by {reference[which]['max_abs_diff']:.3g} (relative "
+                                f"{reference[which]['relative']:.2g}) at fp32: it does not compute these weights")
 
     lap("pytorch_reference_s")
     # --- weights
     weights: dict[str, Any] | None = None
-    onnx_path, onnx_note = _onnx_for_weights(engine_root, files["sparse"])
+    onnx_path, onnx_note = onnx_for_weights(engine, files["sparse"])
     if onnx_path is not None and pruned is not None:
         from safetensors.numpy import load_file
 
-        masks = {k: v.astype(bool) for k, v in load_file(str(pruned_dir / "masks.safetensors")).items()}
+        masks = {k: v.astype(bool) for k, v in load_file(str(weights_folder.masks_file)).items()}
         weights = check_engine_weights(onnx_path, layers, masks)
         weights["note"] = onnx_note
         bad = weights["violations"]
@@ -269,7 +286,7 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
             gate = {"metric": "top1_drop", "value": accuracy["top1_drop"], "max": config.max_top1_drop}
             if accuracy["top1_drop"] > config.max_top1_drop + 1e-12:
                 failures.append(f"top-1 drop {100 * accuracy['top1_drop']:.2f} pts > {100 * config.max_top1_drop:.2f} "
-                                f"pts ({_fmt_pct(accuracy['top1_dense'], 2)} -> {_fmt_pct(accuracy['top1_sparse'], 2)})")
+                                f"pts ({fmt_pct(accuracy['top1_dense'], 2)} -> {fmt_pct(accuracy['top1_sparse'], 2)})")
         else:
             disagreement = 1.0 - accuracy["agreement"]
             gate = {"metric": "top1_disagreement", "value": disagreement, "max": config.max_top1_drop}
@@ -289,7 +306,7 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
         failures.append("no batch size could be timed, so the speed gate cannot pass")
 
     # --- caveats
-    if _cpu_only(backend_name, runtime):
+    if cpu_only(backend_name, runtime):
         warnings.append("ONNX Runtime's CPU provider has no 2:4 sparse kernels: it multiplies the zeros like any "
                         "other weight, so a speedup near 1.0x is expected here; it shows the sparse engine costs "
                         "nothing extra, not what sparse tensor cores would give")
@@ -303,7 +320,7 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
         warnings.append(f"the machine was busy while timing (load average {busiest:.1f} on {cores} cores): "
                         "latency is noisy; interleaving keeps the ratio fair, but re-run on an idle machine")
     if latency_raw and min(latency_raw) <= 2 and latency_raw[min(latency_raw)]["ratio_p50"] < 0.95 \
-            and not _cpu_only(backend_name, runtime):
+            and not cpu_only(backend_name, runtime):
         warnings.append("the sparse engine is slower at the smallest batch: tiny batches often are with sparse kernels")
     rho = (sensitivity or {}).get("spearman_signal_vs_effect")
     if rho is not None and rho > 0.3 and len(sensitivity["layers"]) >= 5:
@@ -324,7 +341,7 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
     pconf = (pruned or {}).get("config") or {}
     summary = {
         "model": ((pruned or {}).get("model") or {}).get("name") or engine_root.name,
-        "pattern": _pattern_text(layers),
+        "pattern": pattern_text(layers),
         "budget": pconf.get("budget"),
         "saliency": pconf.get("saliency"),
         "mac_reduction": totals.get("mac_reduction"),
@@ -377,7 +394,7 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
     }
 
     out = engine_root / AUDIT_DIR
-    with artifacts.atomic_dir(out) as tmp:
+    with artifacts.atomic_dir(out, kind=KIND) as tmp:
         plots = []
         if config.plots:
             step("plots", 0, 1)
@@ -388,21 +405,16 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
         result["seconds"] = round(time.perf_counter() - t_start, 2)
         artifacts.write_json(tmp / "audit.json", result)
         artifacts.atomic_write_text(tmp / "audit.md", render_markdown(result, engine_root))
-        inputs_hashes = {"engine_manifest": engine_manifest_sha}
-        if pruned is not None:
-            inputs_hashes["pruned_manifest"] = artifacts.manifest_hash(pruned_dir)
-        artifacts.write_manifest(tmp, KIND, config, inputs=inputs_hashes,
+        artifacts.write_manifest(tmp, KIND, config, sources=audit_sources(engine), target=out,
                                  extra={"backend": backend_name, "passed": not failures})
     logger.info("audit of %s: %s -> %s", engine_root, "PASS" if not failures else "FAIL", out)
     return out
 
 
 def read_audit(engine_root: Path) -> dict[str, Any]:
-    path = Path(engine_root) / AUDIT_DIR / "audit.json"
-    data = artifacts.read_json(path, what="audit")
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise MpdeployError(f"{path} is not a {SCHEMA} audit; re-run mpdeploy audit {engine_root}")
-    return data
+    """The audit result of `engine_root`, opened verified: its files, and the engine and weights it audited
+    unchanged since (a forged or stale audit is refused)."""
+    return AuditFolder.open(Path(engine_root) / AUDIT_DIR).result()
 
 
 def verdict_line(result: Mapping[str, Any], path: Path | str) -> str:
@@ -410,9 +422,9 @@ def verdict_line(result: Mapping[str, Any], path: Path | str) -> str:
     s = result["summary"]
     parts = ["PASS" if result["passed"] else "FAIL", str(path)]
     if s.get("top1_dense") is not None:
-        parts.append(f"top-1 {_fmt_pct(s['top1_dense'], 2)} -> {_fmt_pct(s['top1_sparse'], 2)}")
+        parts.append(f"top-1 {fmt_pct(s['top1_dense'], 2)} -> {fmt_pct(s['top1_sparse'], 2)}")
     if s.get("agreement") is not None:
-        parts.append(f"agreement {_fmt_pct(s['agreement'])}, certified {_fmt_pct(s['certified_fraction'])}")
+        parts.append(f"agreement {fmt_pct(s['agreement'])}, certified {fmt_pct(s['certified_fraction'])}")
     if s.get("speedup_p50"):
         parts.append("speedup " + " ".join(f"b{b} {v:.2f}x" for b, v in s["speedup_p50"].items()))
     parts.append(f"on {result['backend']}")

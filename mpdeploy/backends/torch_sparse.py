@@ -241,7 +241,7 @@ class TorchSparseBackend(Backend):
     def build(self, inputs: BuildInputs, variant: str, out_dir: Path, config: BuildConfig) -> BuiltEngine:
         import torch
 
-        from mpdeploy.prune import load_pruned
+        from mpdeploy.weights import load_pruned
 
         if inputs.pruned_dir is None:
             raise MpdeployError("the torch backend builds from the pruned artifact; pass its folder (pruned/)")
@@ -257,13 +257,13 @@ class TorchSparseBackend(Backend):
             from mpdeploy import artifacts
 
             source = Path(inputs.pruned_dir)
-            listed = artifacts.read_manifest(source, "pruned", verify=False).get("files") or {}
+            listed = artifacts.read_manifest(source, "pruned", verify=True).get("files") or {}
             for rel in ["manifest.json", *listed]:
                 (copy / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source / rel, copy / rel)
 
         t0 = time.perf_counter()
-        art = load_pruned(copy, "sparse" if variant == "sparse" else "dense", verify=True)
+        art = load_pruned(copy, "sparse" if variant == "sparse" else "dense", verify=True, chain=False)
         plan = plan_conversion(art.model, kernel, precision, options["conv1x1"]) if variant == "sparse" else []
         device, dtype = self._device(config), torch_dtype(precision)
         reference = art.model.to(device, dtype).eval()
@@ -314,7 +314,7 @@ class TorchSparseBackend(Backend):
     def load(self, engine_path: Path, config: BuildConfig) -> Runner:
         import torch
 
-        from mpdeploy.prune import load_pruned
+        from mpdeploy.weights import load_pruned
 
         engine_path = Path(engine_path)
         try:
@@ -324,7 +324,7 @@ class TorchSparseBackend(Backend):
         ok, why = self.availability()
         if not ok:
             raise MpdeployError(f"backend torch is not usable here: {why}; the engine needs a CUDA GPU (sm_80+)")
-        art = load_pruned(engine_path.parent / spec["pruned_dir"], spec["variant"], verify=True)
+        art = load_pruned(engine_path.parent / spec["pruned_dir"], spec["variant"], verify=True, chain=False)
         device, dtype = self._device(config), torch_dtype(spec["precision"])
         model = art.model.to(device, dtype).eval()
         plan = spec["plan"]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpdeploy.analyze import AnalyzeConfig, analyze
-from mpdeploy.models import add_model_arguments, load_model_from_args
+from mpdeploy.commands._model_args import add_model_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mpdeploy.analyze import AnalyzeConfig, analyze
+    from mpdeploy.models import load_model_from_args
 
     loaded = load_model_from_args(args)
     out = args.out or Path("engines") / loaded.name / "analyze"

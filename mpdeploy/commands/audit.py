@@ -12,36 +12,30 @@ from pathlib import Path
 BACKENDS = ("trt", "torch", "ort")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("engine_dir", type=Path, metavar="ENGINE_DIR", help="engine folder (engines/<name>)")
-    parser.add_argument("--data", default="digits", help="evaluation images: an ImageFolder DIR, digits (default), "
-                                                         "or synthetic (smoke runs: no labels)")
-    parser.add_argument("--backend", choices=BACKENDS, default=None,
-                        help="which engine-<backend>/ to audit (default: the only one, else the first usable)")
-    parser.add_argument("--batch-sizes", default="1,8,32", help="batch sizes to time (default: 1,8,32)")
-    parser.add_argument("--warmup", type=int, default=10, help="warm-up calls per engine and batch size (default: 10)")
-    parser.add_argument("--repeats", type=int, default=30, help="interleaved timing rounds per batch size (default: 30)")
-    parser.add_argument("--calls-per-round", type=int, default=3, help="calls of one engine per round (default: 3)")
-    parser.add_argument("--max-eval-images", type=int, default=None, help="evaluate at most this many images")
-    parser.add_argument("--max-top1-drop", type=float, default=0.02,
-                        help="fail above this absolute top-1 drop, as a fraction (default: 0.02 = 2 points)")
-    parser.add_argument("--min-speedup", type=float, default=None,
-                        help="fail if dense p50 / sparse p50 at the largest batch is below this (default: no gate)")
-    parser.add_argument("--sensitivity-batch", type=int, default=32,
-                        help="images for the per-layer sensitivity map (default: 32; 0 skips it)")
-    parser.add_argument("--no-plots", action="store_true", help="write audit.json and audit.md without PNG plots")
-    parser.add_argument("--seed", type=int, default=0)
+def add_audit_options(group) -> None:
+    """The audit's measuring options and gates; shared by `mpdeploy audit` and `mpdeploy build`."""
+    group.add_argument("--warmup", type=int, default=10, help="warm-up calls per engine and batch size (default: 10)")
+    group.add_argument("--repeats", type=int, default=30, help="interleaved timing rounds per batch size (default: 30)")
+    group.add_argument("--calls-per-round", type=int, default=3, help="calls of one engine per round (default: 3)")
+    group.add_argument("--max-eval-images", type=int, default=None, help="evaluate at most this many images")
+    group.add_argument("--max-top1-drop", type=float, default=0.02,
+                       help="fail above this absolute top-1 drop, as a fraction (default: 0.02 = 2 points)")
+    group.add_argument("--min-speedup", type=float, default=None,
+                       help="fail if dense p50 / sparse p50 at the largest batch is below this (default: no gate)")
+    group.add_argument("--sensitivity-batch", type=int, default=32,
+                       help="images for the per-layer sensitivity map (default: 32; 0 skips it)")
+    group.add_argument("--no-plots", action="store_true", help="write audit.json and audit.md without PNG plots")
 
 
-def main(args: argparse.Namespace) -> int:
-    from mpdeploy.audit import AuditConfig, audit, read_audit, verdict_line
-    from mpdeploy.commands._progress import stage_progress
+def audit_config_from_args(args: argparse.Namespace, data: str, backend: str | None, batch_sizes: str):
+    """An AuditConfig from the options `add_audit_options` added (validated here, before any work)."""
+    from mpdeploy.audit import AuditConfig
     from mpdeploy.commands.build import parse_batch_sizes
 
-    config = AuditConfig(
-        data=args.data,
-        backend=args.backend,
-        batch_sizes=parse_batch_sizes(args.batch_sizes),
+    return AuditConfig(
+        data=data,
+        backend=backend,
+        batch_sizes=parse_batch_sizes(batch_sizes),
         warmup=args.warmup,
         repeats=args.repeats,
         calls_per_round=args.calls_per_round,
@@ -50,10 +44,32 @@ def main(args: argparse.Namespace) -> int:
         min_speedup=args.min_speedup,
         sensitivity_batch=args.sensitivity_batch,
         plots=not args.no_plots,
-        seed=args.seed,
+        seed=getattr(args, "seed", 0),
     )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("engine_dir", type=Path, metavar="ENGINE_DIR", help="engine folder (engines/<name>)")
+    parser.add_argument("--data", default="digits", help="evaluation images: an ImageFolder DIR, digits (default), "
+                                                         "or synthetic (smoke runs: no labels)")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="which engine-<backend>/ to audit (default: the only one, else the first usable)")
+    parser.add_argument("--batch-sizes", default="1,8,32", help="batch sizes to time (default: 1,8,32)")
+    add_audit_options(parser)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="ONNX Runtime intra-op threads (default: what the engine was built with)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(args: argparse.Namespace) -> int:
+    from mpdeploy.audit import audit, read_audit, verdict_line
+    from mpdeploy.backends.base import BuildConfig
+    from mpdeploy.commands._progress import stage_progress
+
+    config = audit_config_from_args(args, args.data, args.backend, args.batch_sizes)
+    runtime = BuildConfig(threads=args.threads) if args.threads is not None else None
     with stage_progress("audit") as progress:
-        path = audit(args.engine_dir, config, progress=progress)
+        path = audit(args.engine_dir, config, progress=progress, runtime=runtime)
     result = read_audit(args.engine_dir)
     print(verdict_line(result, path))
     for failure in result["failures"]:

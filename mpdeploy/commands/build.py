@@ -1,6 +1,7 @@
 """`mpdeploy build [MODEL] --sparse [--backend auto|trt|torch|ort] [--precision ...] [--out engines/NAME]`.
 
-prune -> export -> build (sparse engine + dense twin) -> audit. With no MODEL, the embedded default
+prune [-> distill] -> export -> engines (sparse engine + dense twin) -> audit (on --eval-data, with the
+audit's options and gates). With no MODEL, the embedded default
 `zoo:digits_vit` (trained on scikit-learn's digits on first use). Finished stages are reused on a re-run
 with the same inputs; --force rebuilds them.
 """
@@ -10,8 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mpdeploy.commands._model_args import add_model_arguments
+from mpdeploy.commands.audit import add_audit_options, audit_config_from_args
 from mpdeploy.commands.prune import add_prune_arguments
-from mpdeploy.models import add_model_arguments
 
 DEFAULT_MODEL = "zoo:digits_vit"
 # With no MODEL the demo runs the whole method on the default: Wanda on digits calibration, then
@@ -32,23 +34,14 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, required=False)
-    add_prune_arguments(parser)
-    g = parser.add_argument_group("build")
-    g.add_argument("--sparse", action="store_true",
-                   help="build the sparse engine and its dense twin (without it: only the dense engine)")
-    g.add_argument("--backend", default="auto", choices=["auto", "trt", "torch", "ort"],
-                   help="auto = the first usable of trt > torch > ort (default: auto)")
+def add_engine_options(g) -> None:
+    """Engine build and run-time flags shared by `mpdeploy build` and `mpdeploy engine`."""
     g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16", "int8"],
                    help="engine precision (default: fp16 on GPU backends, fp32 on ort); int8 uses --calib data")
     g.add_argument("--batch-sizes", default="1,8,32",
                    help="batch sizes the engine serves; optimization profile min/opt/max from them (default 1,8,32)")
-    g.add_argument("--out", type=Path, default=None, help="engine folder (default: engines/<model name>)")
-    g.add_argument("--name", default=None, help="engine folder name under engines/ (default: the model's name)")
-    g.add_argument("--force", action="store_true", help="rebuild every stage even if a finished one matches")
-    g.add_argument("--no-audit", action="store_true", help="stop after the build stage")
-    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads when running engines")
+    g.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime intra-op threads when running engines (recorded; the audit uses it)")
     g.add_argument("--workspace-mib", type=int, default=None, help="TensorRT builder workspace limit")
     g.add_argument("--timing-cache", type=Path, default=None,
                    help="TensorRT timing cache (default: calib/cache/timing-<trt>-<gpu>.cache)")
@@ -60,6 +53,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="torch backend: run 2:4 1x1 convs as sparse Linear (default large: >= 256 channels)")
     g.add_argument("--ort-optimization", default=None, choices=["basic", "none"],
                    help="ort backend: offline optimization saved as the engine (default basic)")
+
+
+def build_config_from_args(args: argparse.Namespace, calib: str | None = None):
+    from mpdeploy.backends.base import BuildConfig
+
+    options = {"kernel": args.torch_kernel, "conv1x1": args.conv1x1, "optimization": args.ort_optimization}
+    return BuildConfig(
+        precision=args.precision,
+        batch_sizes=parse_batch_sizes(args.batch_sizes),
+        calib=calib,
+        calib_cache=args.calib_cache,
+        timing_cache=args.timing_cache,
+        workspace_mib=args.workspace_mib,
+        backend_options=tuple((k, v) for k, v in options.items() if v is not None),
+        threads=args.threads,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, required=False)
+    add_prune_arguments(parser)
+    g = parser.add_argument_group("build")
+    g.add_argument("--sparse", action="store_true",
+                   help="build the sparse engine and its dense twin (without it: only the dense engine)")
+    g.add_argument("--backend", default="auto", choices=["auto", "trt", "torch", "ort"],
+                   help="auto = the first usable of trt > torch > ort (default: auto)")
+    add_engine_options(g)
+    g.add_argument("--out", type=Path, default=None, help="engine folder (default: engines/<model name>)")
+    g.add_argument("--name", default=None, help="engine folder name under engines/ (default: the model's name)")
+    g.add_argument("--force", action="store_true", help="rebuild every stage even if a finished one matches")
+    g.add_argument("--no-audit", action="store_true", help="stop after the build stage")
+    a = parser.add_argument_group("audit")
+    a.add_argument("--eval-data", default="digits",
+                   help="the audit's evaluation images: an ImageFolder DIR, digits (default) or synthetic")
+    add_audit_options(a)
     d = parser.add_argument_group("distillation")
     d.add_argument("--distill-epochs", type=int, default=None,
                    help="short recovery after pruning: distill the dense twin into the pruned model for N epochs "
@@ -74,8 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def configs_from_args(args: argparse.Namespace):
-    """(prune, export, build, stage) configs; validates every flag before anything heavy runs."""
-    from mpdeploy.backends.base import BuildConfig
+    """(prune, export, build, stage, distill, audit) configs; validates every flag before anything heavy runs."""
     from mpdeploy.build import BuildStageConfig
     from mpdeploy.commands.prune import prune_config_from_args
     from mpdeploy.export import ExportConfig
@@ -84,17 +111,8 @@ def configs_from_args(args: argparse.Namespace):
         args.calib = DEFAULT_CALIB
     prune_config = prune_config_from_args(args)
     export_config = ExportConfig(opset=args.opset, exporter=args.exporter, allow_ineligible=args.allow_ineligible)
-    options = {"kernel": args.torch_kernel, "conv1x1": args.conv1x1, "optimization": args.ort_optimization}
-    build_config = BuildConfig(
-        precision=args.precision,
-        batch_sizes=parse_batch_sizes(args.batch_sizes),
-        calib=args.calib,
-        calib_cache=args.calib_cache,
-        timing_cache=args.timing_cache,
-        workspace_mib=args.workspace_mib,
-        backend_options=tuple((k, v) for k, v in options.items() if v is not None),
-        threads=args.threads,
-    )
+    build_config = build_config_from_args(args, calib=args.calib)
+    audit_config = None if args.no_audit else audit_config_from_args(args, args.eval_data, None, args.batch_sizes)
     stage = BuildStageConfig(backend=args.backend, sparse=args.sparse, name=args.name, out=args.out,
                              force=args.force, audit=not args.no_audit)
     epochs = args.distill_epochs
@@ -109,7 +127,7 @@ def configs_from_args(args: argparse.Namespace):
         from mpdeploy.distill import DistillConfig
 
         distill_config = DistillConfig(data=args.distill_data or "digits", epochs=epochs)
-    return prune_config, export_config, build_config, stage, distill_config
+    return prune_config, export_config, build_config, stage, distill_config, audit_config
 
 
 def _mib(n) -> str:
@@ -180,11 +198,11 @@ def main(args: argparse.Namespace) -> int:
     from mpdeploy.commands._progress import stage_progress
     from mpdeploy.models import spec_from_args
 
-    prune_config, export_config, build_config, stage, distill_config = configs_from_args(args)
+    prune_config, export_config, build_config, stage, distill_config, audit_config = configs_from_args(args)
     spec = spec_from_args(args, default=DEFAULT_MODEL)
     with stage_progress("build") as progress:
         result = run_build(spec, prune_config, export_config, build_config, stage, progress=progress,
-                           distill_config=distill_config)
+                           distill_config=distill_config, audit_config=audit_config)
     print_summary(result)
     audit = result.stage("audit")
     if audit.status != "skipped" and audit.details.get("passed") is False:

@@ -1,5 +1,7 @@
 """`mpdeploy distill PRUNED_ARTIFACT [--teacher MODEL] [--data DIR|digits] [--epochs 3] [--out DIR]`.
 
+Writes a new `distilled/` artifact whose manifest records the input as its source.
+
 Also runs under `torchrun --nproc_per_node=N -m mpdeploy distill ...` (DistributedDataParallel); only
 rank 0 draws the progress bar and prints the summary.
 """
@@ -32,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-resume", action="store_true", help="ignore a checkpoint of an interrupted run")
     parser.add_argument("--out", type=Path, default=None,
-                        help="write the distilled artifact here (default: replace PRUNED_ARTIFACT)")
+                        help="write the distilled artifact here (default: distilled/ beside PRUNED_ARTIFACT; "
+                             "the input is never rewritten)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -62,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
 
     with stage_progress("distill") as progress:  # shows loss and images/s beside the bar
         path = distill(args.pruned, config, args.out, progress=progress)
-    result = read_manifest(path, "pruned", verify=False)["distill"]
+    result = read_manifest(path, "distilled", verify=False)["distill"]
     epochs = result["epochs"]
     line = f"{path}: {len(epochs)} epochs, final loss {epochs[-1]['loss']:.4f}" if epochs else f"{path}: no epochs run"
     if result.get("top1_after") is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpdeploy.models import add_model_arguments
+from mpdeploy.commands._model_args import add_model_arguments
 
 
 def parse_tome(text: str | None):
