@@ -1,0 +1,224 @@
+"""One verifiable chain: model -> pruned -> distilled -> onnx -> engine -> audit -> ship.
+
+One small build (zoo:digits_vit, ort, fp32, one distillation epoch) is made once; every test works on
+it or on a copy it tampers with.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mpdeploy import artifacts
+from mpdeploy.cli import main as cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+BUILD_ARGS = ["--sparse", "--backend", "ort", "--precision", "fp32", "--threads", "1", "--distill-epochs", "1",
+              "--calib", "digits", "--calib-batches", "2", "--batch-sizes", "1,4", "--max-eval-images", "64",
+              "--warmup", "1", "--repeats", "2", "--sensitivity-batch", "8", "--no-plots", "--max-top1-drop", "1.0"]
+
+
+@pytest.fixture(scope="module")
+def chain_root(tmp_path_factory) -> Path:
+    from mpdeploy.zoo import ZOO_ROOT_ENV
+
+    os.environ.setdefault(ZOO_ROOT_ENV, str(REPO / "engines" / "_zoo"))
+    root = tmp_path_factory.mktemp("chain") / "vit"
+    assert cli_main(["-q", "build", "zoo:digits_vit", *BUILD_ARGS, "--out", str(root)]) == 0
+    return root
+
+
+def _copy(root: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "engines" / root.name
+    shutil.copytree(root, dst)
+    return dst
+
+
+def _one_error_line(capsys, code: int, expected_code: int = 2) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == expected_code, err
+    lines = [line for line in err if not line.startswith(("INFO", "WARNING", "DEBUG"))]
+    assert len(lines) == 1 and "Traceback" not in "\n".join(err), err
+    return lines[0]
+
+
+def test_audit_compares_the_engine_with_the_distilled_weights(chain_root):
+    audit = artifacts.read_manifest(chain_root / "audit", "audit")
+    assert audit["sources"]["weights"]["path"] == "../distilled"
+    assert audit["sources"]["engine"]["path"] == "../engine-ort"
+    assert audit["inputs"]["weights_manifest"] == artifacts.manifest_hash(chain_root / "distilled")
+    result = json.loads((chain_root / "audit" / "audit.json").read_text())
+    reference = result["engine_vs_pytorch"]
+    assert reference["weights"] == "distilled"
+    for which in ("sparse", "dense"):
+        assert reference[which]["relative"] < 1e-4, reference  # fp32 rounding: the engine computes these weights
+    assert not any("differs from the PyTorch model" in w for w in result["warnings"])
+    engine = artifacts.read_manifest(chain_root / "engine-ort", "engine")
+    assert engine["sources"]["weights"]["path"] == "../distilled" and engine["sources"]["onnx"]["path"] == "../onnx"
+    assert engine["runtime"]["threads"] == 1
+    onnx = artifacts.read_manifest(chain_root / "onnx", "onnx")
+    assert onnx["sources"]["weights"]["path"] == "../distilled"
+    distilled = artifacts.read_manifest(chain_root / "distilled", "distilled")
+    assert distilled["kind"] == "distilled" and distilled["sources"]["pruned"]["path"] == "../pruned"
+    pruned = artifacts.read_manifest(chain_root / "pruned", "pruned")
+    assert pruned["kind"] == "pruned" and "distill" not in pruned  # the input was never rewritten
+
+
+def test_rerun_reuses_every_stage(chain_root):
+    assert cli_main(["-q", "build", "zoo:digits_vit", *BUILD_ARGS, "--out", str(chain_root)]) == 0
+    summary = json.loads((chain_root / "build_summary.json").read_text())
+    assert {s["stage"]: s["status"] for s in summary["stages"]} == {
+        "prune": "reused", "distill": "reused", "export": "reused", "build": "reused", "audit": "reused"}
+
+
+def _tamper(folder: Path, how: str) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if how == "edited file":
+        rel = sorted(manifest["files"])[0]
+        with open(folder / rel, "ab") as f:
+            f.write(b"\0")
+    elif how == "extra file":
+        (folder / "notes.txt").write_text("not listed")
+    else:  # edited manifest: a field changed, every file hash still right
+        manifest["config"] = {"forged": True}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _next_stage(root: Path, kind_dir: str, tmp_path: Path) -> list[str]:
+    return {
+        "pruned": ["export", str(root / "pruned"), "--out", str(tmp_path / "onnx2")],
+        "distilled": ["export", str(root / "distilled"), "--out", str(tmp_path / "onnx2")],
+        "onnx": ["engine", str(root / "onnx"), "--backend", "ort", "--precision", "fp32",
+                 "--out", str(tmp_path / "engine2")],
+        "engine-ort": ["audit", str(root), "--backend", "ort", "--max-eval-images", "8", "--repeats", "1",
+                       "--no-plots", "--sensitivity-batch", "0"],
+        "audit": ["ship", str(root), "--repo", str(tmp_path / "repo")],
+    }[kind_dir]
+
+
+@pytest.mark.parametrize("how", ["edited file", "extra file", "edited manifest"])
+@pytest.mark.parametrize("kind_dir", ["pruned", "distilled", "onnx", "engine-ort", "audit"])
+def test_tampered_artifact_is_refused_by_the_next_stage(chain_root, tmp_path, capsys, kind_dir, how):
+    root = _copy(chain_root, tmp_path)
+    _tamper(root / kind_dir, how)
+    capsys.readouterr()
+    line = _one_error_line(capsys, cli_main(_next_stage(root, kind_dir, tmp_path)))
+    assert "error:" in line
+    for made in ("onnx2", "engine2", "repo"):
+        assert not (tmp_path / made / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("upstream", ["pruned", "distilled"])
+def test_changed_source_is_refused_down_the_chain(chain_root, tmp_path, capsys, upstream):
+    """The engine stage reads onnx/, yet a change two or three links up (weights) is refused."""
+    root = _copy(chain_root, tmp_path)
+    _tamper(root / upstream, "edited manifest")
+    line = _one_error_line(capsys, cli_main(_next_stage(root, "onnx", tmp_path)))
+    assert "changed after" in line or "does not match" in line, line
+
+
+def test_forged_audit_makes_ship_exit_2(chain_root, tmp_path, capsys):
+    root = _copy(chain_root, tmp_path)
+    path = root / "audit" / "audit.json"
+    audit = json.loads(path.read_text())
+    audit.update(passed=True, failures=[])
+    audit["summary"]["top1_sparse"] = 0.999
+    path.write_text(json.dumps(audit))
+    line = _one_error_line(capsys, cli_main(["ship", str(root), "--repo", str(tmp_path / "repo")]))
+    assert "audit.json" in line
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").rglob("*.onnx"))
+
+
+def test_engine_subcommand_builds_from_an_existing_onnx(chain_root, tmp_path, capsys):
+    root = _copy(chain_root, tmp_path)
+    out = root / "engine-ort-again"
+    argv = ["engine", str(root / "onnx"), "--backend", "ort", "--precision", "fp32", "--out", str(out)]
+    assert cli_main(argv) == 0
+    assert "built" in capsys.readouterr().out
+    manifest = artifacts.read_manifest(out, "engine")
+    assert manifest["sources"]["weights"]["path"] == "../distilled"
+    assert artifacts.sha256_file(out / "sparse.onnx") == artifacts.sha256_file(root / "engine-ort" / "sparse.onnx")
+    assert cli_main(argv) == 0
+    assert "reused" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["prune", "export", "distill", "build", "engine"])
+def test_out_on_a_users_folder_exits_2_and_keeps_the_file(chain_root, tmp_path, capsys, command):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    argv = {
+        "prune": ["prune", "zoo:digits_vit", "--out", str(mine)],
+        "export": ["export", str(chain_root / "pruned"), "--out", str(mine)],
+        "distill": ["distill", str(chain_root / "pruned"), "--epochs", "1", "--out", str(mine)],
+        "build": ["build", "zoo:digits_vit", "--backend", "ort", "--no-audit", "--out", str(mine)],
+        "engine": ["engine", str(chain_root / "onnx"), "--backend", "ort", "--out", str(mine)],
+    }[command]
+    line = _one_error_line(capsys, cli_main(argv))
+    assert str(mine) in line and ("not an mpdeploy artifact" in line or "did not write" in line), line
+    assert (mine / "thesis.tex").read_text() == "precious" and sorted(os.listdir(mine)) == ["thesis.tex"]
+
+
+def test_out_of_another_kind_is_refused(chain_root, tmp_path, capsys):
+    root = _copy(chain_root, tmp_path)
+    before = artifacts.manifest_hash(root / "pruned")
+    line = _one_error_line(capsys, cli_main(["export", str(root / "distilled"), "--out", str(root / "pruned")]))
+    assert "'pruned' artifact, not 'onnx'" in line
+    assert artifacts.manifest_hash(root / "pruned") == before
+
+
+def test_distill_never_rewrites_its_input(chain_root, tmp_path, capsys):
+    root = _copy(chain_root, tmp_path)
+    line = _one_error_line(capsys, cli_main(["distill", str(root / "pruned"), "--epochs", "1",
+                                             "--out", str(root / "pruned")]))
+    assert "never rewrites its input" in line
+
+
+def test_artifact_files_have_the_usual_modes(chain_root):
+    if os.umask(0o022) != 0o022:
+        os.umask(0o022)
+    for kind_dir in ("pruned", "distilled", "onnx", "engine-ort", "audit"):
+        for path in (chain_root / kind_dir).iterdir():
+            assert path.stat().st_mode & 0o777 == 0o644, (path, oct(path.stat().st_mode))
+
+
+def test_help_imports_no_torch():
+    """`mpdeploy --help` and every `mpdeploy CMD --help` import no torch / onnx / timm."""
+    from mpdeploy.cli import COMMANDS
+
+    code = (
+        "import sys\nfrom mpdeploy.cli import main\n"
+        "for argv in [['--help']] + [[c, '--help'] for c in sys.argv[1:]]:\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'onnxruntime', 'timm'))\n"
+        "print('HEAVY', heavy[:5], file=sys.stderr)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code, *COMMANDS], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stderr, proc.stderr[-400:]
+    for name in COMMANDS:
+        assert f"usage: mpdeploy {name}" in proc.stdout
+
+
+STAGE_MODULES = {"prune", "export", "distill", "build", "stages", "engines", "audit", "ship", "analyze", "report",
+                 "cli", "commands"}
+
+
+def _mpdeploy_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mpdeploy"):
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("mpdeploy"))
+    return names

@@ -1,0 +1,56 @@
+"""Import direction: artifacts / kinds / weights / backends sit below the stages; no private names cross modules."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mpdeploy"
+# The stages and what drives them: nothing below may import these.
+STAGES = ("mpdeploy.prune", "mpdeploy.distill", "mpdeploy.export", "mpdeploy.build", "mpdeploy.stages",
+          "mpdeploy.engines", "mpdeploy.audit", "mpdeploy.ship", "mpdeploy.analyze", "mpdeploy.report",
+          "mpdeploy.cli", "mpdeploy.commands")
+# Owned by issue 16 (the ONNX sparsity rules leave export.py): checked, not yet required.
+PENDING = {"backends/ort.py", "backends/trt.py", "backends/trt_report.py"}
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, imported names) of every `import` / `from ... import` of an mpdeploy module, lazy ones too."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mpdeploy"):
+            found.append((node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            found += [(a.name, []) for a in node.names if a.name.startswith("mpdeploy")]
+    return found
+
+
+def _is_stage(module: str) -> bool:
+    return any(module == s or module.startswith(s + ".") for s in STAGES)
+
+
+LOWER = sorted([*(PACKAGE / "backends").glob("*.py"), PACKAGE / "artifacts.py", PACKAGE / "kinds.py",
+                PACKAGE / "weights.py"])
+
+
+@pytest.mark.parametrize("path", LOWER, ids=lambda p: p.relative_to(PACKAGE).as_posix())
+def test_lower_layers_import_no_stage(path):
+    rel = path.relative_to(PACKAGE).as_posix()
+    bad = sorted({m for m, _ in _imports(path) if _is_stage(m)})
+    if bad and rel in PENDING:
+        pytest.xfail(f"{rel} still imports {bad} (issue 16 moves the ONNX sparsity rules out of export.py)")
+    assert not bad, f"{rel} imports stage modules {bad}: backends and artifact kinds sit below the stages"
+
+
+MINE = ["report.py", "build.py", "stages.py", "engines.py", "kinds.py", "weights.py", "artifacts.py", "cli.py",
+        "audit/stage.py", "audit/engine.py", "backends/base.py", "backends/torch_sparse.py",
+        *[f"commands/{p.name}" for p in sorted((PACKAGE / "commands").glob("*.py"))]]
+
+
+@pytest.mark.parametrize("rel", MINE)
+def test_no_private_names_cross_modules(rel):
+    private = [(m, n) for m, names in _imports(PACKAGE / rel) for n in names if n.startswith("_") and not n.startswith("__")
+               and not (m.startswith("mpdeploy.commands") and rel.startswith("commands/"))]
+    assert not private, f"{rel} imports private names {private}; make them public where they are defined"
