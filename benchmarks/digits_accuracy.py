@@ -133,9 +133,9 @@ class Bench:
             from mpdeploy.distill import DistillConfig, distill
 
             t1 = time.perf_counter()
-            distill(out, DistillConfig(data="digits", epochs=self.distill_epochs, seed=0))
+            distilled = distill(out, DistillConfig(data="digits", epochs=self.distill_epochs, seed=0))
             seconds += time.perf_counter() - t1
-            art = load_pruned(out, "sparse")
+            art = load_pruned(distilled, "sparse")  # distill writes distilled/ beside pruned/
             cmd += (f" && mpdeploy distill engines/{self.model}-{group}/pruned --data digits "
                     f"--epochs {self.distill_epochs}")
         totals = art.manifest["totals"]
@@ -242,7 +242,14 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def run_smoke(bench: Bench) -> None:
+    """Two rows (dense, 2:4 uniform magnitude): the path every row takes, in seconds (a test runs it)."""
+    bench.add("dense", "dense", None)
+    bench.add("2:4 uniform, magnitude", "2_4-uniform-magnitude", PruneConfig(pattern=NM(2, 4), budget="uniform",
+                                                                           saliency="magnitude"))
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="digits_vit,digits_cnn")
     parser.add_argument("--distill-epochs", type=int, default=3)
@@ -250,7 +257,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--fresh", action="store_true",
                         help="drop other models' rows from an existing result file instead of keeping them")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="digits_vit, dense + one pruned row (seconds)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.models, args.fresh = "digits_vit", True
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("mpdeploy").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -261,7 +271,7 @@ def main() -> None:
         for model in [m.strip() for m in args.models.split(",") if m.strip()]:
             t_model = time.perf_counter()
             bench = Bench(model, Path(tmp), args.distill_epochs)
-            run_model(bench)
+            (run_smoke if args.smoke else run_model)(bench)
             results["test_images"] = int(len(bench.y))
             results["models"][model] = {"input_shape": list(bench.shape), "rows": bench.rows,
                                         "seconds": round(time.perf_counter() - t_model, 1)}

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mpdeploy import permute  # noqa: E402
+from mpdeploy.permute import search as permute  # noqa: E402  (the search's constants live there)
 from mpdeploy.patterns import NM, parse_pattern  # noqa: E402
 from mpdeploy.permute import kept_saliency, search_permutation, unstructured_kept  # noqa: E402
 from mpdeploy.machine import cpu_model
@@ -134,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5, help="seeds for 64x128 (larger shapes: 1)")
     parser.add_argument("--seconds", type=float, default=None, help="time budget per matrix (default: fixed work)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--smoke", action="store_true", help="one 64x128 2:4 matrix, one seed (a test runs this)")
     args = parser.parse_args(argv)
+    shapes = SHAPES[:1] if args.smoke else SHAPES
+    if args.smoke:
+        args.patterns, args.seeds = "2:4", 1
     torch.set_num_threads(1)
     patterns = [parse_pattern(p) for p in args.patterns.split(",")]
     machine = {
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     cases = []
     for pattern in patterns:
-        for shape in SHAPES:
+        for shape in shapes:
             for kind in KINDS:
                 for seed in range(args.seeds if shape == (64, 128) else 1):
                     case = run_case(kind, shape, pattern, seed, args.seconds)

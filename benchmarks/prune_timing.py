@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python benchmarks/prune_timing.py  ->  benchmarks/results/prune_timing.json
 Each model runs in a fresh subprocess so peak RSS is its own. Random init (no weights download here).
+`--smoke` prunes timm's test_vit once and writes to --out (the test suite runs it).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 torch.manual_seed(0)
 from mpdeploy.models import ModelSpec, load_model
 from mpdeploy.prune import PruneConfig, prune
-loaded = load_model(ModelSpec("timm:" + sys.argv[1], weights="random"))
+shape = tuple(int(v) for v in sys.argv[2].split(",")) if len(sys.argv) > 2 else None
+loaded = load_model(ModelSpec("timm:" + sys.argv[1], weights="random", input_shape=shape))
 t_load = time.perf_counter()
 steps, last = {}, [time.perf_counter()]
 def progress(step, done, total):
@@ -50,8 +52,16 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d"), "loadavg_1m_at_start": round(load[0], 2)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
     import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="timm test_vit at 3x32x32 only (seconds)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    models = {"test_vit": "3,32,32"} if args.smoke else {name: None for name in MODELS}
 
     results = {"machine": {**machine(), "torch": torch.__version__},
                "command": "python benchmarks/prune_timing.py",
@@ -61,13 +71,16 @@ def main() -> None:
                              "reported; 'fit' includes the two MAC-counting forward passes that run before the MP "
                              "fits; the last entry is MAC assignment, compliance checks and writing the artifact",
                "models": {}}
-    for name in MODELS:
-        out = subprocess.run([sys.executable, "-c", CHILD, name], capture_output=True, text=True, check=True)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    for name, shape in models.items():
+        out = subprocess.run([sys.executable, "-c", CHILD, name, *([shape] if shape else [])], capture_output=True,
+                             text=True, check=True, env=env)
         results["models"][name] = json.loads(out.stdout.strip().splitlines()[-1])
         print(name, results["models"][name])
     results["machine"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

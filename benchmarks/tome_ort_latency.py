@@ -98,7 +98,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reps-large", type=int, default=10, help="timed repetitions per variant at batch > 1")
     ap.add_argument("--exporter", choices=["legacy", "dynamo"], default="legacy")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--smoke", action="store_true", help="vit_tiny, r=8, batch 1, two reps (a test runs it)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.model, args.r, args.batches, args.warmup, args.reps, args.reps_large = "vit_tiny_patch16_224", [8], [1], 1, 2, 1
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     torch.manual_seed(0)

@@ -99,7 +99,7 @@ def bench_model(name: str, shape, args, work: Path) -> dict:
 
     from mpdeploy.backends.base import BuildConfig, BuildInputs
     from mpdeploy.backends.torch_sparse import TorchSparseBackend, plan_conversion
-    from mpdeploy.prune import load_pruned
+    from mpdeploy.weights import load_pruned
 
     pruned = prune_model(name, shape, work / name)
     art = load_pruned(pruned, "sparse")
@@ -168,7 +168,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--calls", type=int, default=5, help="back-to-back timed calls per engine per round")
     ap.add_argument("--dry-run", action="store_true", help="no GPU needed: build, prune, list what would convert")
     ap.add_argument("--out", type=Path, default=None, help=f"results JSON (default {RESULTS}; none for --dry-run)")
+    ap.add_argument("--smoke", action="store_true", help="--dry-run on timm's test_vit at 3x32x32 (a test runs it)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.models, args.dry_run = "test_vit", True
+        MODELS.setdefault("test_vit", (3, 32, 32))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from mpdeploy.backends.torch_sparse import TorchSparseBackend

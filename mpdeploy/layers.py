@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -78,10 +78,6 @@ def skip_reason(layer: LayerInfo, pattern: NM, include_head: bool = False) -> st
     if layer.reduction % pattern.m:
         return f"reduction dimension {layer.reduction} is not a multiple of M={pattern.m}"
     return None
-
-
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
 
 
 def _is_attention(module: nn.Module) -> bool:
@@ -194,8 +190,3 @@ def capture_inputs(
         for h in handles:
             h.remove()
     return count
-
-
-def iter_weights(model: nn.Module, layers: Iterable[LayerInfo]) -> Iterator[tuple[LayerInfo, nn.Parameter]]:
-    for layer in layers:
-        yield layer, model.get_submodule(layer.name).weight

@@ -88,11 +88,6 @@ def from_reduction_view(matrix: torch.Tensor, shape: torch.Size | tuple[int, ...
     raise MpdeployError(f"cannot restore a {len(shape)}-D weight from its reduction view")
 
 
-def reduction_size(weight_shape: tuple[int, ...]) -> int:
-    """Length of the reduction dimension along which N:M groups run."""
-    return int(weight_shape[1])
-
-
 def nm_mask_2d(saliency: torch.Tensor, pattern: NM) -> torch.Tensor:
     """Boolean mask [rows, K] keeping the `n` most salient of each `m` consecutive columns.
 

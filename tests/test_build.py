@@ -30,7 +30,8 @@ def _mtimes(folder: Path) -> dict[str, int]:
     return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
 
-def _check_engine_folder(root: Path, variants: tuple[str, ...], chw: list[int], classes: int) -> dict:
+def _check_engine_folder(root: Path, variants: tuple[str, ...], chw: list[int], classes: int,
+                         weights: str = "pruned") -> dict:
     """The engine contract ship.py and audit.py read."""
     from mpdeploy.export import check_trt_sparsity
 
@@ -42,8 +43,9 @@ def _check_engine_folder(root: Path, variants: tuple[str, ...], chw: list[int], 
     assert manifest["io"] == {"inputs": [{"name": "input", "dtype": "float32", "shape": [-1, *chw]}],
                               "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, classes]}]}
     assert manifest["device"]["gpu"] is None and manifest["device"]["tensorrt_version"] is None
-    assert manifest["sources"] == {"onnx_sha256": artifacts.manifest_hash(root / "onnx"),
-                                   "pruned_manifest_sha256": artifacts.manifest_hash(root / "pruned")}
+    assert manifest["sources"] == {
+        "onnx": {"path": "../onnx", "manifest_sha256": artifacts.manifest_hash(root / "onnx")},
+        "weights": {"path": f"../{weights}", "manifest_sha256": artifacts.manifest_hash(root / weights)}}
     for rel, digest in manifest["file_sha256"].items():
         assert artifacts.sha256_file(engine / rel) == digest
     assert set(manifest["variants"].values()) <= set(manifest["file_sha256"])
@@ -116,7 +118,8 @@ def test_dense_only_then_sparse_then_force(vit_root, capsys):
 
 
 def test_changed_engine_file_is_rebuilt(vit_root, tmp_path):
-    from mpdeploy.build import engine_is_complete
+    def engine_is_complete(folder, config_hash, inputs):  # the one reuse rule, for engines
+        return artifacts.is_complete(folder, "engine", config_hash, inputs)
 
     if not (vit_root / "engine-ort" / "sparse.onnx").exists():
         pytest.skip("needs test_dense_only_then_sparse_then_force first")
@@ -237,7 +240,7 @@ def test_default_model_digits_vit(tmp_path, capsys, monkeypatch):
     root = tmp_path / "engines" / "digits_vit"
     assert cli_main(["build", "--sparse", "--backend", "ort", "--out", str(root), "--threads", "2"]) == 0
     chw = artifacts.read_manifest(root / "pruned", "pruned")["model"]["input_shape"]
-    _check_engine_folder(root, ("sparse", "dense"), chw, 10)
+    _check_engine_folder(root, ("sparse", "dense"), chw, 10, weights="distilled")
     stages = _stages(root)
     # The default runs the whole method: digits calibration, 3 epochs of distillation, a passing audit.
     assert stages["distill"] == "built" and stages["audit"] == "built"

@@ -1,6 +1,6 @@
 """One verifiable chain: model -> pruned -> distilled -> onnx -> engine -> audit -> ship.
 
-One small build (zoo:digits_vit, ort, fp32, one distillation epoch) is made once; every test works on
+One small build (timm:test_resnet, ort, fp32, one distillation epoch) is made once; every test works on
 it or on a copy it tampers with.
 """
 
@@ -20,6 +20,8 @@ from mpdeploy import artifacts
 from mpdeploy.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
+# timm's tiny test_resnet, random init (seeded), 10 classes: seconds per stage, no zoo training needed.
+MODEL_ARGS = ["timm:test_resnet", "--weights", "random", "--input-shape", "3,32,32", "--num-classes", "10"]
 BUILD_ARGS = ["--sparse", "--backend", "ort", "--precision", "fp32", "--threads", "1", "--distill-epochs", "1",
               "--calib", "digits", "--calib-batches", "2", "--batch-sizes", "1,4", "--max-eval-images", "64",
               "--warmup", "1", "--repeats", "2", "--sensitivity-batch", "8", "--no-plots", "--max-top1-drop", "1.0"]
@@ -27,11 +29,8 @@ BUILD_ARGS = ["--sparse", "--backend", "ort", "--precision", "fp32", "--threads"
 
 @pytest.fixture(scope="module")
 def chain_root(tmp_path_factory) -> Path:
-    from mpdeploy.zoo import ZOO_ROOT_ENV
-
-    os.environ.setdefault(ZOO_ROOT_ENV, str(REPO / "engines" / "_zoo"))
     root = tmp_path_factory.mktemp("chain") / "vit"
-    assert cli_main(["-q", "build", "zoo:digits_vit", *BUILD_ARGS, "--out", str(root)]) == 0
+    assert cli_main(["-q", "build", *MODEL_ARGS, *BUILD_ARGS, "--out", str(root)]) == 0
     return root
 
 
@@ -72,7 +71,7 @@ def test_audit_compares_the_engine_with_the_distilled_weights(chain_root):
 
 
 def test_rerun_reuses_every_stage(chain_root):
-    assert cli_main(["-q", "build", "zoo:digits_vit", *BUILD_ARGS, "--out", str(chain_root)]) == 0
+    assert cli_main(["-q", "build", *MODEL_ARGS, *BUILD_ARGS, "--out", str(chain_root)]) == 0
     summary = json.loads((chain_root / "build_summary.json").read_text())
     assert {s["stage"]: s["status"] for s in summary["stages"]} == {
         "prune": "reused", "distill": "reused", "export": "reused", "build": "reused", "audit": "reused"}
@@ -155,10 +154,10 @@ def test_out_on_a_users_folder_exits_2_and_keeps_the_file(chain_root, tmp_path, 
     mine.mkdir()
     (mine / "thesis.tex").write_text("precious")
     argv = {
-        "prune": ["prune", "zoo:digits_vit", "--out", str(mine)],
+        "prune": ["prune", *MODEL_ARGS, "--out", str(mine)],
         "export": ["export", str(chain_root / "pruned"), "--out", str(mine)],
         "distill": ["distill", str(chain_root / "pruned"), "--epochs", "1", "--out", str(mine)],
-        "build": ["build", "zoo:digits_vit", "--backend", "ort", "--no-audit", "--out", str(mine)],
+        "build": ["build", *MODEL_ARGS, "--backend", "ort", "--no-audit", "--out", str(mine)],
         "engine": ["engine", str(chain_root / "onnx"), "--backend", "ort", "--out", str(mine)],
     }[command]
     line = _one_error_line(capsys, cli_main(argv))

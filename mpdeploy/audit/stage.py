@@ -158,7 +158,15 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
     runners = {}
     try:
         for variant in ("dense", "sparse"):
-            runners[variant] = backend.load(files[variant], runner_config)
+            try:
+                runners[variant] = backend.load(files[variant], runner_config)
+            except MpdeployError:
+                raise
+            except Exception as exc:  # a corrupt engine file the manifest was made to match: one line
+                first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+                raise MpdeployError(f"{files[variant]} cannot be loaded by {backend_name} ({type(exc).__name__}: "
+                                    f"{first}); the engine file is corrupt: rebuild it with mpdeploy engine "
+                                    "or mpdeploy build --force") from None
         runtime = dict(backend.device_info() or {})
         host = host_info()
         batch_sizes = list(config.batch_sizes)
