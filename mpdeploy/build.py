@@ -125,7 +125,7 @@ def _check_root(root: Path) -> None:
         raise MpdeployError(f"--out {root} is a file; pass a folder (e.g. engines/<name>)")
     if not root.is_dir():
         return
-    ours = {"pruned", "distilled", "onnx", "audit", SUMMARY_FILE}
+    ours = {"pruned", "distilled", "onnx", "audit", "analyze", SUMMARY_FILE}
     foreign = [p.name for p in root.iterdir() if not p.name.startswith(".") and p.name not in ours
                and not p.name.startswith("engine-")]
     if foreign:
