@@ -9,11 +9,7 @@ re-run would take as finished.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as _dt
-import enum
-import errno
-import glob
 import hashlib
 import json
 import logging
@@ -26,6 +22,20 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from mpdeploy.atomic import (  # noqa: F401  (re-exported: the old import path of these helpers)
+    atomic_write_bytes,
+    atomic_write_text,
+    check_target,
+    clean_stale_temps,
+    disk_full,
+    json_default,
+    normal_modes,
+    os_error_message,
+    read_json,
+    swap_into_place,
+    translate_os_errors,
+    write_json,
+)
 from mpdeploy.errors import MpdeployError
 
 logger = logging.getLogger(__name__)
@@ -54,136 +64,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
-
-
-def _json_default(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if hasattr(obj, "tolist"):  # numpy scalars / arrays
-        return obj.tolist()
-    if hasattr(obj, "__str__"):
-        return str(obj)
-    raise TypeError(f"not JSON serializable: {type(obj)!r}")
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=json_default).encode()).hexdigest()
 
 
 def to_jsonable(obj: Any) -> Any:
     """Round-trip through JSON so configs with Paths / dataclasses / patterns become plain data."""
-    return json.loads(json.dumps(obj, default=_json_default))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _normal_modes(root: Path) -> None:
-    """Give `root` and everything in it the usual modes (0644 / 0755 under umask 022).
-
-    Writers that use mkstemp-style temporaries (safetensors) leave files at 0600, unreadable by the
-    other users of a shared engine or model repository."""
-    mask = _umask()
-    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
-    for p in paths:
-        if p.is_symlink():
-            continue
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
-
-
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def disk_full(exc: BaseException) -> bool:
-    """True for ENOSPC / EDQUOT, also when a library (safetensors) wraps it in its own exception."""
-    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
-        return True
-    text = str(exc)
-    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
-
-
-def os_error_message(exc: OSError, path: Path | str) -> str | None:
-    """One line for the OSErrors a hostile --out / full disk gives, or None for other errors."""
-    if disk_full(exc):
-        return f"disk full while writing {path}; free space there or choose another --out (nothing was kept)"
-    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
-        return f"path too long: {str(path)[:80]}...; choose a shorter --out (each name under 255 bytes)"
-    return None
-
-
-def _translate_os_errors(path: Path):
-    """Context manager turning disk-full / name-too-long errors into one-line MpdeployErrors."""
-    @contextlib.contextmanager
-    def wrapper():
-        try:
-            yield
-        except MpdeployError:
-            raise
-        except Exception as exc:
-            message = os_error_message(exc, path) if isinstance(exc, OSError) or disk_full(exc) else None
-            if message is None:
-                raise
-            raise MpdeployError(message) from None
-
-    return wrapper()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with _translate_os_errors(path):
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def read_json(path: Path, what: str = "file") -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise MpdeployError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MpdeployError(f"{what} {path} is not valid JSON ({exc}); re-create it") from None
-
-
-def _check_target(target: Path) -> None:
-    if target.name in ("", ".", ".."):
-        raise MpdeployError(f"output path {str(target)!r} names no folder; pass a new folder name, e.g. --out engines/x")
-    parent = target.parent
-    try:
-        with _translate_os_errors(target):
-            parent.mkdir(parents=True, exist_ok=True)
-            target.exists()
-    except (FileExistsError, NotADirectoryError):
-        raise MpdeployError(f"cannot create {target}: {parent} is a file; choose another --out") from None
-    except PermissionError:
-        raise MpdeployError(f"cannot create {target}: no permission to write in {parent}; choose another --out") from None
-    if not os.access(parent, os.W_OK):
-        raise MpdeployError(f"cannot write to {parent}; choose another --out or fix its permissions")
-    if target.exists() and not target.is_dir():
-        raise MpdeployError(f"output path {target} exists and is a file; remove it or choose another --out")
-
-
-_check_parent_writable = _check_target  # old name
+    return json.loads(json.dumps(obj, default=json_default))
 
 
 def check_replaceable(target: Path, kind: str | None = None) -> None:
@@ -209,45 +95,6 @@ def check_replaceable(target: Path, kind: str | None = None) -> None:
                             "(nothing was deleted): choose another --out")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
-_TEMP_RE = r"\.{name}\.(?:tmp|old)-(\d+)-"
-
-
-def clean_stale_temps(target: Path) -> list[Path]:
-    """Remove `.<name>.tmp-<pid>-*` (and `.old-<pid>-*`) beside `target` whose process no longer runs (kill -9).
-
-    Temporaries of a live process (a concurrent run) are left alone."""
-    target = Path(target)
-    removed: list[Path] = []
-    if not target.name or not target.parent.is_dir():
-        return removed
-    pattern = re.compile(_TEMP_RE.format(name=re.escape(target.name)))
-    for tmp in target.parent.glob(f".{glob.escape(target.name)}.*-*"):
-        match = pattern.match(tmp.name)
-        if not match:
-            continue
-        pid = int(match.group(1))
-        if pid != os.getpid() and not _pid_alive(pid):
-            if tmp.is_dir() and not tmp.is_symlink():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-    if removed:
-        logger.info("removed %d unfinished %s temporar%s from an interrupted run", len(removed), target.name,
-                    "y" if len(removed) == 1 else "ies")
-    return removed
-
-
 @contextlib.contextmanager
 def atomic_dir(target: Path, overwrite: bool = True, kind: str | None = None,
                replace_any: bool = False) -> Iterator[Path]:
@@ -260,7 +107,7 @@ def atomic_dir(target: Path, overwrite: bool = True, kind: str | None = None,
     name becomes a one-line MpdeployError.
     """
     target = Path(target)
-    _check_target(target)
+    check_target(target)
     if target.exists() and not overwrite:
         raise MpdeployError(f"{target} already exists; remove it or pass --force")
     if not replace_any:
@@ -268,17 +115,11 @@ def atomic_dir(target: Path, overwrite: bool = True, kind: str | None = None,
     clean_stale_temps(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        with _translate_os_errors(target):
+        with translate_os_errors(target):
             tmp.mkdir()
             yield tmp
-            _normal_modes(tmp)
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
+            normal_modes(tmp)
+            swap_into_place(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -330,8 +171,8 @@ def write_manifest(
 
     `sources` maps a role ("weights", "onnx", "engine", ...) to the input artifact folder; each is
     recorded relative to `target` (where `folder`, a temporary, will be renamed to) with its manifest
-    hash, so a reader can follow the chain and refuse a source that changed. Their manifest hashes
-    also enter `inputs` (the reuse key) as `<role>_manifest`."""
+    hash, so a reader can follow the chain and refuse a source that changed (and the reuse rule can
+    compare them). The manifest also carries the hash of its own content (`self_sha256`)."""
     folder = Path(folder)
     files = {
         p.relative_to(folder).as_posix(): sha256_file(p)
@@ -340,9 +181,6 @@ def write_manifest(
     }
     where = _final_location(folder, target)
     recorded = {role: source_record(where, Path(src)) for role, src in (sources or {}).items()}
-    all_inputs = dict(inputs or {})
-    for role, rec in recorded.items():
-        all_inputs.setdefault(f"{role}_manifest", rec["manifest_sha256"])
     manifest = {
         "schema": f"mpdeploy.{kind}/{SCHEMA_VERSION}",
         "kind": kind,
@@ -350,7 +188,7 @@ def write_manifest(
         "tool_versions": tool_versions(),
         "config": to_jsonable(config),
         "config_hash": config_hash(config),
-        "inputs": all_inputs,
+        "inputs": dict(inputs or {}),
         "sources": recorded,
         "files": files,
     }
@@ -358,8 +196,16 @@ def write_manifest(
     if clash:  # a stage overwriting e.g. `files` would silently disable hash verification
         raise ValueError(f"manifest extra keys {clash} are reserved by write_manifest")
     manifest.update(to_jsonable(dict(extra or {})))
+    manifest[SELF_HASH] = _self_hash(manifest)
     write_json(folder / MANIFEST, manifest)
     return manifest
+
+
+SELF_HASH = "self_sha256"  # hash of the manifest's own content: an edited manifest.json is caught
+
+
+def _self_hash(manifest: Mapping[str, Any]) -> str:
+    return sha256_json({k: v for k, v in manifest.items() if k != SELF_HASH})
 
 
 def _final_location(folder: Path, target: Path | None) -> Path:
@@ -395,9 +241,18 @@ def read_manifest(folder: Path, kind: str, verify: bool = True) -> dict[str, Any
     if not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("sources", {}), dict):
         raise MpdeployError(f"{folder}/manifest.json is damaged (no files table); re-create the artifact")
     if verify:
+        verify_self(folder, manifest)
         verify_files(folder, manifest)
         verify_sources(folder, manifest)
     return manifest
+
+
+def verify_self(folder: Path, manifest: Mapping[str, Any]) -> None:
+    """An edited manifest.json (a field changed by hand) no longer matches its own hash. Manifests
+    written before the hash existed carry none and are checked by their files and sources only."""
+    if SELF_HASH in manifest and manifest[SELF_HASH] != _self_hash(manifest):
+        raise MpdeployError(f"{folder}/manifest.json was edited after it was written (its content hash does not "
+                            "match); re-create the artifact")
 
 
 def verify_files(folder: Path, manifest: Mapping[str, Any]) -> None:
@@ -435,6 +290,7 @@ def verify_sources(folder: Path, manifest: Mapping[str, Any], _seen: frozenset[P
             raise MpdeployError(f"{folder}: its {role} source {src} changed after it was made from it; "
                                 "re-run the stages from there")
         src_manifest = read_json(src / MANIFEST, what=f"{role} manifest")
+        verify_self(src, src_manifest)
         verify_files(src, src_manifest)
         verify_sources(src, src_manifest, _seen | {here})
 
@@ -446,16 +302,18 @@ def manifest_hash(folder: Path) -> str:
 def is_complete(folder: Path, kind: str, config_hash: str, inputs: Mapping[str, str],
                 sources: Mapping[str, Path] | None = None) -> bool:
     """THE reuse rule: `folder` is a verified artifact (files, no extras, sources) of `kind` made from the
-    same config hash and the same input hashes (input manifests, model content, device)."""
-    inputs = dict(inputs)
-    for role, src in (sources or {}).items():
-        if not (Path(src) / MANIFEST).is_file():
-            return False
-        inputs.setdefault(f"{role}_manifest", manifest_hash(src))
+    same config hash, the same input hashes (model content, device, ...) and the same `sources`."""
     try:
         manifest = read_manifest(folder, kind, verify=True)
     except MpdeployError:
         return False
     if manifest.get("kind") != kind:
         return False
+    recorded = manifest.get("sources") or {}
+    if set(recorded) != set(sources or {}):
+        return False
+    for role, src in (sources or {}).items():  # the same folders, unchanged
+        here = (Path(folder) / recorded[role]["path"]).resolve()
+        if here != Path(src).resolve() or recorded[role].get("manifest_sha256") != manifest_hash(src):
+            return False
     return manifest.get("config_hash") == config_hash and manifest.get("inputs") == dict(inputs)

@@ -107,7 +107,7 @@ def export_stage(export_config, weights: Path, folder: Path, force: bool, progre
 def audit_stage(engine_dir: Path, audit_config, runtime, force: bool, progress) -> StageResult:
     """Audit `engine_dir` into `audit/` beside it; reused when engine, weights and config are the same."""
     from mpdeploy.audit import audit
-    from mpdeploy.audit.stage import audit_sources
+    from mpdeploy.audit.stage import audit_inputs, audit_sources
     from mpdeploy.kinds import EngineFolder
 
     engine = EngineFolder.open(engine_dir)
@@ -118,7 +118,8 @@ def audit_stage(engine_dir: Path, audit_config, runtime, force: bool, progress) 
         step("audit", 0, 1)
         audit(root, audit_config, progress=step, runtime=runtime)
 
-    result = run_stage("audit", root / "audit", "audit", asdict(audit_config), make, force=force, sources=sources)
+    result = run_stage("audit", root / "audit", "audit", asdict(audit_config), make, force=force,
+                       inputs=audit_inputs(engine), sources=sources)
     step("audit", 1, 1)
     data = artifacts.read_json(result.path / "audit.json", what="audit")
     result.details = {"passed": data.get("passed"), "failures": data.get("failures") or [],

@@ -124,14 +124,13 @@ def _write_engine(root: Path, sparse: torch.nn.Module, dense: torch.nn.Module, s
     _export(sparse, shape, ed / "sparse.onnx")
     _export(dense, shape, ed / "dense.onnx")
     (ed / "build_report.json").write_text("{}")
-    artifacts.write_manifest(ed, "engine", {}, extra={
+    artifacts.write_manifest(ed, "engine", {}, sources={"weights": root / "pruned"}, extra={
         "backend": "ort",
         "precision": "fp32",
         "variants": {"sparse": "sparse.onnx", "dense": "dense.onnx"},
         "io": {"inputs": [{"name": "input", "dtype": "float32", "shape": [-1, *shape]}],
                "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, classes]}]},
         "device": {"name": "cpu", "gpu": None, "tensorrt_version": None},
-        "sources": {"pruned_manifest_sha256": artifacts.manifest_hash(root / "pruned")},
         "file_sha256": {f: artifacts.sha256_file(ed / f) for f in ("sparse.onnx", "dense.onnx")},
     })
 
@@ -417,7 +416,7 @@ def test_modified_engine_file_is_bad_input(base_root, tmp_path):
     shutil.copytree(base_root, root, ignore=shutil.ignore_patterns("audit"))
     with open(root / "engine-ort" / "sparse.onnx", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(MpdeployError, match="does not match the sha256"):
+    with pytest.raises(MpdeployError, match="does not match the (sha256|hash)"):
         audit(root, AuditConfig(plots=False))
     (root / "engine-ort" / "dense.onnx").unlink()
     with pytest.raises(MpdeployError, match="missing"):

@@ -52,7 +52,8 @@ def test_audit_compares_the_engine_with_the_distilled_weights(chain_root):
     audit = artifacts.read_manifest(chain_root / "audit", "audit")
     assert audit["sources"]["weights"]["path"] == "../distilled"
     assert audit["sources"]["engine"]["path"] == "../engine-ort"
-    assert audit["inputs"]["weights_manifest"] == artifacts.manifest_hash(chain_root / "distilled")
+    assert audit["inputs"]["pruned_manifest"] == artifacts.manifest_hash(chain_root / "distilled")
+    assert audit["sources"]["weights"]["manifest_sha256"] == artifacts.manifest_hash(chain_root / "distilled")
     result = json.loads((chain_root / "audit" / "audit.json").read_text())
     reference = result["engine_vs_pytorch"]
     assert reference["weights"] == "distilled"

@@ -25,6 +25,7 @@ pytest.importorskip("sklearn")
 from safetensors.torch import load_file  # noqa: E402
 
 import mpdeploy.distill as distill_mod  # noqa: E402
+from mpdeploy import artifacts  # noqa: E402
 from mpdeploy.distill import DistillConfig, _state_hash, distill, kd_loss  # noqa: E402
 from mpdeploy.models import LoadedModel  # noqa: E402
 from mpdeploy.patterns import NM, is_nm_compliant  # noqa: E402
@@ -142,7 +143,10 @@ def test_masks_unchanged_exactly(pruned, tmp_path):
     assert [e["epoch"] for e in record["epochs"]] == [1]
     assert record["teacher"]["kind"] == "artifact" and record["top1_after"] is not None
     assert record["config"]["resolved"]["optimizer"] == "adamw"
-    assert after.manifest["config_hash"] == before.manifest["config_hash"]  # still the same prune output
+    # Its own artifact kind, made from exactly this prune output (the input's config stays in the input).
+    assert after.manifest["kind"] == "distilled" and before.manifest["kind"] == "pruned"
+    assert after.manifest["sources"]["pruned"]["manifest_sha256"] == artifacts.manifest_hash(pruned)
+    assert after.manifest["layers"] == before.manifest["layers"]
     assert not (tmp_path / ".distill-ckpt-distilled").exists()  # checkpoint removed after success
 
 
@@ -242,7 +246,8 @@ def test_torchrun_two_processes_identical_weights(pruned_cnn, tmp_path):
     ranks = [json.loads((dump / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["state_sha256"] == ranks[1]["state_sha256"]
-    out = load_pruned(art)  # replaced in place (no --out), hashes verified
+    distilled = tmp_path / "distilled"  # no --out: distilled/ beside the input, never the input itself
+    out = load_pruned(distilled)  # hashes and the chain back to the input verified
     assert _state_hash(out.model.state_dict()) == ranks[1]["state_sha256"]  # BatchNorm buffers included
     record = out.manifest["distill"]
     resolved = record["config"]["resolved"]
@@ -251,7 +256,8 @@ def test_torchrun_two_processes_identical_weights(pruned_cnn, tmp_path):
     for name, mask in out.masks.items():
         w = dict(out.model.named_parameters())[name].detach()
         assert torch.equal(w == 0, ~mask) and is_nm_compliant(w, NM(2, 4))
-    assert out.masks and (art / "masks.safetensors").read_bytes() == (pruned_cnn / "masks.safetensors").read_bytes()
+    assert out.masks and (distilled / "masks.safetensors").read_bytes() == (pruned_cnn / "masks.safetensors").read_bytes()
+    assert (art / "model.safetensors").read_bytes() == (pruned_cnn / "model.safetensors").read_bytes()
     assert not any(p.name.startswith(".distill-ckpt") for p in tmp_path.iterdir())
 
 
@@ -282,11 +288,13 @@ def test_cli_bad_input_exits_2(pruned, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_replaces_artifact_in_place(pruned, tmp_path, monkeypatch, capsys):
+def test_cli_writes_distilled_beside_the_input(pruned, tmp_path, monkeypatch, capsys):
     art = _copy(pruned, tmp_path / "pruned")
+    input_manifest = (art / "manifest.json").read_bytes()
     assert _cli(["distill", str(art), "--epochs", "1", "--lr", "1e-3"], monkeypatch) == 0
     assert "top-1" in capsys.readouterr().out
-    manifest = json.loads((art / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "distilled" / "manifest.json").read_text())
     assert manifest["distill"]["epochs"][0]["epoch"] == 1
-    assert (art / "model.safetensors").read_bytes() != (pruned / "model.safetensors").read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # no temp or checkpoint folders left
+    assert (tmp_path / "distilled" / "model.safetensors").read_bytes() != (pruned / "model.safetensors").read_bytes()
+    assert (art / "manifest.json").read_bytes() == input_manifest  # the input is never rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["distilled", "pruned"]  # no temp or checkpoint left

@@ -102,6 +102,15 @@ def audit_sources(engine: EngineFolder) -> dict[str, Path]:
     return sources
 
 
+def audit_inputs(engine: EngineFolder) -> dict[str, str]:
+    """The audit's reuse inputs: the engine's manifest hash and its weights' (when it records them)."""
+    inputs = {"engine_manifest": artifacts.manifest_hash(engine.path)}
+    weights = engine.source_path("weights")
+    if weights is not None:
+        inputs["pruned_manifest"] = artifacts.manifest_hash(weights)
+    return inputs
+
+
 def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = None, runtime=None) -> Path:
     """Audit `engine_root/engine-<backend>/` (sparse vs dense) and write `engine_root/audit/`. Returns its path.
 
@@ -413,7 +422,8 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
         result["seconds"] = round(time.perf_counter() - t_start, 2)
         artifacts.write_json(tmp / "audit.json", result)
         artifacts.atomic_write_text(tmp / "audit.md", render_markdown(result, engine_root))
-        artifacts.write_manifest(tmp, KIND, config, sources=audit_sources(engine), target=out,
+        artifacts.write_manifest(tmp, KIND, config, inputs=audit_inputs(engine), sources=audit_sources(engine),
+                                 target=out,
                                  extra={"backend": backend_name, "passed": not failures})
     logger.info("audit of %s: %s -> %s", engine_root, "PASS" if not failures else "FAIL", out)
     return out
