@@ -222,3 +222,24 @@ def _mpdeploy_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.Import):
             names.update(a.name for a in node.names if a.name.startswith("mpdeploy"))
     return names
+
+
+def test_recorded_runtime_options_reach_the_audit_runners(chain_root, tmp_path, monkeypatch):
+    from mpdeploy.backends.ort import OrtBackend
+
+    seen = []
+    original = OrtBackend.load
+
+    def load(self, engine_path, config):
+        seen.append((Path(engine_path).name, config.threads, dict(config.backend_options)))
+        return original(self, engine_path, config)
+
+    monkeypatch.setattr(OrtBackend, "load", load)
+    root = _copy(chain_root, tmp_path)
+    argv = ["-q", "audit", str(root), "--backend", "ort", "--max-eval-images", "8", "--repeats", "1", "--no-plots",
+            "--sensitivity-batch", "0", "--batch-sizes", "1,4"]
+    assert cli_main(argv) == 0
+    assert sorted(s[:2] for s in seen) == [("dense.onnx", 1), ("sparse.onnx", 1)]  # recorded at build time
+    seen.clear()
+    assert cli_main([*argv, "--threads", "2"]) == 0
+    assert {s[1] for s in seen} == {2}  # --threads overrides what was recorded

@@ -53,12 +53,16 @@ def add_engine_options(g) -> None:
                    help="torch backend: run 2:4 1x1 convs as sparse Linear (default large: >= 256 channels)")
     g.add_argument("--ort-optimization", default=None, choices=["basic", "none"],
                    help="ort backend: offline optimization saved as the engine (default basic)")
+    g.add_argument("--ort-providers", default=None, choices=["auto", "cpu"],
+                   help="ort backend: execution providers at run time, recorded with the engine and used by the "
+                        "audit (default auto: TensorRT EP > CUDA EP > CPU)")
 
 
 def build_config_from_args(args: argparse.Namespace, calib: str | None = None):
     from mpdeploy.backends.base import BuildConfig
 
-    options = {"kernel": args.torch_kernel, "conv1x1": args.conv1x1, "optimization": args.ort_optimization}
+    options = {"kernel": args.torch_kernel, "conv1x1": args.conv1x1, "optimization": args.ort_optimization,
+               "providers": args.ort_providers}
     return BuildConfig(
         precision=args.precision,
         batch_sizes=parse_batch_sizes(args.batch_sizes),
