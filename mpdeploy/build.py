@@ -29,7 +29,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from mpdeploy import artifacts
 from mpdeploy.artifacts import clean_stale_temps  # noqa: F401  (old import path)

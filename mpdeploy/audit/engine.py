@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from mpdeploy import artifacts
 from mpdeploy.backends import base as backends
 from mpdeploy.errors import MpdeployError
 
