@@ -266,7 +266,8 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
             if reference[which]["relative"] > FP32_REL_TOLERANCE:
                 warnings.append(f"the {which} engine differs from the PyTorch model of its weights source "
                                 f"{pruned_dir.name}/ by {reference[which]['max_abs_diff']:.3g} (relative "
-                                f"{reference[which]['relative']:.2g}) at fp32: it does not compute these weights")
+                                f"{reference[which]['relative']:.2g}) at fp32: it may not have been built from this "
+                                f"{pruned_dir.name}/ artifact, its recorded weights source")
 
     lap("pytorch_reference_s")
     # --- weights
