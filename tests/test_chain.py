@@ -237,7 +237,7 @@ def test_recorded_runtime_options_reach_the_audit_runners(chain_root, tmp_path, 
     monkeypatch.setattr(OrtBackend, "load", load)
     root = _copy(chain_root, tmp_path)
     argv = ["-q", "audit", str(root), "--backend", "ort", "--max-eval-images", "8", "--repeats", "1", "--no-plots",
-            "--sensitivity-batch", "0", "--batch-sizes", "1,4"]
+            "--sensitivity-batch", "0", "--batch-sizes", "1,4", "--max-top1-drop", "1.0"]
     assert cli_main(argv) == 0
     assert sorted(s[:2] for s in seen) == [("dense.onnx", 1), ("sparse.onnx", 1)]  # recorded at build time
     seen.clear()
