@@ -304,6 +304,8 @@ def prune(loaded: LoadedModel, config: PruneConfig, out_dir: Path, progress: Pro
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
+    artifacts.check_target(out_dir)  # a bad --out fails before the work, not after it
+    artifacts.check_replaceable(out_dir, KIND)
     result = prune_model(loaded, config, progress)
     dense_state = result.extra.pop("dense_state")
     with artifacts.atomic_dir(out_dir, kind=KIND) as tmp:
