@@ -119,7 +119,9 @@ def test_dense_only_then_sparse_then_force(vit_root, capsys):
 
 def test_changed_engine_file_is_rebuilt(vit_root, tmp_path):
     def engine_is_complete(folder, config_hash, inputs):  # the one reuse rule, for engines
-        return artifacts.is_complete(folder, "engine", config_hash, inputs)
+        root = Path(folder).parent
+        return artifacts.is_complete(folder, "engine", config_hash, inputs,
+                                     sources={"onnx": root / "onnx", "weights": root / "pruned"})
 
     if not (vit_root / "engine-ort" / "sparse.onnx").exists():
         pytest.skip("needs test_dense_only_then_sparse_then_force first")
