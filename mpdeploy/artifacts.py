@@ -241,8 +241,8 @@ def read_manifest(folder: Path, kind: str, verify: bool = True) -> dict[str, Any
     if not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("sources", {}), dict):
         raise MpdeployError(f"{folder}/manifest.json is damaged (no files table); re-create the artifact")
     if verify:
+        verify_files(folder, manifest)  # first: a changed file is named, whatever else was edited
         verify_self(folder, manifest)
-        verify_files(folder, manifest)
         verify_sources(folder, manifest)
     return manifest
 
@@ -290,8 +290,8 @@ def verify_sources(folder: Path, manifest: Mapping[str, Any], _seen: frozenset[P
             raise MpdeployError(f"{folder}: its {role} source {src} changed after it was made from it; "
                                 "re-run the stages from there")
         src_manifest = read_json(src / MANIFEST, what=f"{role} manifest")
-        verify_self(src, src_manifest)
         verify_files(src, src_manifest)
+        verify_self(src, src_manifest)
         verify_sources(src, src_manifest, _seen | {here})
 
 
