@@ -183,16 +183,19 @@ def _wait_for_temp(folder: Path, name: str, proc: subprocess.Popen, limit: float
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
-@pytest.mark.parametrize("stage", ["engine", "audit"])
+@pytest.mark.parametrize("stage", ["export", "engine", "audit"])
 def test_signal_during_a_stage_then_rerun(copy, tmp_path, sig, stage):
-    if stage == "engine":
+    if stage == "export":
+        argv = ["export", str(copy / "pruned"), "--out", str(copy / "onnx")]
+        name = "onnx"
+    elif stage == "engine":
         argv = ["engine", str(copy / "onnx"), "--backend", "ort", "--precision", "fp32", "--force"]
         name = "engine-ort"
     else:  # many timing rounds so the kill lands inside the audit
         argv = ["audit", str(copy), *AUDIT[:-2], "--batch-sizes", "1,4", "--repeats", "400"]
         name = "audit"
     proc = _run(argv)
-    if stage == "engine":
+    if stage != "audit":
         landed = _wait_for_temp(copy, name, proc)
     else:  # the audit's temporary folder exists only while it writes: signal it while it measures
         time.sleep(8)
@@ -206,11 +209,11 @@ def test_signal_during_a_stage_then_rerun(copy, tmp_path, sig, stage):
         assert proc.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert no_temps(copy)
     # Whatever the signal left, the folder is not accepted half-made, and a re-run succeeds and cleans up.
-    rerun = _run(argv if stage == "engine" else [*argv[:-2], "--repeats", "1"])
+    rerun = _run(argv if stage != "audit" else [*argv[:-2], "--repeats", "1"])
     out, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err
     assert no_temps(copy)
-    artifacts.read_manifest(copy / name, "engine" if stage == "engine" else "audit")
+    artifacts.read_manifest(copy / name, {"export": "onnx", "engine": "engine", "audit": "audit"}[stage])
 
 
 def test_two_engine_builds_into_one_out(copy, tmp_path):
