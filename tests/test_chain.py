@@ -243,3 +243,14 @@ def test_recorded_runtime_options_reach_the_audit_runners(chain_root, tmp_path, 
     seen.clear()
     assert cli_main([*argv, "--threads", "2"]) == 0
     assert {s[1] for s in seen} == {2}  # --threads overrides what was recorded
+
+
+def test_ship_accepts_the_verified_chain(chain_root, tmp_path, capsys):
+    root = _copy(chain_root, tmp_path)
+    assert cli_main(["-q", "ship", str(root), "--repo", str(tmp_path / "repo"), "--max-batch-size", "4"]) == 0
+    assert any((tmp_path / "repo").rglob("*.onnx"))
+    # The same audit after the engine was rebuilt from other options no longer describes it: refused.
+    assert cli_main(["-q", "engine", str(root / "onnx"), "--backend", "ort", "--precision", "fp32",
+                     "--ort-optimization", "none"]) == 0
+    line = _one_error_line(capsys, cli_main(["-q", "ship", str(root), "--repo", str(tmp_path / "repo2")]))
+    assert "changed after" in line and "engine" in line
