@@ -169,9 +169,8 @@ def build_engines(onnx_dir: Path, backend_name: str, build_config: BuildConfig, 
 
     result = run_stage("build", folder, ENGINE_KIND, config, make, force=force, inputs=inputs,
                        sources={"onnx": onnx.path, "weights": weights_dir})
-    if result.status == "reused":
+    if result.status == "reused":  # run-time options are not in the reuse key: callers pass theirs to runners
         step(f"build {backend_name}", len(variants), len(variants))
-        # Reused engines may have been made with other run-time options: the audit reads them from here.
     report = made.get("report") or artifacts.read_json(folder / "build_report.json", what="build report")
     result.details = engine_details(report)
     return result
