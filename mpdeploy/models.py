@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpdeploy import model_files
 from mpdeploy.errors import MpdeployError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,12 @@ class LoadedModel:
         return getattr(self.module, "num_classes", None)
 
 
+# One image of at most 64 Mi values (e.g. 3x4096x4096) and 1,024 channels: larger is a typo, and would
+# fail later as an allocation error deep inside the first forward pass.
+MAX_INPUT_VALUES = 1 << 26
+MAX_INPUT_CHANNELS = 1024
+
+
 def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
@@ -59,7 +65,60 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
         raise MpdeployError(f"cannot parse --input-shape {text!r}: write C,H,W, e.g. 3,224,224") from None
     if len(dims) != 3 or min(dims) < 1:
         raise MpdeployError(f"--input-shape {text!r} must be three positive integers C,H,W, e.g. 3,224,224")
+    return bounded_input_shape(dims)
+
+
+def bounded_input_shape(dims) -> tuple[int, ...]:
+    dims = tuple(int(d) for d in dims)
+    values = 1
+    for d in dims:
+        values *= d
+    if dims[0] > MAX_INPUT_CHANNELS or values > MAX_INPUT_VALUES:
+        raise MpdeployError(
+            f"input shape {','.join(map(str, dims))} is too large ({values:,} values per image; the limit is "
+            f"{MAX_INPUT_VALUES:,} and {MAX_INPUT_CHANNELS} channels); pass the size the model was trained at"
+        )
     return dims
+
+
+def parse_model_kwargs(text: str | None) -> tuple[tuple[str, Any], ...]:
+    """`in_chans=1,embed_dim=128,img_size=(32,32),global_pool=None` -> (("in_chans", 1), ...).
+
+    Values are Python literals read with ast.literal_eval (never eval); a bare word stays a string.
+    """
+    import ast
+
+    if not text or not str(text).strip():
+        return ()
+    pairs, depth, current = [], 0, ""
+    for ch in str(text) + ",":
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            if current.strip():
+                pairs.append(current)
+            current = ""
+        else:
+            current += ch
+    out = []
+    for item in pairs:
+        key, eq, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not eq or not key.isidentifier() or not raw:
+            raise MpdeployError(f"--model-kwargs item {item.strip()!r} must be NAME=VALUE, e.g. in_chans=1")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            if not raw.replace("_", "").replace("-", "").replace(".", "").isalnum():
+                raise MpdeployError(f"--model-kwargs {key}={raw!r} is not a literal (number, True, None, "
+                                    "tuple or word)") from None
+            value = raw
+        if isinstance(value, list):
+            value = tuple(value)
+        out.append((key, value))
+    return tuple(out)
 
 
 def _timm():
@@ -134,25 +193,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as exc:
             raise MpdeployError(f"{path} is not a readable safetensors file ({exc}); check the file is complete") from None
-    obj = _torch_load_safe(path)
-    return _extract_state_dict(obj, path)
-
-
-def _torch_load_safe(path: Path) -> Any:
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text or "WeightsUnpickler" in text:
-            raise _PickleNeedsTrust(str(exc)) from None
-        raise MpdeployError(
-            f"{path} could not be read as a PyTorch file ({type(exc).__name__}: {text.splitlines()[0][:160]}); "
-            "it may be truncated or corrupt: re-save it"
-        ) from None
-
-
-class _PickleNeedsTrust(Exception):
-    pass
+    return _extract_state_dict(model_files.torch_load_weights(path), path)
 
 
 def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -170,40 +211,45 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     raise MpdeployError(f"{path} holds no state_dict (found {type(obj).__name__}); save `model.state_dict()`")
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-    return any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names)
-
-
-def _is_exported_program(path: Path) -> bool:
-    if path.suffix == ".pt2":
-        return True
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("serialized_exported_program.json") or "/models/" in n and n.endswith(".json") for n in zf.namelist())
-
-
 def _load_state_into_arch(state: dict[str, torch.Tensor], spec: ModelSpec, path: Path) -> tuple[nn.Module, dict]:
     if not spec.arch:
-        raise MpdeployError(f"{path} is a state_dict; pass --arch NAME (a timm model name) so it can be built")
+        raise MpdeployError(
+            f"{path} is a state_dict; pass --arch NAME (a timm model name, or module:Class for your own "
+            "nn.Module class) and --model-kwargs with the arguments it was built with"
+        )
     kwargs = dict(spec.model_kwargs)
     if spec.num_classes is not None:
         kwargs["num_classes"] = spec.num_classes
     arch = spec.arch.removeprefix("timm:")
     if arch.startswith("zoo:"):
-        from mpdeploy.zoo import create_zoo_model
-
-        model = create_zoo_model(arch.removeprefix("zoo:"), trained=False)
         source = {"kind": "zoo", "name": arch.removeprefix("zoo:")}
+    elif ":" in arch:
+        source = {"kind": "python", "name": arch, "kwargs": kwargs}
     else:
-        model, _ = create_timm_model(arch, weights="random", **kwargs)
         source = {"kind": "timm", "name": arch, "kwargs": kwargs}
+    model = recreate_architecture(source)
     load_weights_strict(model, state, where=str(path), arch=spec.arch)
     return model, source
+
+
+def create_python_model(target: str, kwargs: dict[str, Any]) -> nn.Module:
+    """`--arch package.module:Class`: the user's own nn.Module class, importable from their PYTHONPATH."""
+    import importlib
+
+    module_name, _, attr = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise MpdeployError(
+            f"cannot import --arch {target!r} ({type(exc).__name__}: {exc}); put its module on PYTHONPATH"
+        ) from None
+    try:
+        model = cls(**kwargs)
+    except TypeError as exc:
+        raise MpdeployError(f"--arch {target!r} does not take --model-kwargs {kwargs} ({exc})") from None
+    if not isinstance(model, nn.Module):
+        raise MpdeployError(f"--arch {target!r} built a {type(model).__name__}, not a torch nn.Module")
+    return model
 
 
 def load_weights_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str, arch: str) -> None:
@@ -240,10 +286,23 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         loaded = _load_file(spec)
     if spec.input_shape is not None:
         loaded.input_shape = tuple(spec.input_shape)
-    if loaded.source.get("kind") != "exported_program":
-        # torch.export programs keep the mode they were exported in and refuse .eval().
-        loaded.module.eval()
+    loaded.input_shape = bounded_input_shape(loaded.input_shape)
+    loaded.module.eval()
+    probe_input(loaded.module, loaded.input_shape, loaded.name)
     return loaded
+
+
+def probe_input(module: nn.Module, input_shape: tuple[int, ...], name: str) -> None:
+    """One tiny forward pass, so a shape or channel mismatch is one line before any work starts."""
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, *input_shape))
+    except (RuntimeError, ValueError, AssertionError, IndexError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise MpdeployError(
+            f"input {','.join(map(str, input_shape))} does not fit {name} ({type(exc).__name__}: {first}); "
+            "pass the --input-shape C,H,W (channels first) the model was trained with"
+        ) from None
 
 
 def _load_timm(spec: ModelSpec) -> LoadedModel:
@@ -257,7 +316,7 @@ def _load_timm(spec: ModelSpec) -> LoadedModel:
         path = _existing_file(spec.checkpoint)
         try:
             state = _read_state_dict(path)
-        except _PickleNeedsTrust:
+        except model_files.PickleNeedsTrust:
             raise MpdeployError(
                 f"{path} is a full pickle, not plain weights; re-save it as a state_dict or safetensors, "
                 "or pass --trust-pickle if you trust its author (it can run code)"
@@ -290,47 +349,45 @@ def _existing_file(path: Path | str) -> Path:
 def _load_file(spec: ModelSpec) -> LoadedModel:
     path = _existing_file(spec.source)
     name = path.stem
-    if path.suffix == ".safetensors":
+    fmt = model_files.detect_format(path)
+    code_source = {"path": str(path.resolve()), "sha256": model_files.sha256_file(path),
+                   "trust_pickle": bool(spec.trust_pickle)}
+    if fmt == "safetensors":
         model, source = _load_state_into_arch(_read_state_dict(path), spec, path)
         return _finish_file_model(model, spec, name, source)
-    if _is_torchscript(path):
-        try:
-            model = torch.jit.load(str(path), map_location="cpu")
-        except Exception as exc:
-            raise MpdeployError(f"{path} looks like TorchScript but failed to load ({exc}); re-save it") from None
-        return _finish_file_model(model, spec, name, {"kind": "torchscript", "path": str(path.resolve())})
-    if _is_exported_program(path):
-        try:
-            program = torch.export.load(str(path))
-        except Exception as exc:
-            raise MpdeployError(f"{path} looks like a torch.export program but failed to load ({exc}); re-save it") from None
-        module = program.module()
-        shape = spec.input_shape
-        example = getattr(program, "example_inputs", None)
-        if shape is None and example:
-            args = example[0] if isinstance(example, tuple) else ()
-            if args and isinstance(args[0], torch.Tensor):
-                shape = tuple(args[0].shape[1:])
-        return _finish_file_model(module, spec, name, {"kind": "exported_program", "path": str(path.resolve())}, shape)
-    if not zipfile.is_zipfile(path) and path.suffix not in (".pt", ".pth", ".bin", ".ckpt"):
+    if fmt == "torchscript":
+        from mpdeploy.graph_layers import torchscript_module
+
+        script = model_files.load_torchscript(path, spec.trust_pickle)
+        if spec.input_shape is None:
+            raise MpdeployError(f"TorchScript does not record its input shape; pass --input-shape C,H,W for {path}")
+        shape = bounded_input_shape(spec.input_shape)
+        module = torchscript_module(script, shape, str(path))
+        return _finish_file_model(module, spec, name, {"kind": "torchscript", **code_source,
+                                                       "input_shape": list(shape)})
+    if fmt == "exported_program":
+        from mpdeploy.graph_layers import program_module
+
+        program = model_files.load_exported(path, spec.trust_pickle)
+        shape = spec.input_shape or model_files.example_input_shape(program)
+        if shape is None:
+            raise MpdeployError(f"cannot tell the input shape of {path}; pass --input-shape C,H,W")
+        shape = bounded_input_shape(shape)
+        module = program_module(program, shape, str(path))
+        return _finish_file_model(module, spec, name, {"kind": "exported_program", **code_source,
+                                                       "input_shape": list(shape)}, shape)
+    if fmt == "unknown":
+        if path.suffix in (".pt", ".pth", ".bin", ".ckpt", ".pt2"):
+            raise model_files.not_readable(path, "neither a torch.save archive, TorchScript nor .pt2")
         raise MpdeployError(
             f"{path}: unknown model format; pass a .pt/.pth (state_dict, TorchScript or pickle), .pt2 or .safetensors"
         )
     try:
         state = _read_state_dict(path)
-    except _PickleNeedsTrust:
-        if not spec.trust_pickle:
-            raise MpdeployError(
-                f"{path} is a full pickle that can run arbitrary code when loaded; pass --trust-pickle only if "
-                "you trust its author, or re-save it as a state_dict / TorchScript / safetensors"
-            ) from None
-        logger.warning("unpickling %s with --trust-pickle: this runs code from the file", path)
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise MpdeployError(f"{path} failed to unpickle ({type(exc).__name__}: {exc}); is its code importable?") from None
+    except model_files.PickleNeedsTrust:
+        obj = model_files.load_pickle_module(path, spec.trust_pickle)
         if isinstance(obj, nn.Module):
-            return _finish_file_model(obj, spec, name, {"kind": "pickle", "path": str(path.resolve())})
+            return _finish_file_model(obj, spec, name, {"kind": "pickle", **code_source})
         state = _extract_state_dict(obj, path)
     model, source = _load_state_into_arch(state, spec, path)
     return _finish_file_model(model, spec, name, source)
@@ -338,7 +395,8 @@ def _load_file(spec: ModelSpec) -> LoadedModel:
 
 def _finish_file_model(model, spec, name, source, shape=None) -> LoadedModel:
     data_config: dict[str, Any] = {}
-    if shape is None and source.get("kind") in ("timm", "zoo"):
+    # A pickled or --arch timm model carries its input size and channels in its pretrained config.
+    if shape is None and (source.get("kind") in ("timm", "zoo") or hasattr(model, "pretrained_cfg")):
         shape, data_config = _timm_input_shape(model)
     shape = spec.input_shape or shape
     if shape is None:
@@ -354,14 +412,19 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) 
         help="timm:NAME, zoo:NAME, or a model file (.pt/.pth/.pt2/.safetensors)",
     )
     group = parser.add_argument_group("model loading")
-    group.add_argument("--arch", help="timm architecture for a state_dict / safetensors file")
+    group.add_argument("--arch", help="architecture for a state_dict / safetensors file: a timm name, "
+                       "zoo:NAME, or module:Class (your own nn.Module class, importable from PYTHONPATH)")
     group.add_argument("--checkpoint", type=Path, help="local weights for a timm: model (.safetensors or .pth)")
     group.add_argument("--input-shape", help="input C,H,W when the model cannot tell (e.g. 3,224,224)")
     group.add_argument("--num-classes", type=int, help="classifier size for --arch / timm models")
+    group.add_argument("--model-kwargs", default=None,
+                       help="architecture arguments for timm names / --arch, e.g. in_chans=1,embed_dim=128,"
+                            "img_size=32 (Python literals, never evaluated as code)")
     group.add_argument("--weights", default="auto", choices=["auto", "pretrained", "random"],
                        help="timm weights: auto = pretrained when reachable, else random init (default: auto)")
     group.add_argument("--trust-pickle", action="store_true",
-                       help="allow loading a fully pickled module (runs code from the file)")
+                       help="allow files that carry code: full pickles, TorchScript, torch.export .pt2 "
+                            "(loading them runs code from the file; recorded so later stages re-open it)")
 
 
 def spec_from_args(args: argparse.Namespace, default: str | None = None) -> ModelSpec:
@@ -376,6 +439,7 @@ def spec_from_args(args: argparse.Namespace, default: str | None = None) -> Mode
         num_classes=args.num_classes,
         weights=args.weights,
         trust_pickle=args.trust_pickle,
+        model_kwargs=parse_model_kwargs(getattr(args, "model_kwargs", None)),
     )
 
 
@@ -384,7 +448,11 @@ def load_model_from_args(args: argparse.Namespace, default: str | None = None) -
 
 
 def recreate_architecture(source: dict[str, Any]) -> nn.Module:
-    """Build the (untrained) architecture a pruned artifact was made from, to load its weights into."""
+    """Build the architecture a pruned artifact was made from, to load its weights into.
+
+    timm / zoo / module:Class sources are built from their recorded arguments; pickle, TorchScript
+    and `.pt2` sources re-open the original file (same sha256) under the trust recorded at prune time.
+    """
     kind = source.get("kind")
     if kind == "timm":
         model, _ = create_timm_model(source["name"], weights="random", **source.get("kwargs", {}))
@@ -393,7 +461,8 @@ def recreate_architecture(source: dict[str, Any]) -> nn.Module:
         from mpdeploy.zoo import create_zoo_model
 
         return create_zoo_model(source["name"], trained=False)
-    raise MpdeployError(
-        f"artifacts from a {kind!r} model cannot be rebuilt from weights alone; load it from a timm name, "
-        "zoo name, or a state_dict with --arch"
-    )
+    if kind == "python":
+        return create_python_model(source["name"], dict(source.get("kwargs", {})))
+    if kind in model_files.CODE_FORMATS:
+        return model_files.reopen(source)
+    raise MpdeployError(f"artifact records an unknown model source {kind!r}; re-run prune")

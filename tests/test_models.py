@@ -74,11 +74,11 @@ def test_torchscript_and_exported_program(tmp_path):
     net = PickledNet().eval()
     x = torch.randn(2, 3, 2, 2)
     torch.jit.save(torch.jit.trace(net, x), tmp_path / "net.pt")
-    loaded = load_model(ModelSpec(str(tmp_path / "net.pt"), input_shape=(3, 2, 2)))
+    loaded = load_model(ModelSpec(str(tmp_path / "net.pt"), input_shape=(3, 2, 2), trust_pickle=True))
     assert torch.allclose(loaded.module(x), net(x))
     program = torch.export.export(net, (x,))
     torch.export.save(program, tmp_path / "net.pt2")
-    loaded = load_model(ModelSpec(str(tmp_path / "net.pt2")))
+    loaded = load_model(ModelSpec(str(tmp_path / "net.pt2"), trust_pickle=True))
     assert loaded.input_shape == (3, 2, 2)  # taken from the program's example inputs
     assert torch.allclose(loaded.module(x), net(x))
 
