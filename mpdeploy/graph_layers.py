@@ -29,10 +29,13 @@ _LINEAR = "aten.linear.default"
 def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
-    try:
-        return gm.get_parameter(node.target)
-    except AttributeError:
-        return None
+    # torch.export keeps weights as parameters; the TorchScript converter makes them buffers.
+    for getter in (gm.get_parameter, gm.get_buffer):
+        try:
+            return getter(node.target)
+        except AttributeError:
+            continue
+    return None
 
 
 def _layer_for(node, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module | None:
@@ -51,9 +54,9 @@ def _layer_for(node, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Modu
     else:
         return None
     # Share the program's own Parameter objects: the layer's weight *is* the program's weight.
-    layer.weight = weight
+    layer.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight.detach(), requires_grad=True)
     if bias is not None:
-        layer.bias = bias
+        layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach(), requires_grad=True)
     return layer
 
 
@@ -74,7 +77,8 @@ def lift_layers(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         path = w_node.target.rsplit(".", 1)[0] if "." in w_node.target else f"lifted_{lifted}"
         parent = gm.get_submodule(path) if "." in w_node.target else None
-        own = dict(parent.named_parameters(recurse=False)) if parent is not None else {}
+        own = {**dict(parent.named_parameters(recurse=False)), **dict(parent.named_buffers(recurse=False))} \
+            if parent is not None else {}
         expect = {w_node.target.rsplit(".", 1)[-1]} | ({b_node.target.rsplit(".", 1)[-1]} if bias is not None else set())
         if parent is None or set(own) != expect or list(parent.children()) or not w_node.target.endswith(".weight") or \
                 (bias is not None and b_node.target != f"{path}.bias"):
@@ -88,11 +92,31 @@ def lift_layers(gm: fx.GraphModule) -> fx.GraphModule:
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
         lifted += 1
+    _dynamic_sizes(gm)
     gm.graph.eliminate_dead_code()
     plain = fx.GraphModule(gm, gm.graph)
     plain.recompile()
     logger.info("lifted %d linear / conv2d ops into modules", lifted)
     return plain
+
+
+def _dynamic_sizes(gm: fx.GraphModule) -> None:
+    """`aten.sym_size.int(x, d)` -> `x.size(d)`: the legacy ONNX exporter traces the graph, and a size
+    read by an aten call is a plain int to the tracer (the batch would be baked into every reshape),
+    while `Tensor.size` is traced as a shape op."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and str(node.target) == "aten.sym_size.int":
+            with gm.graph.inserting_before(node):
+                call = gm.graph.call_method("size", tuple(node.args))
+            node.replace_all_uses_with(call)
+            gm.graph.erase_node(node)
+        elif node.op == "call_function" and str(node.target) in ("aten.reshape.default", "aten.view.default"):
+            # The tracer follows traced sizes through Tensor.reshape / .view, not through aten op calls.
+            method = str(node.target).split(".")[1]
+            with gm.graph.inserting_before(node):
+                call = gm.graph.call_method(method, (node.args[0], *node.args[1]))
+            node.replace_all_uses_with(call)
+            gm.graph.erase_node(node)
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

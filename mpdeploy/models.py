@@ -422,6 +422,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) 
                             "img_size=32 (Python literals, never evaluated as code)")
     group.add_argument("--weights", default="auto", choices=["auto", "pretrained", "random"],
                        help="timm weights: auto = pretrained when reachable, else random init (default: auto)")
+    from mpdeploy.data import add_data_arguments
+
+    add_data_arguments(parser.add_argument_group("input preprocessing (ImageFolder data)"))
     group.add_argument("--trust-pickle", action="store_true",
                        help="allow files that carry code: full pickles, TorchScript, torch.export .pt2 "
                             "(loading them runs code from the file; recorded so later stages re-open it)")
@@ -443,8 +446,22 @@ def spec_from_args(args: argparse.Namespace, default: str | None = None) -> Mode
     )
 
 
+# Data flags whose sources are checked against the model before any stage runs.
+DATA_SOURCE_FLAGS = ("calib", "distill_data", "data")
+
+
 def load_model_from_args(args: argparse.Namespace, default: str | None = None) -> LoadedModel:
-    return load_model(spec_from_args(args, default))
+    """Load the model, attach the --mean/--std/... preprocessing, check the data sources fit it."""
+    from mpdeploy.data import check_source, data_spec_from_args
+
+    data_spec = data_spec_from_args(args)  # validate the flags before loading anything heavy
+    loaded = load_model(spec_from_args(args, default))
+    if not data_spec.is_default:
+        # Recorded in the prune manifest with the model: audit and distill make inputs the same way.
+        loaded.data_config = {**loaded.data_config, "data_spec": data_spec.to_dict()}
+    for flag in DATA_SOURCE_FLAGS:
+        check_source(getattr(args, flag, None), loaded.input_shape, loaded.data_config)
+    return loaded
 
 
 def recreate_architecture(source: dict[str, Any]) -> nn.Module:
