@@ -35,6 +35,8 @@ class ModelSpec:
     weights: str = "auto"  # for timm names: auto (pretrained if reachable) | pretrained | random
     trust_pickle: bool = False
     model_kwargs: tuple[tuple[str, Any], ...] = ()
+    data_spec: Any = None  # mpdeploy.data.DataSpec: how the model's inputs are made from images
+    data_sources: tuple[str, ...] = ()  # data the run will use, checked against the model up front
 
 
 @dataclass
@@ -289,7 +291,19 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     loaded.input_shape = bounded_input_shape(loaded.input_shape)
     loaded.module.eval()
     probe_input(loaded.module, loaded.input_shape, loaded.name)
+    _attach_data(loaded, spec)
     return loaded
+
+
+def _attach_data(loaded: LoadedModel, spec: ModelSpec) -> None:
+    """Record the user's preprocessing with the model and check the data sources fit it."""
+    from mpdeploy.data import check_source
+
+    if spec.data_spec is not None and not spec.data_spec.is_default:
+        # Recorded in the prune manifest with the model: audit and distill make inputs the same way.
+        loaded.data_config = {**loaded.data_config, "data_spec": spec.data_spec.to_dict()}
+    for source in spec.data_sources:
+        check_source(source, loaded.input_shape, loaded.data_config)
 
 
 def probe_input(module: nn.Module, input_shape: tuple[int, ...], name: str) -> None:
@@ -431,6 +445,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) 
 
 
 def spec_from_args(args: argparse.Namespace, default: str | None = None) -> ModelSpec:
+    from mpdeploy.data import data_spec_from_args
+
     source = args.model or default
     if source is None:
         raise MpdeployError("no model given; pass timm:NAME, zoo:NAME or a model file")
@@ -443,6 +459,8 @@ def spec_from_args(args: argparse.Namespace, default: str | None = None) -> Mode
         weights=args.weights,
         trust_pickle=args.trust_pickle,
         model_kwargs=parse_model_kwargs(getattr(args, "model_kwargs", None)),
+        data_spec=data_spec_from_args(args),
+        data_sources=tuple(str(v) for v in (getattr(args, f, None) for f in DATA_SOURCE_FLAGS) if v),
     )
 
 
@@ -451,17 +469,7 @@ DATA_SOURCE_FLAGS = ("calib", "distill_data", "data")
 
 
 def load_model_from_args(args: argparse.Namespace, default: str | None = None) -> LoadedModel:
-    """Load the model, attach the --mean/--std/... preprocessing, check the data sources fit it."""
-    from mpdeploy.data import check_source, data_spec_from_args
-
-    data_spec = data_spec_from_args(args)  # validate the flags before loading anything heavy
-    loaded = load_model(spec_from_args(args, default))
-    if not data_spec.is_default:
-        # Recorded in the prune manifest with the model: audit and distill make inputs the same way.
-        loaded.data_config = {**loaded.data_config, "data_spec": data_spec.to_dict()}
-    for flag in DATA_SOURCE_FLAGS:
-        check_source(getattr(args, flag, None), loaded.input_shape, loaded.data_config)
-    return loaded
+    return load_model(spec_from_args(args, default))
 
 
 def recreate_architecture(source: dict[str, Any]) -> nn.Module:
