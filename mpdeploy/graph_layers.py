@@ -13,6 +13,8 @@ rewrite is deterministic, so the pruned state dict loads strictly.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 
 import torch
@@ -147,7 +149,8 @@ def program_module(program, input_shape: tuple[int, ...] | None, what: str) -> n
 
 
 def _check_batch(module: nn.Module, input_shape: tuple[int, ...], what: str) -> None:
-    with torch.no_grad():
+    # fx prints its own traceback to stderr when a GraphModule call fails: keep it to the one error line.
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
         for batch in (1, 3):
             try:
                 module(torch.zeros(batch, *input_shape))

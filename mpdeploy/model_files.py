@@ -138,6 +138,21 @@ def _torch_logs_off():
             lg.disabled = was
 
 
+def check_pt2_structure(path: Path) -> None:
+    """Refuse a file that is not a complete .pt2 archive before asking anything about trust."""
+    names = _zip_names(path) if zipfile.is_zipfile(path) else []
+    if not any(n.endswith(".json") and "/models/" in n or n.endswith("serialized_exported_program.json")
+               for n in names):
+        raise not_readable(path, "not a complete torch.export .pt2 archive")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise not_readable(path, f"damaged zip archive: {exc}") from None
+    if bad is not None:
+        raise not_readable(path, f"damaged archive entry {bad}")
+
+
 def load_exported(path: Path, trust: bool):
     require_trust(path, "exported_program", trust)
     if not zipfile.is_zipfile(path):

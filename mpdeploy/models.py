@@ -182,6 +182,11 @@ def _timm_input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, dict[st
     if patch is not None and getattr(patch, "img_size", None) is not None:
         in_chans = patch.proj.in_channels if hasattr(patch, "proj") else (shape[0] if shape else 3)
         shape = (in_chans, *tuple(patch.img_size))
+    if shape:
+        # A model built with in_chans=N still reports its pretrained config's 3 channels.
+        stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if stem is not None and stem.groups == 1 and stem.in_channels != shape[0]:
+            shape = (stem.in_channels, *tuple(shape)[1:])
     return (tuple(int(x) for x in shape) if shape else None), dict(data_config)
 
 
@@ -308,8 +313,11 @@ def _attach_data(loaded: LoadedModel, spec: ModelSpec) -> None:
 
 def probe_input(module: nn.Module, input_shape: tuple[int, ...], name: str) -> None:
     """One tiny forward pass, so a shape or channel mismatch is one line before any work starts."""
-    try:
-        with torch.no_grad():
+    import contextlib
+    import io
+
+    try:  # (an fx GraphModule prints its own traceback to stderr when a call fails)
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             module(torch.zeros(1, *input_shape))
     except (RuntimeError, ValueError, AssertionError, IndexError, TypeError) as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:200]
@@ -381,6 +389,8 @@ def _load_file(spec: ModelSpec) -> LoadedModel:
                                                        "input_shape": list(shape)})
     if fmt == "exported_program":
         from mpdeploy.graph_layers import program_module
+
+        model_files.check_pt2_structure(path)  # a damaged file is "not readable", not a trust question
 
         program = model_files.load_exported(path, spec.trust_pickle)
         shape = spec.input_shape or model_files.example_input_shape(program)
