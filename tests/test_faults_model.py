@@ -300,8 +300,11 @@ def test_zoo_cache_modes_and_unreadable_cache(tmp_path, capfd, monkeypatch):
 
     monkeypatch.setenv(zoo.ZOO_ROOT_ENV, str(tmp_path / "zoo"))
     # Training is not what this test is about: one step stands in for the full schedule.
-    monkeypatch.setitem(zoo._REGISTRY, "digits_cnn", zoo._REGISTRY["digits_cnn"].__class__(
-        "resnet10t", (("in_chans", 1), ("num_classes", 10)), (1, 32, 32), epochs=1, lr=1e-3, weight_decay=0.0))
+    # (a one-block ViT on 8x8 digits, one epoch)
+    monkeypatch.setitem(zoo._REGISTRY, "digits_cnn", zoo.ZooEntry(
+        "vit_tiny_patch16_224", (("img_size", 8), ("patch_size", 4), ("in_chans", 1), ("num_classes", 10),
+                                 ("embed_dim", 16), ("depth", 1), ("num_heads", 1)),
+        (1, 8, 8), epochs=1, lr=1e-3, weight_decay=0.0))
     zoo.load_zoo_model("digits_cnn")
     umask = os.umask(0)
     os.umask(umask)
