@@ -278,8 +278,8 @@ def _load_timm(spec: ModelSpec) -> LoadedModel:
             state = _read_state_dict(path)
         except model_files.PickleNeedsTrust:
             raise MpdeployError(
-                f"{path} is a full pickle, not plain weights; re-save it as a state_dict or safetensors, "
-                "or pass --trust-pickle if you trust its author (it can run code)"
+                f"{path} is a full pickle, not plain weights; re-save it as a state_dict or safetensors "
+                "(or, if you trust its author, pass the pickle itself as MODEL with --trust-pickle)"
             ) from None
         load_weights_strict(model, state, where=str(path), arch=name)
         got = f"checkpoint:{path.name}"
