@@ -60,6 +60,8 @@ def parse_model_kwargs(text: str | None) -> tuple[tuple[str, Any], ...]:
             current = ""
         else:
             current += ch
+    if depth != 0 or current.strip():
+        raise MpdeployError(f"--model-kwargs {text!r} has unbalanced brackets; write e.g. img_size=(32,32)")
     out = []
     for item in pairs:
         key, eq, raw = item.partition("=")

@@ -136,3 +136,26 @@ def test_cli_pickle_refused_and_truncated(capsys, tmp_path):
     torch.save(PickledNet(), tmp_path / "full.pt")
     code, err = _cli(capsys, ["prune", str(tmp_path / "full.pt"), "--input-shape", "3,2,2", "--out", str(tmp_path / "o")])
     assert code == 2 and "--trust-pickle" in err[-1] and not (tmp_path / "o").exists()
+
+
+def test_model_kwargs_are_literals():
+    from mpdeploy.models import parse_model_kwargs
+
+    got = parse_model_kwargs("in_chans=1, img_size=(32,32),global_pool=avg,drop_rate=0.1,dynamic=True,norm=None,ks=[3,5]")
+    assert got == (("in_chans", 1), ("img_size", (32, 32)), ("global_pool", "avg"), ("drop_rate", 0.1),
+                   ("dynamic", True), ("norm", None), ("ks", (3, 5)))
+    assert parse_model_kwargs("") == ()
+    for bad in ("in_chans", "=1", "x=open('f')", "1x=2", "a=(1,"):
+        with pytest.raises(MpdeployError, match="--model-kwargs"):
+            parse_model_kwargs(bad)
+
+
+def test_timm_model_kwargs_recorded_and_rebuilt():
+    from mpdeploy.models import parse_model_kwargs, recreate_architecture
+
+    kwargs = parse_model_kwargs("in_chans=1,img_size=16,patch_size=4,embed_dim=32,depth=1,num_heads=2,num_classes=10")
+    loaded = load_model(ModelSpec("timm:vit_tiny_patch16_224", weights="random", model_kwargs=kwargs))
+    assert loaded.input_shape == (1, 16, 16)
+    rebuilt = recreate_architecture(loaded.source)
+    assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in loaded.module.state_dict().items()}
