@@ -169,8 +169,11 @@ def torchscript_module(script: torch.jit.ScriptModule, input_shape: tuple[int, .
     from torch._export.converter import TS2EPConverter
 
     example = (torch.zeros(2, *input_shape),)
+    from mpdeploy.model_files import torch_quiet
+
     try:
-        program = TS2EPConverter(script, example).convert()
+        with torch_quiet():
+            program = TS2EPConverter(script, example).convert()
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         raise MpdeployError(

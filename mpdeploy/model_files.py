@@ -125,14 +125,19 @@ def load_torchscript(path: Path, trust: bool) -> torch.jit.ScriptModule:
 
 
 @contextlib.contextmanager
-def _torch_logs_off():
-    """torch.export.load logs a full traceback before raising on a damaged archive: keep it quiet."""
-    names = ("torch.export", "torch._export", "torch.export.pt2_archive", "torch._export.serde.serialize")
+def torch_quiet():
+    """torch.export / its converters log tracebacks and shape notes, and warn, while loading: the user
+    gets mpdeploy's one line instead. (`disabled` is per logger, so every torch logger is switched.)"""
+    import warnings
+
+    names = ["torch", *(n for n in logging.root.manager.loggerDict if n.startswith("torch."))]
     saved = [(logging.getLogger(n), logging.getLogger(n).disabled) for n in names]
     for lg, _ in saved:
         lg.disabled = True
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         for lg, was in saved:
             lg.disabled = was
@@ -158,7 +163,7 @@ def load_exported(path: Path, trust: bool):
     if not zipfile.is_zipfile(path):
         raise not_readable(path, "not a .pt2 zip archive")
     try:
-        with _torch_logs_off():
+        with torch_quiet():
             return torch.export.load(str(path))
     except Exception as exc:
         raise MpdeployError(

@@ -159,3 +159,30 @@ def test_timm_model_kwargs_recorded_and_rebuilt():
     rebuilt = recreate_architecture(loaded.source)
     assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == \
         {k: tuple(v.shape) for k, v in loaded.module.state_dict().items()}
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
+def test_analyze_sees_the_layers_of_programs(tmp_path, capsys, fmt):
+    import json
+
+    from own_archs import SmallCNN
+
+    net = SmallCNN(in_chans=1).eval()
+    if fmt == "pt2":
+        program = torch.export.export(net, (torch.randn(2, 1, 16, 16),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.export.save(program, tmp_path / "net.pt2")
+        args = [str(tmp_path / "net.pt2")]
+    else:
+        torch.jit.save(torch.jit.script(net), tmp_path / "net.pt")
+        args = [str(tmp_path / "net.pt"), "--input-shape", "1,16,16"]
+    code = cli_main(["-q", "analyze", *args, "--trust-pickle", "--no-plots", "--out", str(tmp_path / "an")])
+    assert code == 0, capsys.readouterr().err
+    layers = json.loads((tmp_path / "an" / "spectra.json").read_text())["layers"]
+    assert [layer["name"] for layer in layers] == ["stem", "conv", "expand", "fc"]
+    # The lifted program computes what the original module computes.
+    from mpdeploy.models import ModelSpec, load_model
+
+    loaded = load_model(ModelSpec(args[0], input_shape=(1, 16, 16), trust_pickle=True))
+    x = torch.randn(3, 1, 16, 16)
+    torch.testing.assert_close(loaded.module(x), net(x), rtol=1e-5, atol=1e-5)
