@@ -310,8 +310,12 @@ def _load_file(spec: ModelSpec) -> LoadedModel:
     path = _existing_file(spec.source)
     name = path.stem
     fmt = model_files.detect_format(path)
-    code_source = {"path": str(path.resolve()), "sha256": model_files.sha256_file(path),
-                   "trust_pickle": bool(spec.trust_pickle)}
+
+    def code_source() -> dict[str, Any]:
+        # Formats that carry code are re-opened by later stages: record the file and the trust given.
+        return {"path": str(path.resolve()), "sha256": model_files.sha256_file(path),
+                "trust_pickle": bool(spec.trust_pickle)}
+
     if fmt == "safetensors":
         model, source = _load_state_into_arch(_read_state_dict(path), spec, path)
         return _finish_file_model(model, spec, name, source)
@@ -319,24 +323,23 @@ def _load_file(spec: ModelSpec) -> LoadedModel:
         from mpdeploy.graph_layers import torchscript_module
 
         script = model_files.load_torchscript(path, spec.trust_pickle)
-        if spec.input_shape is None:
+        if spec.input_shape is None:  # (checked after the trust gate: that question comes first)
             raise MpdeployError(f"TorchScript does not record its input shape; pass --input-shape C,H,W for {path}")
         shape = bounded_input_shape(spec.input_shape)
         module = torchscript_module(script, shape, str(path))
-        return _finish_file_model(module, spec, name, {"kind": "torchscript", **code_source,
+        return _finish_file_model(module, spec, name, {"kind": "torchscript", **code_source(),
                                                        "input_shape": list(shape)})
     if fmt == "exported_program":
         from mpdeploy.graph_layers import program_module
 
         model_files.check_pt2_structure(path)  # a damaged file is "not readable", not a trust question
-
         program = model_files.load_exported(path, spec.trust_pickle)
         shape = spec.input_shape or model_files.example_input_shape(program)
         if shape is None:
             raise MpdeployError(f"cannot tell the input shape of {path}; pass --input-shape C,H,W")
         shape = bounded_input_shape(shape)
         module = program_module(program, shape, str(path))
-        return _finish_file_model(module, spec, name, {"kind": "exported_program", **code_source,
+        return _finish_file_model(module, spec, name, {"kind": "exported_program", **code_source(),
                                                        "input_shape": list(shape)}, shape)
     if fmt == "unknown":
         if path.suffix in (".pt", ".pth", ".bin", ".ckpt", ".pt2"):
@@ -349,7 +352,7 @@ def _load_file(spec: ModelSpec) -> LoadedModel:
     except model_files.PickleNeedsTrust:
         obj = model_files.load_pickle_module(path, spec.trust_pickle)
         if isinstance(obj, nn.Module):
-            return _finish_file_model(obj, spec, name, {"kind": "pickle", **code_source})
+            return _finish_file_model(obj, spec, name, {"kind": "pickle", **code_source()})
         state = _extract_state_dict(obj, path)
     model, source = _load_state_into_arch(state, spec, path)
     return _finish_file_model(model, spec, name, source)
