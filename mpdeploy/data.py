@@ -165,7 +165,10 @@ def load_images(
     limit: int | None = None,
     seed: int = 0,
 ) -> ImageData:
-    """Open `digits`, `synthetic`, or an ImageFolder directory as an `ImageData`."""
+    """Open `digits`, `synthetic`, an .npz / .safetensors of tensors, or an ImageFolder as an `ImageData`.
+
+    The split applies to digits only: a user's file or folder is used whole for whichever stage gets it.
+    """
     if split not in SPLITS:
         raise MpdeployError(f"unknown data split {split!r}; use one of {', '.join(SPLITS)}")
     text = str(source)
