@@ -6,7 +6,6 @@ Every failure is an `MpdeployError` naming the fix. Full pickles (arbitrary code
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
