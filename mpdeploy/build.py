@@ -83,8 +83,10 @@ def model_fingerprint(loaded) -> str:
 
     h = hashlib.sha256()
     source = {k: v for k, v in (loaded.source or {}).items() if k in ("kind", "name", "kwargs")}
-    h.update(json.dumps({"source": source, "input_shape": list(loaded.input_shape)}, sort_keys=True,
-                        default=str).encode())
+    identity = {"source": source, "input_shape": list(loaded.input_shape)}
+    if (loaded.data_config or {}).get("data_spec"):  # the user's preprocessing changes calibration
+        identity["data_spec"] = loaded.data_config["data_spec"]
+    h.update(json.dumps(identity, sort_keys=True, default=str).encode())
     for key, value in sorted(loaded.module.state_dict().items()):
         if not isinstance(value, torch.Tensor):
             continue

@@ -1,4 +1,12 @@
-"""Calibration and evaluation data: an ImageFolder tree, the built-in digits set, or synthetic noise.
+"""Calibration, evaluation and distillation data, made the way the model expects its inputs.
+
+Sources: an ImageFolder tree (with the model's own preprocessing: `DataSpec` overrides for mean, std,
+resize / crop policy and grayscale / RGB), a file of pre-processed tensors (`.npz` or `.safetensors`
+holding `images` [N,C,H,W] and optional `labels`, read without pickle and used as they are), the
+built-in digits set, or synthetic noise.
+
+The DataSpec travels in the model's `data_config` (key `data_spec`), which the prune manifest records:
+audit and distillation then make their inputs exactly as calibration did.
 
 The digits set (scikit-learn, 1,797 labelled 8x8 images, 10 classes) is the one real labelled set
 that ships inside a package; its split is fixed (seeded) so every stage and benchmark sees the same
@@ -9,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +32,85 @@ SPLITS = ("train", "calib", "test", "all")
 DIGITS_TEST_FRACTION = 0.3
 DIGITS_CALIB_SIZE = 256
 DIGITS_MEAN, DIGITS_STD = 0.5, 0.5
+
+
+TENSOR_SUFFIXES = (".npz", ".safetensors")
+CROPS = ("center", "resize")
+COLORS = ("auto", "rgb", "grayscale")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """How ImageFolder images become model inputs; None fields fall back to the model's timm config."""
+
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    resize: int | None = None  # shorter side before the centre crop (default: size / crop_pct)
+    crop: str = "center"  # center: resize then centre-crop to H,W | resize: resize straight to H,W
+    color: str = "auto"  # auto: grayscale for 1-channel models, RGB otherwise
+    interpolation: str | None = None  # bilinear | bicubic | nearest
+
+    def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise MpdeployError(f"--crop must be one of {', '.join(CROPS)}, not {self.crop!r}")
+        if self.color not in COLORS:
+            raise MpdeployError(f"--color must be one of {', '.join(COLORS)}, not {self.color!r}")
+        if self.std is not None and min(self.std) <= 0:
+            raise MpdeployError(f"--std values must be positive, not {self.std}")
+        if self.resize is not None and not 1 <= self.resize <= 8192:
+            raise MpdeployError(f"--resize must be between 1 and 8192 pixels, not {self.resize}")
+        if self.interpolation not in (None, "bilinear", "bicubic", "nearest"):
+            raise MpdeployError(f"--interpolation must be bilinear, bicubic or nearest, not {self.interpolation!r}")
+
+    @property
+    def is_default(self) -> bool:
+        return self == DataSpec()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> DataSpec:
+        if not data:
+            return cls()
+        fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**fields)
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise MpdeployError(f"{flag} takes comma-separated numbers, e.g. 0.5 or 0.485,0.456,0.406; not {text!r}") from None
+    if not values:
+        raise MpdeployError(f"{flag} needs at least one number")
+    return values
+
+
+def add_data_arguments(group) -> None:
+    """Preprocessing flags for ImageFolder data (calibration, evaluation and distillation alike)."""
+    group.add_argument("--mean", default=None, help="per-channel mean the model was trained with, e.g. 0.5 or "
+                       "0.485,0.456,0.406 (default: the model's timm config)")
+    group.add_argument("--std", default=None, help="per-channel std, same form as --mean")
+    group.add_argument("--resize", type=int, default=None, help="shorter image side before the centre crop")
+    group.add_argument("--crop", default="center", choices=CROPS,
+                       help="center: resize then centre-crop (default) | resize: resize straight to H,W")
+    group.add_argument("--color", default="auto", choices=COLORS,
+                       help="image channels: auto = grayscale for 1-channel models, else RGB")
+    group.add_argument("--interpolation", default=None, choices=["bilinear", "bicubic", "nearest"])
+
+
+def data_spec_from_args(args) -> DataSpec:
+    return DataSpec(
+        mean=_floats(getattr(args, "mean", None), "--mean"),
+        std=_floats(getattr(args, "std", None), "--std"),
+        resize=getattr(args, "resize", None),
+        crop=getattr(args, "crop", None) or "center",
+        color=getattr(args, "color", None) or "auto",
+        interpolation=getattr(args, "interpolation", None),
+    )
 
 
 @dataclass
@@ -78,7 +165,10 @@ def load_images(
     limit: int | None = None,
     seed: int = 0,
 ) -> ImageData:
-    """Open `digits`, `synthetic`, or an ImageFolder directory as an `ImageData`."""
+    """Open `digits`, `synthetic`, an .npz / .safetensors of tensors, or an ImageFolder as an `ImageData`.
+
+    The split applies to digits only: a user's file or folder is used whole for whichever stage gets it.
+    """
     if split not in SPLITS:
         raise MpdeployError(f"unknown data split {split!r}; use one of {', '.join(SPLITS)}")
     text = str(source)
@@ -91,43 +181,157 @@ def load_images(
         x = torch.randn(n, *input_shape, generator=gen)
         y = torch.zeros(n, dtype=torch.long)
         data = ImageData(TensorDataset(x, y), "synthetic", None, f"synthetic N(0,1) noise ({n} images; smoke runs only)")
+    elif Path(text).suffix in TENSOR_SUFFIXES:
+        data = _tensor_file(Path(text), tuple(input_shape))
     else:
-        data = _image_folder(Path(text), input_shape, data_config or {})
+        data = _image_folder(Path(text), tuple(input_shape), data_config or {})
     if limit is not None and len(data) > limit:
         idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:limit]
         data.dataset = Subset(data.dataset, idx.tolist())
     return data
 
 
+def read_tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images, labels or None) from an .npz (np.load, allow_pickle=False) or .safetensors file."""
+    import numpy as np
+
+    if not path.is_file():
+        raise MpdeployError(f"data file not found: {path}; pass an .npz / .safetensors with `images` [N,C,H,W]")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+            arrays = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        else:
+            from safetensors.torch import load_file
+
+            arrays = load_file(str(path))
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise MpdeployError(f"{path} is not a readable {path.suffix} tensor file ({type(exc).__name__}: {first}); "
+                            "save it with numpy.savez(images=..., labels=...) or safetensors") from None
+    if "images" not in arrays:
+        raise MpdeployError(f"{path} has no `images` array (found: {', '.join(sorted(arrays)) or 'nothing'})")
+    images, labels = arrays["images"], arrays.get("labels")
+    if images.dim() != 4 or not images.is_floating_point():
+        raise MpdeployError(f"{path}: `images` must be a float array [N,C,H,W], not {images.dtype} "
+                            f"{list(images.shape)}")
+    if labels is not None and (labels.shape != (images.shape[0],) or labels.is_floating_point()):
+        raise MpdeployError(f"{path}: `labels` must be {images.shape[0]} integers, one per image, "
+                            f"not {labels.dtype} {list(labels.shape)}")
+    return images.float(), (labels.long() if labels is not None else None)
+
+
+def _tensor_file(path: Path, input_shape: tuple[int, ...]) -> ImageData:
+    images, labels = read_tensor_file(path)
+    if tuple(images.shape[1:]) != input_shape:
+        raise MpdeployError(
+            f"{path} holds images of shape {','.join(map(str, images.shape[1:]))} but the model takes "
+            f"{','.join(map(str, input_shape))} (C,H,W); save the tensors at the model's input size"
+        )
+    classes = int(labels.max()) + 1 if labels is not None and len(labels) else None
+    y = labels if labels is not None else torch.zeros(len(images), dtype=torch.long)
+    return ImageData(TensorDataset(images, y), "tensors", classes,
+                     f"tensors {path} ({len(images)} images, used as stored{'' if labels is not None else ', no labels'})")
+
+
+def _transform(input_shape: tuple[int, ...], data_config: dict[str, Any]):
+    """(transform, description): the model's own preprocessing, with the DataSpec's overrides."""
+    spec = DataSpec.from_dict(data_config.get("data_spec"))
+    c, h, w = input_shape
+    if spec.is_default and c == 3:
+        from timm.data import create_transform
+
+        cfg = {"interpolation": data_config.get("interpolation", "bilinear"),
+               "mean": tuple(data_config.get("mean", (0.485, 0.456, 0.406))),
+               "std": tuple(data_config.get("std", (0.229, 0.224, 0.225))),
+               "crop_pct": data_config.get("crop_pct", 0.875), "crop_mode": data_config.get("crop_mode", "center")}
+        transform = create_transform(input_size=tuple(input_shape), is_training=False, **cfg)
+        return transform, f"timm eval transform {cfg}"
+    from torchvision import transforms as T
+
+    color = spec.color if spec.color != "auto" else ("grayscale" if c == 1 else "rgb")
+    if (color == "grayscale") != (c == 1):
+        raise MpdeployError(f"--color {color} gives {1 if color == 'grayscale' else 3}-channel images but the model "
+                            f"takes {c} channels; pass --color {'grayscale' if c == 1 else 'rgb'}")
+    mean = spec.mean or tuple(data_config.get("mean") or (0.5,) * c)
+    std = spec.std or tuple(data_config.get("std") or (0.5,) * c)
+    if spec.mean is None and len(mean) != c:  # a 1-channel timm model still reports RGB statistics
+        mean, std = (sum(mean) / len(mean),) * c, (sum(std) / len(std),) * c
+    for flag, values in (("--mean", mean), ("--std", std)):
+        if len(values) not in (1, c):
+            raise MpdeployError(f"{flag} has {len(values)} values but the model takes {c} channels; give 1 or {c}")
+    mean, std = tuple(mean) * (c if len(mean) == 1 else 1), tuple(std) * (c if len(std) == 1 else 1)
+    interp = getattr(T.InterpolationMode, (spec.interpolation or data_config.get("interpolation") or "bilinear").upper())
+    if spec.crop == "resize":
+        geometry = [T.Resize((h, w), interpolation=interp)]
+    else:
+        short = spec.resize or int(round(min(h, w) / float(data_config.get("crop_pct", 0.875))))
+        geometry = [T.Resize(short, interpolation=interp), T.CenterCrop((h, w))]
+    mode = "L" if color == "grayscale" else "RGB"
+    transform = T.Compose([_Convert(mode), *geometry, T.ToTensor(), T.Normalize(mean, std)])
+    how = {"color": color, "crop": spec.crop, "resize": None if spec.crop == "resize" else short, "size": [h, w],
+           "interpolation": interp.value, "mean": list(mean), "std": list(std)}
+    return transform, f"ImageFolder transform {how}"
+
+
+class _Convert:
+    """PIL mode conversion as a picklable transform (DataLoader workers may pickle the dataset)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, image):
+        return image.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"Convert({self.mode})"
+
+
+def _checked_loader(path: str):
+    """PIL loader that names the file it cannot read (one line instead of a PIL traceback)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+            return image.copy()
+    except Exception as exc:
+        raise MpdeployError(f"cannot read image {path} ({type(exc).__name__}); remove or replace the file") from None
+
+
 def _image_folder(root: Path, input_shape: tuple[int, ...], data_config: dict[str, Any]) -> ImageData:
     if not root.exists():
-        raise MpdeployError(f"data directory not found: {root}; pass an ImageFolder tree, `digits` or `synthetic`")
+        raise MpdeployError(f"data directory not found: {root}; pass an ImageFolder tree, an .npz / .safetensors "
+                            "of tensors, `digits` or `synthetic`")
     if not root.is_dir():
-        raise MpdeployError(f"{root} is a file; --calib/--data takes an ImageFolder directory (class/image.jpg)")
+        raise MpdeployError(f"{root} is a file; pass an ImageFolder directory (class/image.jpg), or an .npz / "
+                            ".safetensors holding `images` [N,C,H,W]")
     try:
         from torchvision.datasets import ImageFolder
     except ImportError:
         raise MpdeployError("ImageFolder data needs torchvision: pip install torchvision") from None
-    from timm.data import create_transform
-
-    cfg = dict(data_config)
-    cfg["input_size"] = tuple(input_shape)
-    transform = create_transform(
-        input_size=cfg["input_size"],
-        interpolation=cfg.get("interpolation", "bilinear"),
-        mean=cfg.get("mean", (0.485, 0.456, 0.406)),
-        std=cfg.get("std", (0.229, 0.224, 0.225)),
-        crop_pct=cfg.get("crop_pct", 0.875),
-        crop_mode=cfg.get("crop_mode", "center"),
-        is_training=False,
-    )
+    transform, how = _transform(input_shape, data_config)
     try:
-        dataset = ImageFolder(str(root), transform=transform)
+        dataset = ImageFolder(str(root), transform=transform, loader=_checked_loader)
     except (FileNotFoundError, RuntimeError) as exc:
         raise MpdeployError(
             f"{root} is not an ImageFolder tree ({exc}); lay it out as DIR/<class>/<image>.jpg"
         ) from None
-    return ImageData(dataset, "imagefolder", len(dataset.classes), f"ImageFolder {root} ({len(dataset)} images)")
+    return ImageData(dataset, "imagefolder", len(dataset.classes),
+                     f"ImageFolder {root} ({len(dataset)} images; {how})")
+
+
+def check_source(source: str | None, input_shape: tuple[int, ...], data_config: dict[str, Any]) -> None:
+    """Cheap up-front check of a data source against the model (before any stage runs)."""
+    if not source or source in ("digits", "synthetic"):
+        return
+    path = Path(source)
+    if path.suffix in TENSOR_SUFFIXES:
+        _tensor_file(path, tuple(input_shape))
+    else:
+        _image_folder(path, tuple(input_shape), data_config)
 
 
 def loader(data: ImageData, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:

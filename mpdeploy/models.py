@@ -6,9 +6,7 @@ Every failure is an `MpdeployError` naming the fix. Full pickles (arbitrary code
 
 from __future__ import annotations
 
-import argparse
 import logging
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpdeploy import model_files
 from mpdeploy.errors import MpdeployError
+from mpdeploy.model_args import (  # noqa: F401 (re-exported: the commands import them from here)
+    DATA_SOURCE_FLAGS,
+    add_model_arguments,
+    bounded_input_shape,
+    load_model_from_args,
+    parse_input_shape,
+    parse_model_kwargs,
+    spec_from_args,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +43,8 @@ class ModelSpec:
     weights: str = "auto"  # for timm names: auto (pretrained if reachable) | pretrained | random
     trust_pickle: bool = False
     model_kwargs: tuple[tuple[str, Any], ...] = ()
+    data_spec: Any = None  # mpdeploy.data.DataSpec: how the model's inputs are made from images
+    data_sources: tuple[str, ...] = ()  # data the run will use, checked against the model up front
 
 
 @dataclass
@@ -48,18 +58,6 @@ class LoadedModel:
     @property
     def num_classes(self) -> int | None:
         return getattr(self.module, "num_classes", None)
-
-
-def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        dims = tuple(int(x) for x in str(text).replace("x", ",").split(",") if x.strip())
-    except ValueError:
-        raise MpdeployError(f"cannot parse --input-shape {text!r}: write C,H,W, e.g. 3,224,224") from None
-    if len(dims) != 3 or min(dims) < 1:
-        raise MpdeployError(f"--input-shape {text!r} must be three positive integers C,H,W, e.g. 3,224,224")
-    return dims
 
 
 def _timm():
@@ -121,6 +119,11 @@ def _timm_input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, dict[st
     if patch is not None and getattr(patch, "img_size", None) is not None:
         in_chans = patch.proj.in_channels if hasattr(patch, "proj") else (shape[0] if shape else 3)
         shape = (in_chans, *tuple(patch.img_size))
+    if shape:
+        # A model built with in_chans=N still reports its pretrained config's 3 channels.
+        stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if stem is not None and stem.groups == 1 and stem.in_channels != shape[0]:
+            shape = (stem.in_channels, *tuple(shape)[1:])
     return (tuple(int(x) for x in shape) if shape else None), dict(data_config)
 
 
@@ -134,25 +137,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as exc:
             raise MpdeployError(f"{path} is not a readable safetensors file ({exc}); check the file is complete") from None
-    obj = _torch_load_safe(path)
-    return _extract_state_dict(obj, path)
-
-
-def _torch_load_safe(path: Path) -> Any:
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text or "WeightsUnpickler" in text:
-            raise _PickleNeedsTrust(str(exc)) from None
-        raise MpdeployError(
-            f"{path} could not be read as a PyTorch file ({type(exc).__name__}: {text.splitlines()[0][:160]}); "
-            "it may be truncated or corrupt: re-save it"
-        ) from None
-
-
-class _PickleNeedsTrust(Exception):
-    pass
+    return _extract_state_dict(model_files.torch_load_weights(path), path)
 
 
 def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -170,40 +155,45 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     raise MpdeployError(f"{path} holds no state_dict (found {type(obj).__name__}); save `model.state_dict()`")
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-    return any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names)
-
-
-def _is_exported_program(path: Path) -> bool:
-    if path.suffix == ".pt2":
-        return True
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("serialized_exported_program.json") or "/models/" in n and n.endswith(".json") for n in zf.namelist())
-
-
 def _load_state_into_arch(state: dict[str, torch.Tensor], spec: ModelSpec, path: Path) -> tuple[nn.Module, dict]:
     if not spec.arch:
-        raise MpdeployError(f"{path} is a state_dict; pass --arch NAME (a timm model name) so it can be built")
+        raise MpdeployError(
+            f"{path} is a state_dict; pass --arch NAME (a timm model name, or module:Class for your own "
+            "nn.Module class) and --model-kwargs with the arguments it was built with"
+        )
     kwargs = dict(spec.model_kwargs)
     if spec.num_classes is not None:
         kwargs["num_classes"] = spec.num_classes
     arch = spec.arch.removeprefix("timm:")
     if arch.startswith("zoo:"):
-        from mpdeploy.zoo import create_zoo_model
-
-        model = create_zoo_model(arch.removeprefix("zoo:"), trained=False)
         source = {"kind": "zoo", "name": arch.removeprefix("zoo:")}
+    elif ":" in arch:
+        source = {"kind": "python", "name": arch, "kwargs": kwargs}
     else:
-        model, _ = create_timm_model(arch, weights="random", **kwargs)
         source = {"kind": "timm", "name": arch, "kwargs": kwargs}
+    model = recreate_architecture(source)
     load_weights_strict(model, state, where=str(path), arch=spec.arch)
     return model, source
+
+
+def create_python_model(target: str, kwargs: dict[str, Any]) -> nn.Module:
+    """`--arch package.module:Class`: the user's own nn.Module class, importable from their PYTHONPATH."""
+    import importlib
+
+    module_name, _, attr = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise MpdeployError(
+            f"cannot import --arch {target!r} ({type(exc).__name__}: {exc}); put its module on PYTHONPATH"
+        ) from None
+    try:
+        model = cls(**kwargs)
+    except TypeError as exc:
+        raise MpdeployError(f"--arch {target!r} does not take --model-kwargs {kwargs} ({exc})") from None
+    if not isinstance(model, nn.Module):
+        raise MpdeployError(f"--arch {target!r} built a {type(model).__name__}, not a torch nn.Module")
+    return model
 
 
 def load_weights_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str, arch: str) -> None:
@@ -240,10 +230,38 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         loaded = _load_file(spec)
     if spec.input_shape is not None:
         loaded.input_shape = tuple(spec.input_shape)
-    if loaded.source.get("kind") != "exported_program":
-        # torch.export programs keep the mode they were exported in and refuse .eval().
-        loaded.module.eval()
+    loaded.input_shape = bounded_input_shape(loaded.input_shape)
+    loaded.module.eval()
+    probe_input(loaded.module, loaded.input_shape, loaded.name)
+    _attach_data(loaded, spec)
     return loaded
+
+
+def _attach_data(loaded: LoadedModel, spec: ModelSpec) -> None:
+    """Record the user's preprocessing with the model and check the data sources fit it."""
+    from mpdeploy.data import check_source
+
+    if spec.data_spec is not None and not spec.data_spec.is_default:
+        # Recorded in the prune manifest with the model: audit and distill make inputs the same way.
+        loaded.data_config = {**loaded.data_config, "data_spec": spec.data_spec.to_dict()}
+    for source in spec.data_sources:
+        check_source(source, loaded.input_shape, loaded.data_config)
+
+
+def probe_input(module: nn.Module, input_shape: tuple[int, ...], name: str) -> None:
+    """One tiny forward pass, so a shape or channel mismatch is one line before any work starts."""
+    import contextlib
+    import io
+
+    try:  # (an fx GraphModule prints its own traceback to stderr when a call fails)
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            module(torch.zeros(1, *input_shape))
+    except (RuntimeError, ValueError, AssertionError, IndexError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise MpdeployError(
+            f"input {','.join(map(str, input_shape))} does not fit {name} ({type(exc).__name__}: {first}); "
+            "pass the --input-shape C,H,W (channels first) the model was trained with"
+        ) from None
 
 
 def _load_timm(spec: ModelSpec) -> LoadedModel:
@@ -257,10 +275,10 @@ def _load_timm(spec: ModelSpec) -> LoadedModel:
         path = _existing_file(spec.checkpoint)
         try:
             state = _read_state_dict(path)
-        except _PickleNeedsTrust:
+        except model_files.PickleNeedsTrust:
             raise MpdeployError(
-                f"{path} is a full pickle, not plain weights; re-save it as a state_dict or safetensors, "
-                "or pass --trust-pickle if you trust its author (it can run code)"
+                f"{path} is a full pickle, not plain weights; re-save it as a state_dict or safetensors "
+                "(or, if you trust its author, pass the pickle itself as MODEL with --trust-pickle)"
             ) from None
         load_weights_strict(model, state, where=str(path), arch=name)
         got = f"checkpoint:{path.name}"
@@ -290,47 +308,50 @@ def _existing_file(path: Path | str) -> Path:
 def _load_file(spec: ModelSpec) -> LoadedModel:
     path = _existing_file(spec.source)
     name = path.stem
-    if path.suffix == ".safetensors":
+    fmt = model_files.detect_format(path)
+
+    def code_source() -> dict[str, Any]:
+        # Formats that carry code are re-opened by later stages: record the file and the trust given.
+        return {"path": str(path.resolve()), "sha256": model_files.sha256_file(path),
+                "trust_pickle": bool(spec.trust_pickle)}
+
+    if fmt == "safetensors":
         model, source = _load_state_into_arch(_read_state_dict(path), spec, path)
         return _finish_file_model(model, spec, name, source)
-    if _is_torchscript(path):
-        try:
-            model = torch.jit.load(str(path), map_location="cpu")
-        except Exception as exc:
-            raise MpdeployError(f"{path} looks like TorchScript but failed to load ({exc}); re-save it") from None
-        return _finish_file_model(model, spec, name, {"kind": "torchscript", "path": str(path.resolve())})
-    if _is_exported_program(path):
-        try:
-            program = torch.export.load(str(path))
-        except Exception as exc:
-            raise MpdeployError(f"{path} looks like a torch.export program but failed to load ({exc}); re-save it") from None
-        module = program.module()
-        shape = spec.input_shape
-        example = getattr(program, "example_inputs", None)
-        if shape is None and example:
-            args = example[0] if isinstance(example, tuple) else ()
-            if args and isinstance(args[0], torch.Tensor):
-                shape = tuple(args[0].shape[1:])
-        return _finish_file_model(module, spec, name, {"kind": "exported_program", "path": str(path.resolve())}, shape)
-    if not zipfile.is_zipfile(path) and path.suffix not in (".pt", ".pth", ".bin", ".ckpt"):
+    if fmt == "torchscript":
+        from mpdeploy.graph_layers import torchscript_module
+
+        script = model_files.load_torchscript(path, spec.trust_pickle)
+        if spec.input_shape is None:  # (checked after the trust gate: that question comes first)
+            raise MpdeployError(f"TorchScript does not record its input shape; pass --input-shape C,H,W for {path}")
+        shape = bounded_input_shape(spec.input_shape)
+        module = torchscript_module(script, shape, str(path))
+        return _finish_file_model(module, spec, name, {"kind": "torchscript", **code_source(),
+                                                       "input_shape": list(shape)})
+    if fmt == "exported_program":
+        from mpdeploy.graph_layers import program_module
+
+        model_files.check_pt2_structure(path)  # a damaged file is "not readable", not a trust question
+        program = model_files.load_exported(path, spec.trust_pickle)
+        shape = spec.input_shape or model_files.example_input_shape(program)
+        if shape is None:
+            raise MpdeployError(f"cannot tell the input shape of {path}; pass --input-shape C,H,W")
+        shape = bounded_input_shape(shape)
+        module = program_module(program, shape, str(path))
+        return _finish_file_model(module, spec, name, {"kind": "exported_program", **code_source(),
+                                                       "input_shape": list(shape)}, shape)
+    if fmt == "unknown":
+        if path.suffix in (".pt", ".pth", ".bin", ".ckpt", ".pt2"):
+            raise model_files.not_readable(path, "neither a torch.save archive, TorchScript nor .pt2")
         raise MpdeployError(
             f"{path}: unknown model format; pass a .pt/.pth (state_dict, TorchScript or pickle), .pt2 or .safetensors"
         )
     try:
         state = _read_state_dict(path)
-    except _PickleNeedsTrust:
-        if not spec.trust_pickle:
-            raise MpdeployError(
-                f"{path} is a full pickle that can run arbitrary code when loaded; pass --trust-pickle only if "
-                "you trust its author, or re-save it as a state_dict / TorchScript / safetensors"
-            ) from None
-        logger.warning("unpickling %s with --trust-pickle: this runs code from the file", path)
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise MpdeployError(f"{path} failed to unpickle ({type(exc).__name__}: {exc}); is its code importable?") from None
+    except model_files.PickleNeedsTrust:
+        obj = model_files.load_pickle_module(path, spec.trust_pickle)
         if isinstance(obj, nn.Module):
-            return _finish_file_model(obj, spec, name, {"kind": "pickle", "path": str(path.resolve())})
+            return _finish_file_model(obj, spec, name, {"kind": "pickle", **code_source()})
         state = _extract_state_dict(obj, path)
     model, source = _load_state_into_arch(state, spec, path)
     return _finish_file_model(model, spec, name, source)
@@ -338,7 +359,8 @@ def _load_file(spec: ModelSpec) -> LoadedModel:
 
 def _finish_file_model(model, spec, name, source, shape=None) -> LoadedModel:
     data_config: dict[str, Any] = {}
-    if shape is None and source.get("kind") in ("timm", "zoo"):
+    # A pickled or --arch timm model carries its input size and channels in its pretrained config.
+    if shape is None and (source.get("kind") in ("timm", "zoo") or hasattr(model, "pretrained_cfg")):
         shape, data_config = _timm_input_shape(model)
     shape = spec.input_shape or shape
     if shape is None:
@@ -346,45 +368,12 @@ def _finish_file_model(model, spec, name, source, shape=None) -> LoadedModel:
     return LoadedModel(module=model, input_shape=tuple(shape), name=name, source=source, data_config=data_config)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """The model-loading flags shared by analyze / prune / build."""
-    nargs = None if required else "?"
-    parser.add_argument(
-        "model", nargs=nargs, default=None,
-        help="timm:NAME, zoo:NAME, or a model file (.pt/.pth/.pt2/.safetensors)",
-    )
-    group = parser.add_argument_group("model loading")
-    group.add_argument("--arch", help="timm architecture for a state_dict / safetensors file")
-    group.add_argument("--checkpoint", type=Path, help="local weights for a timm: model (.safetensors or .pth)")
-    group.add_argument("--input-shape", help="input C,H,W when the model cannot tell (e.g. 3,224,224)")
-    group.add_argument("--num-classes", type=int, help="classifier size for --arch / timm models")
-    group.add_argument("--weights", default="auto", choices=["auto", "pretrained", "random"],
-                       help="timm weights: auto = pretrained when reachable, else random init (default: auto)")
-    group.add_argument("--trust-pickle", action="store_true",
-                       help="allow loading a fully pickled module (runs code from the file)")
-
-
-def spec_from_args(args: argparse.Namespace, default: str | None = None) -> ModelSpec:
-    source = args.model or default
-    if source is None:
-        raise MpdeployError("no model given; pass timm:NAME, zoo:NAME or a model file")
-    return ModelSpec(
-        source=source,
-        arch=args.arch,
-        checkpoint=args.checkpoint,
-        input_shape=parse_input_shape(args.input_shape),
-        num_classes=args.num_classes,
-        weights=args.weights,
-        trust_pickle=args.trust_pickle,
-    )
-
-
-def load_model_from_args(args: argparse.Namespace, default: str | None = None) -> LoadedModel:
-    return load_model(spec_from_args(args, default))
-
-
 def recreate_architecture(source: dict[str, Any]) -> nn.Module:
-    """Build the (untrained) architecture a pruned artifact was made from, to load its weights into."""
+    """Build the architecture a pruned artifact was made from, to load its weights into.
+
+    timm / zoo / module:Class sources are built from their recorded arguments; pickle, TorchScript
+    and `.pt2` sources re-open the original file (same sha256) under the trust recorded at prune time.
+    """
     kind = source.get("kind")
     if kind == "timm":
         model, _ = create_timm_model(source["name"], weights="random", **source.get("kwargs", {}))
@@ -393,7 +382,8 @@ def recreate_architecture(source: dict[str, Any]) -> nn.Module:
         from mpdeploy.zoo import create_zoo_model
 
         return create_zoo_model(source["name"], trained=False)
-    raise MpdeployError(
-        f"artifacts from a {kind!r} model cannot be rebuilt from weights alone; load it from a timm name, "
-        "zoo name, or a state_dict with --arch"
-    )
+    if kind == "python":
+        return create_python_model(source["name"], dict(source.get("kwargs", {})))
+    if kind in model_files.CODE_FORMATS:
+        return model_files.reopen(source)
+    raise MpdeployError(f"artifact records an unknown model source {kind!r}; re-run prune")

@@ -153,8 +153,8 @@ def prune_model(loaded: LoadedModel, config: PruneConfig, progress: Progress | N
     layers = find_layers(model)
     if not layers:
         raise MpdeployError(
-            f"{loaded.name} has no nn.Linear / nn.Conv2d layers to prune (TorchScript and torch.export files "
-            "are not prunable); pass a timm name or a state_dict with --arch"
+            f"{loaded.name} has no nn.Linear / nn.Conv2d layers to prune (in TorchScript / .pt2 programs, only "
+            "aten.linear / aten.conv2d on a weight are); pass a timm name or a state_dict with --arch"
         )
     reasons = {layer.name: skip_reason(layer, config.pattern, config.include_head) for layer in layers}
     eligible = [layer for layer in layers if reasons[layer.name] is None]

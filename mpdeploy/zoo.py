@@ -128,14 +128,26 @@ def load_zoo_model(name: str, progress: Callable[[int, int, float], None] | None
     folder = zoo_root() / name
     config = {"arch": entry.arch, "kwargs": dict(entry.kwargs), "epochs": entry.epochs, "lr": entry.lr,
               "weight_decay": entry.weight_decay, "seed": 0}
-    if artifacts.is_complete(folder, "zoo", artifacts.sha256_json(config), {}):
-        load_weights_strict(model, load_file(str(folder / "model.safetensors")), str(folder), name)
-    else:
+    try:
+        cached = artifacts.is_complete(folder, "zoo", artifacts.sha256_json(config), {})
+        if cached:
+            load_weights_strict(model, load_file(str(folder / "model.safetensors")), str(folder), name)
+    except PermissionError as exc:
+        raise MpdeployError(
+            f"cannot read the zoo cache {folder} ({exc.strerror}: {exc.filename}); make it readable "
+            f"(chmod -R a+rX {folder}) or point {ZOO_ROOT_ENV} at a folder of your own"
+        ) from None
+    if not cached:
         logger.info("training zoo model %s on digits (first use; cached in %s)", name, folder)
         metrics = train_digits(model, entry, progress=progress)
         with artifacts.atomic_dir(folder) as tmp:
             state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
             save_file(state, str(tmp / "model.safetensors"))
+            # safetensors writes 0600; the cache is shared between users like every other artifact.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp / "model.safetensors", 0o666 & ~umask)
+            os.chmod(tmp, 0o777 & ~umask)
             artifacts.write_manifest(tmp, "zoo", config, extra={"metrics": metrics})
         logger.info("zoo model %s: test top-1 %.4f", name, metrics["test_top1"])
     model.eval()

@@ -74,11 +74,11 @@ def test_torchscript_and_exported_program(tmp_path):
     net = PickledNet().eval()
     x = torch.randn(2, 3, 2, 2)
     torch.jit.save(torch.jit.trace(net, x), tmp_path / "net.pt")
-    loaded = load_model(ModelSpec(str(tmp_path / "net.pt"), input_shape=(3, 2, 2)))
+    loaded = load_model(ModelSpec(str(tmp_path / "net.pt"), input_shape=(3, 2, 2), trust_pickle=True))
     assert torch.allclose(loaded.module(x), net(x))
     program = torch.export.export(net, (x,))
     torch.export.save(program, tmp_path / "net.pt2")
-    loaded = load_model(ModelSpec(str(tmp_path / "net.pt2")))
+    loaded = load_model(ModelSpec(str(tmp_path / "net.pt2"), trust_pickle=True))
     assert loaded.input_shape == (3, 2, 2)  # taken from the program's example inputs
     assert torch.allclose(loaded.module(x), net(x))
 
@@ -136,3 +136,53 @@ def test_cli_pickle_refused_and_truncated(capsys, tmp_path):
     torch.save(PickledNet(), tmp_path / "full.pt")
     code, err = _cli(capsys, ["prune", str(tmp_path / "full.pt"), "--input-shape", "3,2,2", "--out", str(tmp_path / "o")])
     assert code == 2 and "--trust-pickle" in err[-1] and not (tmp_path / "o").exists()
+
+
+def test_model_kwargs_are_literals():
+    from mpdeploy.models import parse_model_kwargs
+
+    got = parse_model_kwargs("in_chans=1, img_size=(32,32),global_pool=avg,drop_rate=0.1,dynamic=True,norm=None,ks=[3,5]")
+    assert got == (("in_chans", 1), ("img_size", (32, 32)), ("global_pool", "avg"), ("drop_rate", 0.1),
+                   ("dynamic", True), ("norm", None), ("ks", (3, 5)))
+    assert parse_model_kwargs("") == ()
+    for bad in ("in_chans", "=1", "x=open('f')", "1x=2", "a=(1,"):
+        with pytest.raises(MpdeployError, match="--model-kwargs"):
+            parse_model_kwargs(bad)
+
+
+def test_timm_model_kwargs_recorded_and_rebuilt():
+    from mpdeploy.models import parse_model_kwargs, recreate_architecture
+
+    kwargs = parse_model_kwargs("in_chans=1,img_size=16,patch_size=4,embed_dim=32,depth=1,num_heads=2,num_classes=10")
+    loaded = load_model(ModelSpec("timm:vit_tiny_patch16_224", weights="random", model_kwargs=kwargs))
+    assert loaded.input_shape == (1, 16, 16)
+    rebuilt = recreate_architecture(loaded.source)
+    assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in loaded.module.state_dict().items()}
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
+def test_analyze_sees_the_layers_of_programs(tmp_path, capsys, fmt):
+    import json
+
+    from own_archs import SmallCNN
+
+    net = SmallCNN(in_chans=1).eval()
+    if fmt == "pt2":
+        program = torch.export.export(net, (torch.randn(2, 1, 16, 16),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.export.save(program, tmp_path / "net.pt2")
+        args = [str(tmp_path / "net.pt2")]
+    else:
+        torch.jit.save(torch.jit.script(net), tmp_path / "net.pt")
+        args = [str(tmp_path / "net.pt"), "--input-shape", "1,16,16"]
+    code = cli_main(["-q", "analyze", *args, "--trust-pickle", "--no-plots", "--out", str(tmp_path / "an")])
+    assert code == 0, capsys.readouterr().err
+    layers = json.loads((tmp_path / "an" / "spectra.json").read_text())["layers"]
+    assert [layer["name"] for layer in layers] == ["stem", "conv", "expand", "fc"]
+    # The lifted program computes what the original module computes.
+    from mpdeploy.models import ModelSpec, load_model
+
+    loaded = load_model(ModelSpec(args[0], input_shape=(1, 16, 16), trust_pickle=True))
+    x = torch.randn(3, 1, 16, 16)
+    torch.testing.assert_close(loaded.module(x), net(x), rtol=1e-5, atol=1e-5)
