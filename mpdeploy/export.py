@@ -10,15 +10,16 @@ ONNX has no N:M annotation, so patterns travel in `metadata_props`: the model-le
 `mpdeploy.sparsity` (JSON), and per initializer where this onnx version's TensorProto has
 `metadata_props` (`mpdeploy.nm_pattern`, `mpdeploy.nm_axis`, `mpdeploy.param`).
 
-After every export the ONNX is checked by TensorRT's placement rules (`check_trt_sparsity`, the rules
-Polygraphy's `inspect sparsity` implements) and run in ONNX Runtime against PyTorch.
+After every export the ONNX is checked by TensorRT's placement rules (`check_trt_sparsity` in
+`mpdeploy.onnx_sparsity`, the rules Polygraphy's `inspect sparsity` implements) and run in ONNX Runtime
+against PyTorch. With `precision` fp16 / bf16 / int8 the stage also writes `model.<precision>.onnx` and
+`model.dense.<precision>.onnx` for strongly typed TensorRT builds, checked again (`mpdeploy.export_precision`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import io
 import json
 import logging
@@ -33,7 +34,16 @@ import numpy as np
 
 from mpdeploy import artifacts
 from mpdeploy.errors import MpdeployError
-from mpdeploy.patterns import NM, parse_pattern
+from mpdeploy.onnx_map import Mapped, map_initializers  # noqa: F401 - re-exported
+from mpdeploy.onnx_precision import PRECISIONS
+from mpdeploy.onnx_sparsity import (  # noqa: F401 - re-exported: the rules used to live here
+    DATA_MOVEMENT_OPS,
+    SEE_THROUGH_OPS,
+    check_trt_sparsity,
+    nm_compliant_along,
+    tensor_array,
+)
+from mpdeploy.patterns import parse_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +56,6 @@ EXPORTERS = ("legacy", "dynamo")
 PROTOBUF_LIMIT = 2**31 - 1
 CHECK_SEED = 0
 
-# What TensorRT's sparsity check (and Polygraphy's) looks through between a weight and its consumer.
-SEE_THROUGH_OPS = frozenset({
-    "QuantizeLinear", "DequantizeLinear", "TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear", "Cast",
-})
-# Ops that only move data: the weight behind them is found (to say why it is not eligible) but is
-# not eligible, because TensorRT's check stops there.
-DATA_MOVEMENT_OPS = frozenset({
-    "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Concat", "Expand",
-    "Tile", "Split",
-})
-
-
 @dataclass(frozen=True)
 class ExportConfig:
     opset: int = 18
@@ -67,8 +65,16 @@ class ExportConfig:
     allow_ineligible: bool = False
     check_batch: int = 2  # ONNX Runtime check batch (plus 1, for a dynamic batch); a static export has batch 1
     atol: float = 1e-4
+    # fp16 / bf16 / int8 also write model.<precision>.onnx and model.dense.<precision>.onnx (mpdeploy.onnx_precision)
+    precision: str = "fp32"
+    calib: str | None = None  # int8 calibration: DIR | digits | synthetic; default: the pruned artifact's own
+    calib_images: int = 128
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise MpdeployError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.calib_images < 1:
+            raise MpdeployError(f"calibration images must be at least 1, not {self.calib_images}")
         if self.exporter not in EXPORTERS:
             raise MpdeployError(f"unknown exporter {self.exporter!r}; choose one of {', '.join(EXPORTERS)}")
         if not 14 <= int(self.opset) <= 23:
@@ -79,274 +85,6 @@ class ExportConfig:
             raise MpdeployError(f"check batch must be at least 1, not {self.check_batch}")
         if not self.atol > 0:
             raise MpdeployError(f"atol must be positive, not {self.atol}")
-
-
-# ---------------------------------------------------------------------------------------------------
-# TensorRT's sparsity placement rules on an ONNX graph
-
-
-def _float_dtypes() -> dict[int, str]:
-    import onnx
-
-    return {onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.BFLOAT16: "BF16"}
-
-
-def _dtype_name(data_type: int) -> str:
-    import onnx
-
-    try:
-        return onnx.TensorProto.DataType.Name(data_type)
-    except ValueError:
-        return str(data_type)
-
-
-def tensor_array(tensor) -> np.ndarray:
-    """Initializer as a numpy array; BF16 comes back as its raw uint16 bits (zeros: bits & 0x7fff == 0)."""
-    import onnx
-    from onnx import numpy_helper
-
-    if tensor.data_type == onnx.TensorProto.BFLOAT16:
-        if tensor.raw_data:
-            bits = np.frombuffer(tensor.raw_data, dtype=np.uint16)
-        else:
-            bits = np.asarray(tensor.int32_data, dtype=np.uint32).astype(np.uint16)
-        return (bits & 0x7FFF).reshape(tuple(tensor.dims))
-    return numpy_helper.to_array(tensor)
-
-
-def nm_compliant_along(array: np.ndarray, axis: int, pattern: NM) -> bool:
-    """At most `n` nonzeros in every `m` consecutive entries along `axis` (all other indices fixed)."""
-    arr = np.asarray(array)
-    if axis >= arr.ndim or arr.shape[axis] % pattern.m:
-        return False
-    moved = np.moveaxis(arr != 0, axis, -1)
-    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // pattern.m, pattern.m).sum(-1)
-    return bool((groups <= pattern.n).all())
-
-
-def _attr(node, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            import onnx
-
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def _trace_weight(name: str, axis: int, inits: dict, producers: dict) -> tuple[str | None, int, list[str], str | None]:
-    """Walk from a consumer input back to an initializer.
-
-    Returns (initializer or None, the axis in the initializer, ops passed, the first op TensorRT's
-    check does not look through or None). The axis is followed through Transpose; past a blocking op
-    it is meaningless and only the initializer is reported.
-    """
-    path: list[str] = []
-    blocked: str | None = None
-    seen = set()
-    while name not in inits:
-        node = producers.get(name)
-        if node is None or name in seen or not node.input:
-            return None, axis, path, blocked
-        seen.add(name)
-        op = node.op_type
-        path.append(op)
-        if blocked is None and op in SEE_THROUGH_OPS:
-            name = node.input[0]
-        elif blocked is None and op == "Transpose":
-            perm = _attr(node, "perm")
-            # Output axis i is input axis perm[i]; no perm means reversed axes.
-            axis = list(perm)[axis] if perm is not None else -1 - axis
-            name = node.input[0]
-        elif op in DATA_MOVEMENT_OPS or op in SEE_THROUGH_OPS or op == "Transpose":
-            blocked = blocked or op
-            name = node.input[0]
-        else:
-            # Arithmetic (Mul, Add, LayerNormalization, ...): report a weight fed straight into it.
-            direct = [i for i in node.input if i in inits and len(inits[i].dims) >= 2]
-            if len(direct) == 1:
-                return direct[0], axis, path, blocked or op
-            return None, axis, path, blocked or op
-    return name, axis, path, blocked
-
-
-def _weight_inputs(node) -> list[tuple[int, int, str]]:
-    """(input index, required axis, role) of each input of a consumer TensorRT could run sparse."""
-    if node.op_type == "Conv" and len(node.input) > 1:
-        return [(1, 1, "weight")]
-    if node.op_type == "MatMul":
-        return [(1, 0, "B"), (0, 1, "A")]
-    if node.op_type == "Gemm":
-        trans_a, trans_b = int(_attr(node, "transA", 0)), int(_attr(node, "transB", 0))
-        return [(1, 1 if trans_b else 0, "B"), (0, 0 if trans_a else 1, "A")]
-    return []
-
-
-def check_trt_sparsity(model) -> dict[str, dict[str, Any]]:
-    """TensorRT's 2:4 placement rules on every weight reaching a Conv / MatMul / Gemm.
-
-    Returns {initializer: {"consumer_op", "consumer", "input", "axis", "path", "dtype", "shape",
-    "eligible", "is_2_4", "reason"}}. `eligible`: TensorRT would consider the weight for sparse math
-    (right input, reached only through Q/DQ, Cast, Transpose; FP32/FP16/BF16; the pruned axis a
-    multiple of 4). `is_2_4`: every 4 consecutive entries along that axis hold at least two zeros.
-    """
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    dtypes = _float_dtypes()
-    report: dict[str, dict[str, Any]] = {}
-    for node in graph.node:
-        for index, required_axis, role in _weight_inputs(node):
-            if index >= len(node.input) or not node.input[index]:
-                continue
-            init, axis, path, blocked = _trace_weight(node.input[index], required_axis, inits, producers)
-            if init is None or (role == "A" and blocked is not None):
-                continue
-            tensor = inits[init]
-            dims = list(tensor.dims)
-            entry = {
-                "consumer_op": node.op_type, "consumer": node.name, "input": index, "axis": axis,
-                "path": path, "dtype": dtypes.get(tensor.data_type) or _dtype_name(tensor.data_type), "shape": dims,
-                "eligible": False, "is_2_4": False, "reason": None,
-            }
-            if role == "A":
-                entry["reason"] = (f"constant {node.op_type} input A: TensorRT's sparse path takes the constant "
-                                   "weight input B only")
-            elif blocked is not None:
-                entry["axis"] = None
-                entry["reason"] = (f"reaches {node.op_type} through {blocked} (path {' <- '.join(path)}): "
-                                   f"TensorRT's sparsity check does not look through {blocked}")
-            elif not 0 <= axis < len(dims):
-                entry["reason"] = f"axis {axis} does not exist in a {len(dims)}-D weight {dims}"
-            elif tensor.data_type not in dtypes:
-                entry["reason"] = f"data type {entry['dtype']}: only FP32/FP16/BF16 weights are checked"
-            elif dims[axis] % 4:
-                entry["reason"] = f"axis {axis} has length {dims[axis]}, not a multiple of 4"
-            else:
-                entry["eligible"] = True
-            if entry["axis"] is not None and 0 <= entry["axis"] < len(dims) and tensor.data_type in dtypes:
-                entry["is_2_4"] = nm_compliant_along(tensor_array(tensor), entry["axis"], NM(2, 4))
-            if entry["eligible"] and not entry["is_2_4"]:
-                entry["reason"] = f"eligible, but not 2:4 along axis {axis}"
-            # A weight seen by several consumers: the clean weight-input path is what TensorRT (and
-            # Polygraphy) judge; two clean paths wanting different axes cannot both be 2:4.
-            entry["_rank"] = 0 if blocked is not None else (1 if role == "A" else 2)
-            previous = report.get(init)
-            if previous is None or entry["_rank"] > previous["_rank"]:
-                report[init] = entry
-            elif entry["_rank"] == previous["_rank"] == 2 and previous["axis"] != entry["axis"]:
-                previous.update(eligible=False, reason=f"used by several consumers along different axes "
-                                                       f"({previous['axis']} and {entry['axis']})")
-    for entry in report.values():
-        del entry["_rank"]
-    return report
-
-
-# ---------------------------------------------------------------------------------------------------
-# ONNX initializer -> PyTorch parameter
-
-
-@dataclass(frozen=True)
-class Mapped:
-    initializer: str
-    transposed: bool  # the initializer is the 2-D parameter transposed ([in, out])
-    method: str  # "value" | "value-transposed" | "value-scaled" | "value-scaled-transposed" | "name"
-
-
-def _digest(arr: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
-
-
-def _scaled_match(param: np.ndarray, init: np.ndarray) -> bool:
-    """`init` is `param` times one factor per output channel (axis 0), as when BatchNorm is folded."""
-    p = param.reshape(param.shape[0], -1).astype(np.float64)
-    w = init.reshape(init.shape[0], -1).astype(np.float64)
-    if np.any((p == 0) & (w != 0)):
-        return False
-    pp = (p * p).sum(1)
-    scale = np.divide((w * p).sum(1), pp, out=np.zeros_like(pp), where=pp > 0)
-    err = np.abs(w - scale[:, None] * p).max(initial=0.0)
-    return bool(err <= 1e-5 * max(np.abs(w).max(initial=0.0), 1e-12))
-
-
-def _name_variants(param: str) -> set[str]:
-    flat = param.replace(".", "_")
-    return {param, flat, f"p_{flat}", f"onnx::{param}"}
-
-
-def map_initializers(model_proto, params: dict[str, np.ndarray], layers: dict[str, str]) -> dict[str, Mapped]:
-    """Find the ONNX initializer holding each parameter, by value first, then by name.
-
-    `params`: parameter name -> fp32 array (PyTorch layout); `layers`: parameter -> layer name (for
-    messages). Exact byte equality (as stored, or transposed for 2-D) first; then equality up to one
-    factor per output channel (an exporter folded BatchNorm into the weight); then the name.
-    """
-    import onnx
-
-    inits = {t.name: t for t in model_proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
-    shapes = {n: tuple(t.dims) for n, t in inits.items()}
-    wanted = {tuple(a.shape) for a in params.values()} | {tuple(a.T.shape) for a in params.values() if a.ndim == 2}
-    arrays = {n: tensor_array(t) for n, t in inits.items() if shapes[n] in wanted}
-    by_digest: dict[str, list[str]] = {}
-    for n, arr in arrays.items():
-        by_digest.setdefault(_digest(arr), []).append(n)
-
-    mapped: dict[str, Mapped] = {}
-    claimed: set[str] = set()
-
-    def pick(param: str, found: list[tuple[str, bool]], method: str) -> bool:
-        unique: dict[str, bool] = {}
-        for n, t in found:  # a symmetric matrix matches as itself and transposed: keep "itself"
-            if n not in claimed:
-                unique.setdefault(n, t)
-        found = list(unique.items())
-        if len(found) > 1:  # equal-valued duplicates: only the name can tell them apart
-            named = [(n, t) for n, t in found if n in _name_variants(param)]
-            if len(named) != 1:
-                names = ", ".join(sorted(n for n, _ in found))
-                raise MpdeployError(
-                    f"cannot tell which ONNX initializer holds layer {layers.get(param, param)} ({param}): "
-                    f"{names} all match its values; re-prune or export with --exporter legacy"
-                )
-            found = named
-        if not found:
-            return False
-        name, transposed = found[0]
-        mapped[param] = Mapped(name, transposed, method + ("-transposed" if transposed else ""))
-        claimed.add(name)
-        return True
-
-    for param, arr in params.items():
-        found = [(n, False) for n in by_digest.get(_digest(arr), [])]
-        if arr.ndim == 2:
-            found += [(n, True) for n in by_digest.get(_digest(arr.T), [])]
-        pick(param, found, "value")
-    for param, arr in params.items():
-        if param in mapped:
-            continue
-        found = [(n, False) for n, a in arrays.items() if n not in claimed and a.shape == arr.shape
-                 and _scaled_match(arr, a)]
-        if arr.ndim == 2:
-            found += [(n, True) for n, a in arrays.items() if n not in claimed and a.shape == arr.T.shape
-                      and _scaled_match(arr, a.T)]
-        # An all-zero initializer (BatchNorm gamma = 0 folded in) "matches" any parameter with scale 0:
-        # take one only when nothing with values matches.
-        informative = [(n, t) for n, t in found if np.any(arrays[n] != 0)]
-        pick(param, informative or found, "value-scaled")
-    for param, arr in params.items():
-        if param in mapped:
-            continue
-        found = [(n, False) for n in _name_variants(param) if n in shapes and shapes[n] == arr.shape]
-        if pick(param, found, "name"):
-            logger.warning("%s: ONNX initializer %s matched by name only (its values differ from the parameter)",
-                           param, mapped[param].initializer)
-    missing = [p for p in params if p not in mapped]
-    if missing:
-        names = ", ".join(f"{layers.get(p, p)} ({p})" for p in missing[:5])
-        raise MpdeployError(
-            f"no ONNX initializer holds the pruned weight of {names}{' ...' if len(missing) > 5 else ''} "
-            "(the exporter folded or split it); try the other --exporter"
-        )
-    return mapped
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -683,6 +421,13 @@ def export(pruned_dir: Path, config: ExportConfig, out_dir: Path) -> Path:
                     f"{name}: ONNX Runtime output of the {variant} model differs from PyTorch by {diff:.3g} "
                     f"(atol {config.atol:g}); try the other --exporter or a larger atol"
                 )
+        precision = None
+        if config.precision != "fp32":
+            from mpdeploy.export_precision import write_precision_files
+
+            t0 = time.perf_counter()
+            precision = write_precision_files(tmp, config.precision, records, sparse.manifest, config)
+            timings[f"{config.precision}_s"] = time.perf_counter() - t0
 
         summary = {
             "annotated": len(records),
@@ -715,6 +460,7 @@ def export(pruned_dir: Path, config: ExportConfig, out_dir: Path) -> Path:
                           "atol": config.atol, "batch": batches[0], "batches": batches,
                           "provider": "CPUExecutionProvider"},
             "summary": summary,
+            "precision": precision,
         }
         artifacts.write_json(tmp / "sparsity.json", sparsity)
         artifacts.write_manifest(
@@ -726,6 +472,8 @@ def export(pruned_dir: Path, config: ExportConfig, out_dir: Path) -> Path:
                 "summary": {k: v for k, v in summary.items() if k != "ineligible"},
                 "ort_check": sparsity["ort_check"],
                 "fp16_initializers": len(fp16),
+                "precision": config.precision,
+                "precision_files": (precision or {}).get("files"),
                 "timings": timings,
                 "torch_version": torch.__version__,
             },

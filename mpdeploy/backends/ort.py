@@ -173,7 +173,7 @@ class OrtBackend(Backend):
         """The saved engine still computes what the export did, and its 2:4 weights survived optimization."""
         import onnx
 
-        from mpdeploy.export import check_trt_sparsity
+        from mpdeploy.onnx_sparsity import check_trt_sparsity
 
         def eligible_24(path: Path) -> int:
             return sum(v["eligible"] and v["is_2_4"] for v in check_trt_sparsity(onnx.load(str(path))).values())

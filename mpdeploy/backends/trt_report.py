@@ -9,7 +9,7 @@ guide, "Structured Sparsity"; also quoted in NVIDIA/TensorRT issues #2169 and #4
 Layer names are TensorRT's (fused layers read "Conv_619 + Relu_620"; TensorRT 10 names carry the ONNX
 node names, Myelin regions read "{ForeignNode[first...last]}"). The engine inspector
 (`IEngineInspector.get_engine_information(LayerInformationFormat.JSON)`, ProfilingVerbosity.DETAILED)
-gives `{"Layers": [...], "Bindings": [...]}` with per-layer `Name`, `LayerType`, `TacticName`,
+gives `{"Layers": [...], "Bindings": [...]}` (TensorRT 11: "I/O Tensors" instead of "Bindings") with per-layer `Name`, `LayerType`, `TacticName`,
 `TacticValue`, `Weights`, and `HasSparseWeights` (older releases: `AllowSparse`).
 
 Nothing here imports TensorRT: the parsers run on CPU and are tested on text in those formats.
@@ -30,6 +30,10 @@ _PROFILE_SUFFIX = re.compile(r"\s*\[profile (\d+)\]")
 # Sparse tensor-core kernels carry "sparse" / "sptensor" in their names (e.g. *_sparse_conv_*, *_sptensor16x8x32_*).
 _SPARSE_TACTIC = re.compile(r"sparse|sptensor", re.IGNORECASE)
 SMALL_BATCH = 4  # batches at or below this rarely gain from sparse kernels (too little work per weight)
+NEITHER_LINE = ("neither '(Sparsity) Layers eligible for sparse math' nor '(Sparsity) TRT inference plan picked sparse "
+                "implementation' appears in the build log (the logger was not verbose, SPARSE_WEIGHTS was off, or this "
+                "TensorRT no longer prints them: whether TensorRT 11 does is not confirmed by any public log); sparse "
+                "use is judged from the engine inspector's HasSparseWeights and tactic names only")
 
 
 def _split_layers(text: str) -> list[str]:
@@ -147,6 +151,27 @@ def parse_engine_inspector(info: str | dict[str, Any]) -> list[dict[str, Any]]:
     return layers
 
 
+def parse_engine_io(info: str | dict[str, Any]) -> dict[str, Any]:
+    """The engine's I/O tensors from the inspector JSON: TensorRT 10 calls the list "Bindings" (names), TensorRT
+    11 "I/O Tensors" (objects with Name / Mode / Datatype / Dimensions). Returns {"key", "tensors": [{name,
+    mode, dtype, shape}]}; key None when neither is present."""
+    data = json.loads(info) if isinstance(info, (str, bytes)) else info
+    if not isinstance(data, dict):
+        return {"key": None, "tensors": []}
+    for key in ("I/O Tensors", "Bindings"):
+        if key in data:
+            tensors = []
+            for raw in data.get(key) or []:
+                if isinstance(raw, str):
+                    tensors.append({"name": raw, "mode": None, "dtype": None, "shape": None})
+                elif isinstance(raw, dict):
+                    tensors.append({"name": raw.get("Name"), "mode": raw.get("Mode") or raw.get("IOMode"),
+                                    "dtype": raw.get("Datatype") or raw.get("DataType"),
+                                    "shape": raw.get("Dimensions") or raw.get("Shape")})
+            return {"key": key, "tensors": tensors}
+    return {"key": None, "tensors": []}
+
+
 def _parts(layer_name: str) -> list[str]:
     """The ONNX-level names inside a (possibly fused) TensorRT layer name."""
     return [p.strip() for p in layer_name.split(" + ") if p.strip()]
@@ -192,7 +217,9 @@ def pitfall_warnings(report: dict[str, Any], sparsity_json: dict[str, Any] | Non
     if precision == "fp32":
         warnings.append("precision fp32: TensorRT runs sparse math only in FP16/BF16/INT8, so SPARSE_WEIGHTS does "
                         "nothing here; build with --precision fp16 (or int8)")
-    if eligible is None:
+    if eligible is None and picked is None:
+        warnings.append(NEITHER_LINE)
+    elif eligible is None:
         warnings.append("the build log has no '(Sparsity) Layers eligible for sparse math' line: the logger was not "
                         "verbose or SPARSE_WEIGHTS was not set, so eligibility is unknown")
     else:
@@ -236,3 +263,160 @@ def pitfall_warnings(report: dict[str, Any], sparsity_json: dict[str, Any] | Non
         warnings.append(f"tiny batch sizes ({', '.join(map(str, batches))}): at batch <= {SMALL_BATCH} sparse kernels are "
                         "often slower than dense; compare the audit's per-batch latency, not one number")
     return warnings
+
+
+# ---------------------------------------------------------------------------------------------------
+# INT8 / strongly typed pitfalls visible in the ONNX graph itself (no TensorRT needed)
+
+WEIGHTED_OPS = ("Conv", "MatMul", "Gemm", "ConvTranspose")
+# Ops TensorRT fuses into a Conv/GEMM epilogue before the output QuantizeLinear (bias, residual, activation).
+EPILOGUE_OPS = frozenset({"Add", "Relu", "Clip", "Sigmoid", "Mul", "LeakyRelu", "BatchNormalization", "Gelu",
+                          "HardSigmoid", "HardSwish", "Tanh"})
+FLOAT_NAMES = {1: "FP32", 10: "FP16", 16: "BF16", 11: "FP64"}
+# Ops that compute (so an FP32 one is an FP32 island); data movement and Q/DQ do not count.
+_NOT_COMPUTE = frozenset({"QuantizeLinear", "DequantizeLinear", "Cast", "Reshape", "Transpose", "Flatten", "Squeeze",
+                          "Unsqueeze", "Shape", "Gather", "Concat", "Slice", "Identity", "Constant", "Expand", "Split"})
+
+
+def _graph_maps(model) -> tuple[dict, dict, dict]:
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return inits, producers, consumers
+
+
+def _quantized_output(node, consumers: dict) -> bool:
+    """The weighted op's output reaches a QuantizeLinear through single-consumer epilogue ops only."""
+    name = node.output[0]
+    for _ in range(6):
+        users = consumers.get(name, [])
+        if len(users) == 1 and users[0].op_type == "QuantizeLinear":
+            return True
+        if any(u.op_type == "QuantizeLinear" for u in users):
+            return True
+        if len(users) != 1 or users[0].op_type not in EPILOGUE_OPS:
+            return False
+        name = users[0].output[0]
+    return False
+
+
+def _weight_dq(node, producers: dict, inits: dict) -> tuple[str | None, str | None]:
+    """('dq', None) weight through DQ as TensorRT fuses it; ('dq', problem) if the DQ is misplaced; (None, None) no DQ."""
+    if len(node.input) < 2:
+        return None, None
+    producer = producers.get(node.input[1])  # the weight: Conv W, MatMul / Gemm B
+    path = []
+    while producer is not None and producer.op_type in ("Transpose", "Reshape", "Cast", "Identity"):
+        path.append(producer.op_type)
+        producer = producers.get(producer.input[0])
+    if producer is None or producer.op_type != "DequantizeLinear":
+        return None, None
+    src = producer.input[0]
+    before = producers.get(src)
+    constant = src in inits or (before is not None and before.op_type == "QuantizeLinear" and before.input[0] in inits)
+    if not constant:
+        return "dq", "its weight DequantizeLinear does not take a constant (initializer or Q of one)"
+    if path:
+        return "dq", (f"{' <- '.join(path)} sits between the weight's DequantizeLinear and the {node.op_type}: "
+                      "TensorRT fuses constant -> DQ -> op only")
+    return "dq", None
+
+
+def qdq_graph_findings(model) -> dict[str, Any]:
+    """INT8 Q/DQ and strongly typed pitfalls in an ONNX graph (pure graph analysis).
+
+    Returns {"quantized_weights", "unquantized_outputs", "unfusable_qdq", "fp32_islands", "warnings"}:
+    weighted ops whose weight arrives through DQ but whose output never reaches a QuantizeLinear (no INT8
+    epilogue: sparse INT8 kernels want INT8 in and out, NVIDIA/Model-Optimizer#1664); Q/DQ where TensorRT
+    cannot fuse it (DQ on a non-constant weight, DQ -> Reshape/Transpose -> op, Q/DQ between a Conv and
+    the BatchNormalization that should fold into it); compute ops left in FP32 in a graph that is
+    otherwise FP16/BF16/INT8 (a strongly typed network runs them in FP32, as written).
+    """
+    inits, producers, consumers = _graph_maps(model)
+    quantized, no_epilogue, unfusable = [], [], []
+    for node in model.graph.node:
+        if node.op_type not in WEIGHTED_OPS:
+            continue
+        kind, problem = _weight_dq(node, producers, inits)
+        if kind is None:
+            continue
+        quantized.append(node.name)
+        if problem:
+            unfusable.append({"node": node.name, "reason": problem})
+        if not _quantized_output(node, consumers):
+            no_epilogue.append(node.name)
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization":
+            continue
+        dq = producers.get(node.input[0])
+        q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        conv = producers.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+        if conv is not None and conv.op_type == "Conv":
+            unfusable.append({"node": node.name, "reason": f"Q/DQ between {conv.name} and its BatchNormalization: "
+                                                            "TensorRT cannot fold the BatchNorm into the quantized Conv"})
+    islands = _fp32_islands(model, producers, inits)
+    warnings = []
+    if no_epilogue:
+        warnings.append(f"INT8: {len(no_epilogue)} of {len(quantized)} quantized Conv/MatMul/Gemm have no quantized "
+                        f"output (e.g. {', '.join(no_epilogue[:3])}): without an INT8 epilogue TensorRT may mark the "
+                        "weights sparse yet run dense kernels (NVIDIA/Model-Optimizer#1664)")
+    if unfusable:
+        warnings.append(f"INT8: {len(unfusable)} Q/DQ placements TensorRT cannot fuse, e.g. {unfusable[0]['node']}: "
+                        f"{unfusable[0]['reason']}")
+    if islands["compute_ops"] and islands["low_precision_ops"]:
+        warnings.append(f"strongly typed: {len(islands['compute_ops'])} compute ops stay FP32 in a "
+                        f"{'/'.join(islands['low_precision'])} network (e.g. {', '.join(islands['compute_ops'][:3])}): "
+                        "TensorRT runs them in FP32 exactly as written (no precision flags to lower them)")
+    return {"quantized_weights": quantized, "unquantized_outputs": no_epilogue, "unfusable_qdq": unfusable,
+            "fp32_islands": islands["compute_ops"], "warnings": warnings}
+
+
+def _tensor_types(model) -> dict[str, int]:
+    """Element type of every tensor: declared where the graph says, else carried forward from the first
+    typed float input (Cast sets its own; DequantizeLinear gives FP32)."""
+    graph = model.graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        if value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    for node in graph.node:
+        if node.op_type == "Cast":
+            to = next((a.i for a in node.attribute if a.name == "to"), None)
+            if to is not None:
+                types[node.output[0]] = to
+            continue
+        if node.op_type == "DequantizeLinear":
+            types.setdefault(node.output[0], 1)
+            continue
+        carried = next((types[i] for i in node.input if types.get(i) in FLOAT_NAMES), None)
+        for out in node.output:
+            if out not in types and carried is not None:
+                types[out] = carried
+    return types
+
+
+def _fp32_islands(model, producers: dict, inits: dict) -> dict[str, Any]:
+    """Compute ops whose float inputs are FP32, in a graph that also computes in FP16/BF16 or through Q/DQ."""
+    types = _tensor_types(model)
+    fp32_ops, low = [], set()
+    quantized_inputs = set()
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear":
+            quantized_inputs.add(node.output[0])
+    for node in model.graph.node:
+        if node.op_type in _NOT_COMPUTE:
+            continue
+        float_inputs = [types.get(i) for i in node.input if i and types.get(i) in FLOAT_NAMES]
+        if any(t in (10, 16) for t in float_inputs):
+            low.add(FLOAT_NAMES[next(t for t in float_inputs if t in (10, 16))])
+            continue
+        if any(i in quantized_inputs for i in node.input):
+            low.add("INT8")
+            continue
+        if float_inputs and all(t == 1 for t in float_inputs):
+            fp32_ops.append(node.name or node.op_type)
+    return {"compute_ops": fp32_ops if low else [], "low_precision_ops": bool(low), "low_precision": sorted(low)}
