@@ -319,6 +319,8 @@ def _weight_dq(node, producers: dict, inits: dict) -> tuple[str | None, str | No
     before = producers.get(src)
     constant = src in inits or (before is not None and before.op_type == "QuantizeLinear" and before.input[0] in inits)
     if not constant:
+        if node.op_type == "MatMul":
+            return None, None  # activation x activation (attention): both inputs quantized, no weight
         return "dq", "its weight DequantizeLinear does not take a constant (initializer or Q of one)"
     if path:
         return "dq", (f"{' <- '.join(path)} sits between the weight's DequantizeLinear and the {node.op_type}: "
