@@ -80,11 +80,11 @@ def to_fp16(model_proto):
 
 
 def _bf16_tensor(array: np.ndarray, name: str):
-    """An ONNX BFLOAT16 TensorProto from float values (round to nearest even, as ml_dtypes does)."""
-    import ml_dtypes
+    """An ONNX BFLOAT16 TensorProto from float values (round to nearest even; weights are finite)."""
     import onnx
 
-    bits = np.asarray(array, dtype=np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+    f32 = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    bits = ((f32 + 0x7FFF + ((f32 >> 16) & 1)) >> 16).astype(np.uint16)  # +-0 stay +-0
     tensor = onnx.TensorProto(name=name, data_type=onnx.TensorProto.BFLOAT16, dims=list(bits.shape))
     tensor.raw_data = bits.tobytes()
     return tensor

@@ -30,10 +30,11 @@ _PROFILE_SUFFIX = re.compile(r"\s*\[profile (\d+)\]")
 # Sparse tensor-core kernels carry "sparse" / "sptensor" in their names (e.g. *_sparse_conv_*, *_sptensor16x8x32_*).
 _SPARSE_TACTIC = re.compile(r"sparse|sptensor", re.IGNORECASE)
 SMALL_BATCH = 4  # batches at or below this rarely gain from sparse kernels (too little work per weight)
-NEITHER_LINE = ("neither '(Sparsity) Layers eligible for sparse math' nor '(Sparsity) TRT inference plan picked sparse "
-                "implementation' appears in the build log (the logger was not verbose, SPARSE_WEIGHTS was off, or this "
-                "TensorRT no longer prints them: whether TensorRT 11 does is not confirmed by any public log); sparse "
-                "use is judged from the engine inspector's HasSparseWeights and tactic names only")
+NEITHER_LINE = ("neither sparsity line appears: the build log has no '(Sparsity) Layers eligible for sparse math' line "
+                "and no '(Sparsity) TRT inference plan picked sparse implementation' line (the logger was not verbose, "
+                "SPARSE_WEIGHTS was off, or this TensorRT no longer prints them: whether TensorRT 11 does is not "
+                "confirmed by any public log); sparse use is judged from the engine inspector's HasSparseWeights and "
+                "tactic names only")
 
 
 def _split_layers(text: str) -> list[str]:
