@@ -127,6 +127,24 @@ def test_int8_qdq_keeps_2_4_and_polygraphy_sees_through(exported, model):
     assert check["run"] and np.isfinite(check["max_abs_diff_vs_fp32"])
 
 
+def test_polygraphy_command_reports_every_pruned_tensor_sparse_in_the_int8_file(exported):
+    """The real `polygraphy inspect sparsity` command on the INT8 Q/DQ file (it looks through Q/DQ)."""
+    import re
+    import subprocess
+    import sys
+
+    cli = Path(sys.executable).with_name("polygraphy")
+    if not cli.exists():
+        pytest.skip(f"no polygraphy command beside {sys.executable}")
+    _, onnx_dir = exported("test_resnet", "int8")
+    run = subprocess.run([str(cli), "inspect", "sparsity", str(onnx_dir / "model.int8.onnx")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    reported = set(re.findall(r"Found sparse tensor: (\S+)", run.stdout + run.stderr))
+    pruned = {t["converted_initializer"] for t in _pruned_tensors(load_sparsity(onnx_dir))}
+    assert pruned and pruned <= reported
+
+
 @pytest.mark.parametrize("precision,onnx_type", [("fp16", TensorProto.FLOAT16), ("bf16", TensorProto.BFLOAT16)])
 def test_fp16_bf16_cast_keeps_zeros_and_2_4(exported, precision, onnx_type):
     _, onnx_dir = exported("test_resnet", precision)
