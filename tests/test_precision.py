@@ -370,3 +370,24 @@ def test_int8_top1_within_one_point_of_fp32_on_zoo_models(zoo, tmp_path, monkeyp
         base, quant = top1(onnx_dir / fp32), top1(onnx_dir / int8)
         assert base - quant <= 1.0, (fp32, base, quant)
     assert record["eligible_2_4"] > 0
+
+
+def test_cli_export_precision(exported, tmp_path, capsys):
+    import logging
+
+    from mpdeploy import cli
+
+    pruned, _ = exported("test_resnet", "fp16")
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    capsys.readouterr()
+    try:
+        rc = cli.main(["-q", "export", str(pruned), "--out", str(tmp_path / "onnx"), "--precision", "fp16"])
+    finally:
+        root.handlers[:] = handlers  # cli.main points logging at the captured stderr
+        root.setLevel(level)
+    out = capsys.readouterr().out
+    assert rc == 0 and out.count("\n") == 1
+    assert "model.fp16.onnx" in out and "ORT top-1 agreement with fp32" in out
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    assert manifest["precision"] == "fp16" and {"model.fp16.onnx", "model.dense.fp16.onnx"} <= set(manifest["files"])
