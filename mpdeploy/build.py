@@ -153,10 +153,12 @@ def run_build(model, prune_config, export_config, build_config: BuildConfig, sta
     backend_name, backend_reason = resolve_backend(stage.backend)  # fail fast, before loading anything
     build_config = options_for(backend_name, build_config)
     precision = create_backend(backend_name).resolve_precision(build_config)
-    if backend_name == "ort" and precision == "fp16" and not export_config.fp16:
-        # ONNX Runtime computes FP32 on CPU; its fp16 engine is the FP16-weight ONNX.
-        export_config = dataclasses.replace(export_config, fp16=True)
-        logger.info("ort + fp16: exporting FP16 weight initializers (compute stays FP32 on CPU)")
+    if backend_name in ("trt", "ort") and precision != "fp32" and export_config.precision == "fp32":
+        # TensorRT 10/11 build strongly typed networks from the precision's own ONNX (FP16 / BF16 / INT8 Q/DQ);
+        # ort runs the same fp16 / int8 files. INT8 calibrates on --calib, else the pruned artifact's data.
+        export_config = dataclasses.replace(export_config, precision=precision,
+                                            calib=export_config.calib or build_config.calib)
+        logger.info("%s + %s: exporting model.%s.onnx beside the FP32 files", backend_name, precision, precision)
     logger.info("backend %s", backend_reason)
     audit_config = _audit_config(audit_config, backend_name, build_config) if stage.audit else None
     if stage.out is not None:

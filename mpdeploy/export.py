@@ -10,21 +10,17 @@ ONNX has no N:M annotation, so patterns travel in `metadata_props`: the model-le
 `mpdeploy.sparsity` (JSON), and per initializer where this onnx version's TensorProto has
 `metadata_props` (`mpdeploy.nm_pattern`, `mpdeploy.nm_axis`, `mpdeploy.param`).
 
-After every export the ONNX is checked by TensorRT's placement rules (`check_trt_sparsity`, the rules
-Polygraphy's `inspect sparsity` implements) and run in ONNX Runtime against PyTorch.
+After every export the ONNX is checked by TensorRT's placement rules (`check_trt_sparsity` in
+`mpdeploy.onnx_sparsity`, the rules Polygraphy's `inspect sparsity` implements) and run in ONNX Runtime
+against PyTorch. With `precision` fp16 / bf16 / int8 the stage also writes `model.<precision>.onnx` and
+`model.dense.<precision>.onnx` for strongly typed TensorRT builds, checked again (`mpdeploy.export_precision`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import hashlib
-import io
-import json
 import logging
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,29 +29,39 @@ import numpy as np
 
 from mpdeploy import artifacts
 from mpdeploy.errors import MpdeployError
-from mpdeploy.patterns import NM, parse_pattern
+from mpdeploy.onnx_annotate import (  # noqa: F401 - per_tensor_metadata_supported is re-exported
+    METADATA_KEY,
+    annotate,
+    per_tensor_metadata_supported,
+    round_to_fp16,
+    weights_to_fp16,
+)
+from mpdeploy.onnx_map import Mapped, map_initializers  # noqa: F401 - re-exported
+from mpdeploy.onnx_precision import PRECISIONS
+from mpdeploy.onnx_sparsity import (  # noqa: F401 - re-exported: the rules used to live here
+    DATA_MOVEMENT_OPS,
+    SEE_THROUGH_OPS,
+    check_trt_sparsity,
+    nm_compliant_along,
+    tensor_array,
+)
+from mpdeploy.onnx_torch import (  # noqa: F401 - the names are re-exported
+    BATCH_DIM,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    bypass_weight_identities,
+    torch_export,
+)
+from mpdeploy.patterns import parse_pattern
 
 logger = logging.getLogger(__name__)
 
 KIND = "onnx"
 SPARSITY_SCHEMA = "mpdeploy.sparsity/1"
-METADATA_KEY = "mpdeploy.sparsity"
-INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "input", "logits", "batch"
 EXPORTERS = ("legacy", "dynamo")
 # Protobuf cannot serialize a message over 2 GiB: bigger models keep their weights in a .data file.
 PROTOBUF_LIMIT = 2**31 - 1
 CHECK_SEED = 0
-
-# What TensorRT's sparsity check (and Polygraphy's) looks through between a weight and its consumer.
-SEE_THROUGH_OPS = frozenset({
-    "QuantizeLinear", "DequantizeLinear", "TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear", "Cast",
-})
-# Ops that only move data: the weight behind them is found (to say why it is not eligible) but is
-# not eligible, because TensorRT's check stops there.
-DATA_MOVEMENT_OPS = frozenset({
-    "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Concat", "Expand",
-    "Tile", "Split",
-})
 
 
 @dataclass(frozen=True)
@@ -67,8 +73,16 @@ class ExportConfig:
     allow_ineligible: bool = False
     check_batch: int = 2  # ONNX Runtime check batch (plus 1, for a dynamic batch); a static export has batch 1
     atol: float = 1e-4
+    # fp16 / bf16 / int8 also write model.<precision>.onnx and model.dense.<precision>.onnx (mpdeploy.onnx_precision)
+    precision: str = "fp32"
+    calib: str | None = None  # int8 calibration: DIR | digits | synthetic; default: the pruned artifact's own
+    calib_images: int = 128
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise MpdeployError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.calib_images < 1:
+            raise MpdeployError(f"calibration images must be at least 1, not {self.calib_images}")
         if self.exporter not in EXPORTERS:
             raise MpdeployError(f"unknown exporter {self.exporter!r}; choose one of {', '.join(EXPORTERS)}")
         if not 14 <= int(self.opset) <= 23:
@@ -82,431 +96,7 @@ class ExportConfig:
 
 
 # ---------------------------------------------------------------------------------------------------
-# TensorRT's sparsity placement rules on an ONNX graph
-
-
-def _float_dtypes() -> dict[int, str]:
-    import onnx
-
-    return {onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.BFLOAT16: "BF16"}
-
-
-def _dtype_name(data_type: int) -> str:
-    import onnx
-
-    try:
-        return onnx.TensorProto.DataType.Name(data_type)
-    except ValueError:
-        return str(data_type)
-
-
-def tensor_array(tensor) -> np.ndarray:
-    """Initializer as a numpy array; BF16 comes back as its raw uint16 bits (zeros: bits & 0x7fff == 0)."""
-    import onnx
-    from onnx import numpy_helper
-
-    if tensor.data_type == onnx.TensorProto.BFLOAT16:
-        if tensor.raw_data:
-            bits = np.frombuffer(tensor.raw_data, dtype=np.uint16)
-        else:
-            bits = np.asarray(tensor.int32_data, dtype=np.uint32).astype(np.uint16)
-        return (bits & 0x7FFF).reshape(tuple(tensor.dims))
-    return numpy_helper.to_array(tensor)
-
-
-def nm_compliant_along(array: np.ndarray, axis: int, pattern: NM) -> bool:
-    """At most `n` nonzeros in every `m` consecutive entries along `axis` (all other indices fixed)."""
-    arr = np.asarray(array)
-    if axis >= arr.ndim or arr.shape[axis] % pattern.m:
-        return False
-    moved = np.moveaxis(arr != 0, axis, -1)
-    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // pattern.m, pattern.m).sum(-1)
-    return bool((groups <= pattern.n).all())
-
-
-def _attr(node, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            import onnx
-
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def _trace_weight(name: str, axis: int, inits: dict, producers: dict) -> tuple[str | None, int, list[str], str | None]:
-    """Walk from a consumer input back to an initializer.
-
-    Returns (initializer or None, the axis in the initializer, ops passed, the first op TensorRT's
-    check does not look through or None). The axis is followed through Transpose; past a blocking op
-    it is meaningless and only the initializer is reported.
-    """
-    path: list[str] = []
-    blocked: str | None = None
-    seen = set()
-    while name not in inits:
-        node = producers.get(name)
-        if node is None or name in seen or not node.input:
-            return None, axis, path, blocked
-        seen.add(name)
-        op = node.op_type
-        path.append(op)
-        if blocked is None and op in SEE_THROUGH_OPS:
-            name = node.input[0]
-        elif blocked is None and op == "Transpose":
-            perm = _attr(node, "perm")
-            # Output axis i is input axis perm[i]; no perm means reversed axes.
-            axis = list(perm)[axis] if perm is not None else -1 - axis
-            name = node.input[0]
-        elif op in DATA_MOVEMENT_OPS or op in SEE_THROUGH_OPS or op == "Transpose":
-            blocked = blocked or op
-            name = node.input[0]
-        else:
-            # Arithmetic (Mul, Add, LayerNormalization, ...): report a weight fed straight into it.
-            direct = [i for i in node.input if i in inits and len(inits[i].dims) >= 2]
-            if len(direct) == 1:
-                return direct[0], axis, path, blocked or op
-            return None, axis, path, blocked or op
-    return name, axis, path, blocked
-
-
-def _weight_inputs(node) -> list[tuple[int, int, str]]:
-    """(input index, required axis, role) of each input of a consumer TensorRT could run sparse."""
-    if node.op_type == "Conv" and len(node.input) > 1:
-        return [(1, 1, "weight")]
-    if node.op_type == "MatMul":
-        return [(1, 0, "B"), (0, 1, "A")]
-    if node.op_type == "Gemm":
-        trans_a, trans_b = int(_attr(node, "transA", 0)), int(_attr(node, "transB", 0))
-        return [(1, 1 if trans_b else 0, "B"), (0, 0 if trans_a else 1, "A")]
-    return []
-
-
-def check_trt_sparsity(model) -> dict[str, dict[str, Any]]:
-    """TensorRT's 2:4 placement rules on every weight reaching a Conv / MatMul / Gemm.
-
-    Returns {initializer: {"consumer_op", "consumer", "input", "axis", "path", "dtype", "shape",
-    "eligible", "is_2_4", "reason"}}. `eligible`: TensorRT would consider the weight for sparse math
-    (right input, reached only through Q/DQ, Cast, Transpose; FP32/FP16/BF16; the pruned axis a
-    multiple of 4). `is_2_4`: every 4 consecutive entries along that axis hold at least two zeros.
-    """
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    dtypes = _float_dtypes()
-    report: dict[str, dict[str, Any]] = {}
-    for node in graph.node:
-        for index, required_axis, role in _weight_inputs(node):
-            if index >= len(node.input) or not node.input[index]:
-                continue
-            init, axis, path, blocked = _trace_weight(node.input[index], required_axis, inits, producers)
-            if init is None or (role == "A" and blocked is not None):
-                continue
-            tensor = inits[init]
-            dims = list(tensor.dims)
-            entry = {
-                "consumer_op": node.op_type, "consumer": node.name, "input": index, "axis": axis,
-                "path": path, "dtype": dtypes.get(tensor.data_type) or _dtype_name(tensor.data_type), "shape": dims,
-                "eligible": False, "is_2_4": False, "reason": None,
-            }
-            if role == "A":
-                entry["reason"] = (f"constant {node.op_type} input A: TensorRT's sparse path takes the constant "
-                                   "weight input B only")
-            elif blocked is not None:
-                entry["axis"] = None
-                entry["reason"] = (f"reaches {node.op_type} through {blocked} (path {' <- '.join(path)}): "
-                                   f"TensorRT's sparsity check does not look through {blocked}")
-            elif not 0 <= axis < len(dims):
-                entry["reason"] = f"axis {axis} does not exist in a {len(dims)}-D weight {dims}"
-            elif tensor.data_type not in dtypes:
-                entry["reason"] = f"data type {entry['dtype']}: only FP32/FP16/BF16 weights are checked"
-            elif dims[axis] % 4:
-                entry["reason"] = f"axis {axis} has length {dims[axis]}, not a multiple of 4"
-            else:
-                entry["eligible"] = True
-            if entry["axis"] is not None and 0 <= entry["axis"] < len(dims) and tensor.data_type in dtypes:
-                entry["is_2_4"] = nm_compliant_along(tensor_array(tensor), entry["axis"], NM(2, 4))
-            if entry["eligible"] and not entry["is_2_4"]:
-                entry["reason"] = f"eligible, but not 2:4 along axis {axis}"
-            # A weight seen by several consumers: the clean weight-input path is what TensorRT (and
-            # Polygraphy) judge; two clean paths wanting different axes cannot both be 2:4.
-            entry["_rank"] = 0 if blocked is not None else (1 if role == "A" else 2)
-            previous = report.get(init)
-            if previous is None or entry["_rank"] > previous["_rank"]:
-                report[init] = entry
-            elif entry["_rank"] == previous["_rank"] == 2 and previous["axis"] != entry["axis"]:
-                previous.update(eligible=False, reason=f"used by several consumers along different axes "
-                                                       f"({previous['axis']} and {entry['axis']})")
-    for entry in report.values():
-        del entry["_rank"]
-    return report
-
-
-# ---------------------------------------------------------------------------------------------------
-# ONNX initializer -> PyTorch parameter
-
-
-@dataclass(frozen=True)
-class Mapped:
-    initializer: str
-    transposed: bool  # the initializer is the 2-D parameter transposed ([in, out])
-    method: str  # "value" | "value-transposed" | "value-scaled" | "value-scaled-transposed" | "name"
-
-
-def _digest(arr: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
-
-
-def _scaled_match(param: np.ndarray, init: np.ndarray) -> bool:
-    """`init` is `param` times one factor per output channel (axis 0), as when BatchNorm is folded."""
-    p = param.reshape(param.shape[0], -1).astype(np.float64)
-    w = init.reshape(init.shape[0], -1).astype(np.float64)
-    if np.any((p == 0) & (w != 0)):
-        return False
-    pp = (p * p).sum(1)
-    scale = np.divide((w * p).sum(1), pp, out=np.zeros_like(pp), where=pp > 0)
-    err = np.abs(w - scale[:, None] * p).max(initial=0.0)
-    return bool(err <= 1e-5 * max(np.abs(w).max(initial=0.0), 1e-12))
-
-
-def _name_variants(param: str) -> set[str]:
-    flat = param.replace(".", "_")
-    return {param, flat, f"p_{flat}", f"onnx::{param}"}
-
-
-def map_initializers(model_proto, params: dict[str, np.ndarray], layers: dict[str, str]) -> dict[str, Mapped]:
-    """Find the ONNX initializer holding each parameter, by value first, then by name.
-
-    `params`: parameter name -> fp32 array (PyTorch layout); `layers`: parameter -> layer name (for
-    messages). Exact byte equality (as stored, or transposed for 2-D) first; then equality up to one
-    factor per output channel (an exporter folded BatchNorm into the weight); then the name.
-    """
-    import onnx
-
-    inits = {t.name: t for t in model_proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
-    shapes = {n: tuple(t.dims) for n, t in inits.items()}
-    wanted = {tuple(a.shape) for a in params.values()} | {tuple(a.T.shape) for a in params.values() if a.ndim == 2}
-    arrays = {n: tensor_array(t) for n, t in inits.items() if shapes[n] in wanted}
-    by_digest: dict[str, list[str]] = {}
-    for n, arr in arrays.items():
-        by_digest.setdefault(_digest(arr), []).append(n)
-
-    mapped: dict[str, Mapped] = {}
-    claimed: set[str] = set()
-
-    def pick(param: str, found: list[tuple[str, bool]], method: str) -> bool:
-        unique: dict[str, bool] = {}
-        for n, t in found:  # a symmetric matrix matches as itself and transposed: keep "itself"
-            if n not in claimed:
-                unique.setdefault(n, t)
-        found = list(unique.items())
-        if len(found) > 1:  # equal-valued duplicates: only the name can tell them apart
-            named = [(n, t) for n, t in found if n in _name_variants(param)]
-            if len(named) != 1:
-                names = ", ".join(sorted(n for n, _ in found))
-                raise MpdeployError(
-                    f"cannot tell which ONNX initializer holds layer {layers.get(param, param)} ({param}): "
-                    f"{names} all match its values; re-prune or export with --exporter legacy"
-                )
-            found = named
-        if not found:
-            return False
-        name, transposed = found[0]
-        mapped[param] = Mapped(name, transposed, method + ("-transposed" if transposed else ""))
-        claimed.add(name)
-        return True
-
-    for param, arr in params.items():
-        found = [(n, False) for n in by_digest.get(_digest(arr), [])]
-        if arr.ndim == 2:
-            found += [(n, True) for n in by_digest.get(_digest(arr.T), [])]
-        pick(param, found, "value")
-    for param, arr in params.items():
-        if param in mapped:
-            continue
-        found = [(n, False) for n, a in arrays.items() if n not in claimed and a.shape == arr.shape
-                 and _scaled_match(arr, a)]
-        if arr.ndim == 2:
-            found += [(n, True) for n, a in arrays.items() if n not in claimed and a.shape == arr.T.shape
-                      and _scaled_match(arr, a.T)]
-        # An all-zero initializer (BatchNorm gamma = 0 folded in) "matches" any parameter with scale 0:
-        # take one only when nothing with values matches.
-        informative = [(n, t) for n, t in found if np.any(arrays[n] != 0)]
-        pick(param, informative or found, "value-scaled")
-    for param, arr in params.items():
-        if param in mapped:
-            continue
-        found = [(n, False) for n in _name_variants(param) if n in shapes and shapes[n] == arr.shape]
-        if pick(param, found, "name"):
-            logger.warning("%s: ONNX initializer %s matched by name only (its values differ from the parameter)",
-                           param, mapped[param].initializer)
-    missing = [p for p in params if p not in mapped]
-    if missing:
-        names = ", ".join(f"{layers.get(p, p)} ({p})" for p in missing[:5])
-        raise MpdeployError(
-            f"no ONNX initializer holds the pruned weight of {names}{' ...' if len(missing) > 5 else ''} "
-            "(the exporter folded or split it); try the other --exporter"
-        )
-    return mapped
-
-
-# ---------------------------------------------------------------------------------------------------
-# exporting and rewriting
-
-
-def _param_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-
-
-@contextlib.contextmanager
-def _quiet_exporter():
-    """The exporters print progress and warn about tracing; keep that out of the user's output."""
-    import torch
-
-    buffer = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(buffer):
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        # Said of models in training mode; ours is in eval mode, where folding is safe.
-        warnings.filterwarnings("ignore", message="It is recommended that constant folding be turned off")
-        yield
-    if buffer.getvalue().strip():
-        logger.debug("exporter output:\n%s", buffer.getvalue().strip())
-
-
-def _torch_export(model, input_shape, config: ExportConfig, path: Path, name: str) -> None:
-    import torch
-
-    batch = config.check_batch if config.dynamic_batch else 1
-    # A batch of 1 would let torch.export specialize the batch dimension away.
-    example = torch.randn(max(batch, 2) if config.dynamic_batch else 1, *input_shape)
-    large = _param_bytes(model) > PROTOBUF_LIMIT
-    try:
-        with _quiet_exporter(), torch.no_grad():
-            if config.exporter == "legacy":
-                torch.onnx.export(
-                    model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                    dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}} if config.dynamic_batch
-                    else None,
-                    opset_version=config.opset, dynamo=False, do_constant_folding=True,
-                    # PRESERVE (the model is in eval mode) keeps BatchNormalization as its own node instead
-                    # of folding it into the conv, so ONNX weights stay byte-equal to the pruned parameters.
-                    training=torch.onnx.TrainingMode.PRESERVE,
-                )
-            else:
-                shapes = ({0: torch.export.Dim(BATCH_DIM)},) if config.dynamic_batch else None
-                torch.onnx.export(
-                    model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                    dynamic_shapes=shapes, opset_version=config.opset, dynamo=True, external_data=large,
-                    verbose=False,
-                )
-    except MpdeployError:
-        raise
-    except Exception as exc:
-        other = "dynamo" if config.exporter == "legacy" else "legacy"
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise MpdeployError(
-            f"the {config.exporter} ONNX exporter failed on {name} ({type(exc).__name__}: {first}); "
-            f"try --exporter {other} or another --opset"
-        ) from exc
-
-
-def _bypass_weight_identities(model_proto) -> int:
-    """Drop Identity nodes that only forward an initializer (the legacy exporter's de-duplication):
-    Polygraphy does not look through Identity, and they carry no computation."""
-    graph = model_proto.graph
-    inits = {t.name for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
-    rename = {}
-    keep = []
-    for node in graph.node:
-        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
-            rename[node.output[0]] = node.input[0]
-        else:
-            keep.append(node)
-    if not rename:
-        return 0
-    for node in keep:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
-    del graph.node[:]
-    graph.node.extend(keep)
-    return len(rename)
-
-
-def _weights_to_fp16(model_proto) -> list[str]:
-    """Store every FP32 initializer of 2+ dims as FP16 behind a Cast to FP32 (same name, so annotations
-    and the name map hold). Graph I/O and compute stay FP32; TensorRT and Polygraphy look through Cast."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    graph = model_proto.graph
-    converted, casts = [], []
-    for tensor in graph.initializer:
-        if tensor.data_type != onnx.TensorProto.FLOAT or len(tensor.dims) < 2:
-            continue
-        arr = numpy_helper.to_array(tensor).astype(np.float16)
-        tensor.CopyFrom(numpy_helper.from_array(arr, tensor.name))
-        converted.append(tensor.name)
-    if not converted:
-        return []
-    names = set(converted)
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in names:
-                node.input[i] = f"{name}__fp32"
-    for name in converted:
-        casts.append(helper.make_node("Cast", [name], [f"{name}__fp32"], name=f"{name}__cast_fp32",
-                                      to=onnx.TensorProto.FLOAT))
-    nodes = casts + list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    for collection in (graph.value_info, graph.input):
-        stale = [v for v in collection if v.name in names]
-        for v in stale:
-            collection.remove(v)
-    return converted
-
-
-def _round_to_fp16(model):
-    """The PyTorch function an FP16-weight ONNX computes: 2+-D float tensors rounded through FP16."""
-    import torch
-
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            if t.is_floating_point() and t.dim() >= 2:
-                t.copy_(t.half().float())
-    return model
-
-
-def per_tensor_metadata_supported() -> bool:
-    import onnx
-
-    return "metadata_props" in onnx.TensorProto().DESCRIPTOR.fields_by_name
-
-
-def _set_model_metadata(model_proto, key: str, value: str) -> None:
-    for entry in model_proto.metadata_props:
-        if entry.key == key:
-            entry.value = value
-            return
-    model_proto.metadata_props.add(key=key, value=value)
-
-
-def _annotate(model_proto, annotations: dict[str, dict[str, Any]], header: dict[str, Any]) -> bool:
-    """Model-level JSON always; per-initializer metadata_props where this onnx has them."""
-    _set_model_metadata(model_proto, METADATA_KEY, json.dumps({**header, "tensors": annotations}, sort_keys=True))
-    if not per_tensor_metadata_supported():
-        return False
-    by_name = {t.name: t for t in model_proto.graph.initializer}
-    for name, ann in annotations.items():
-        tensor = by_name[name]
-        for key, value in (("mpdeploy.nm_pattern", ann["pattern"]), ("mpdeploy.nm_axis", str(ann["axis"])),
-                           ("mpdeploy.param", ann["param"])):
-            tensor.metadata_props.add(key=key, value=value)
-    return True
+# saving and checking
 
 
 def _initializer_bytes(model_proto) -> int:
@@ -529,10 +119,10 @@ def _export_one(model, input_shape, config: ExportConfig, work: Path, name: str)
 
     work.mkdir(parents=True, exist_ok=True)
     raw = work / "raw.onnx"
-    _torch_export(model, input_shape, config, raw, name)
+    torch_export(model, input_shape, config, raw, name)
     proto = onnx.load(str(raw))  # pulls any external data into memory
     shutil.rmtree(work, ignore_errors=True)
-    dropped = _bypass_weight_identities(proto)
+    dropped = bypass_weight_identities(proto)
     if dropped:
         logger.debug("dropped %d Identity nodes in front of initializers", dropped)
     return proto
@@ -598,6 +188,93 @@ def _tensor_records(proto, pruned, mapped: dict[str, Mapped], trt: dict[str, dic
     return records
 
 
+def _refuse_broken(records: list[dict[str, Any]], config: ExportConfig) -> list[dict[str, Any]]:
+    """Fail on a tensor that lost its N:M zeros; fail (or, allowed, warn) on sparse layers TensorRT cannot use.
+    Returns the ineligible records."""
+    broken = [r for r in records if not r["nm_compliant"]]
+    if broken:
+        r = broken[0]
+        raise MpdeployError(
+            f"{r['layer']}: ONNX initializer {r['initializer']} is not {r['pattern']} along axis "
+            f"{r['annotation_axis']} ({len(broken)} such tensors); the pruned artifact or the exporter changed "
+            "the weights: re-run `mpdeploy prune`"
+        )
+    ineligible = [r for r in records if r["runs_sparse"] and not (r["eligible"] and r["is_2_4"])]
+    if ineligible:
+        lines = "; ".join(f"{r['layer']} ({r['initializer']}): {r['reason']}" for r in ineligible[:3])
+        more = f" and {len(ineligible) - 3} more" if len(ineligible) > 3 else ""
+        if not config.allow_ineligible:
+            raise MpdeployError(
+                f"{len(ineligible)} layers pruned to a sparse-tensor-core pattern are not 2:4-eligible for "
+                f"TensorRT in the ONNX: {lines}{more}; pass --allow-ineligible to export anyway"
+            )
+        logger.warning("%d pruned layers not 2:4-eligible for TensorRT: %s%s", len(ineligible), lines, more)
+    return ineligible
+
+
+def _ort_check(tmp: Path, sparse, dense, config: ExportConfig) -> dict[str, Any]:
+    """ONNX Runtime vs PyTorch on both files (at the check batch, and batch 1 for a dynamic batch)."""
+    batches = [config.check_batch] if config.dynamic_batch else [1]
+    if config.dynamic_batch and config.check_batch != 1:
+        batches.append(1)  # proves the batch axis really is dynamic
+    diffs = {}
+    for variant, art, file in (("sparse", sparse, "model.onnx"), ("dense", dense, "model.dense.onnx")):
+        reference = round_to_fp16(art.model) if config.fp16 else art.model
+        diffs[variant] = _ort_max_diff(tmp / file, reference, sparse.input_shape, batches)
+    for variant, diff in diffs.items():
+        if not diff < config.atol:  # also catches NaN
+            raise MpdeployError(
+                f"{sparse.name}: ONNX Runtime output of the {variant} model differs from PyTorch by {diff:.3g} "
+                f"(atol {config.atol:g}); try the other --exporter or a larger atol"
+            )
+    return {"max_abs_diff_sparse": diffs["sparse"], "max_abs_diff_dense": diffs["dense"], "atol": config.atol,
+            "batch": batches[0], "batches": batches, "provider": "CPUExecutionProvider"}
+
+
+def _summary(records, ineligible, trt) -> dict[str, Any]:
+    return {
+        "annotated": len(records),
+        "runs_sparse": sum(r["runs_sparse"] for r in records),
+        "eligible_2_4": sum(r["eligible"] and r["is_2_4"] for r in records),
+        "audit_only": sum(not r["runs_sparse"] for r in records),
+        "ineligible": [{"initializer": r["initializer"], "layer": r["layer"], "reason": r["reason"]}
+                       for r in ineligible],
+        "checker_eligible": sum(v["eligible"] for v in trt.values()),
+        "checker_2_4": sum(v["eligible"] and v["is_2_4"] for v in trt.values()),
+    }
+
+
+def _sparsity_record(config: ExportConfig, source_hash: str, per_tensor: bool, records, trt, annotations,
+                     ort_check, summary, precision) -> dict[str, Any]:
+    return {
+        "schema": SPARSITY_SCHEMA,
+        "exporter": config.exporter,
+        "opset": config.opset,
+        "source_pruned_manifest_sha256": source_hash,
+        "fp16_weights": bool(config.fp16),
+        "fp16_note": ("2+-D FP32 initializers stored as FP16 behind Cast-to-FP32; I/O and math FP32; "
+                      "ORT compared with the PyTorch model with those tensors rounded through FP16")
+        if config.fp16 else None,
+        "per_tensor_metadata": {
+            "written": per_tensor,
+            "note": "TensorProto.metadata_props keys mpdeploy.nm_pattern / mpdeploy.nm_axis / mpdeploy.param"
+            if per_tensor else "this onnx version's TensorProto has no metadata_props; model-level JSON only",
+        },
+        "tensors": records,
+        "unannotated_checked": {k: {kk: v[kk] for kk in ("consumer_op", "axis", "eligible", "is_2_4", "reason")}
+                                for k, v in trt.items() if k not in annotations},
+        "ort_check": ort_check,
+        "summary": summary,
+        "precision": precision,
+    }
+
+
+def _check_output(out_dir: Path, pruned_dir: Path) -> None:
+    src, dst = Path(pruned_dir).resolve(), Path(out_dir).resolve()
+    if src == dst or src in dst.parents or dst in src.parents:
+        raise MpdeployError(f"--out {out_dir} overlaps the pruned artifact {pruned_dir}; choose a sibling folder")
+
+
 def export(pruned_dir: Path, config: ExportConfig, out_dir: Path) -> Path:
     """Export the pruned artifact (and its dense twin) to ONNX, annotate, check, write `out_dir/`."""
     import torch
@@ -607,9 +284,7 @@ def export(pruned_dir: Path, config: ExportConfig, out_dir: Path) -> Path:
 
     pruned_dir, out_dir = Path(pruned_dir), Path(out_dir)
     artifacts.read_manifest(pruned_dir, "pruned", verify=True)  # bad input fails before anything is made
-    src, dst = pruned_dir.resolve(), out_dir.resolve()
-    if src == dst or src in dst.parents or dst in src.parents:
-        raise MpdeployError(f"--out {out_dir} overlaps the pruned artifact {pruned_dir}; choose a sibling folder")
+    _check_output(out_dir, pruned_dir)
     source_hash = artifacts.manifest_hash(pruned_dir)
     timings: dict[str, float] = {}
     with artifacts.atomic_dir(out_dir, kind=KIND) as tmp:
@@ -625,97 +300,45 @@ def export(pruned_dir: Path, config: ExportConfig, out_dir: Path) -> Path:
         params = {n: p.detach().float().cpu().numpy() for n, p in sparse.model.named_parameters() if n in patterns}
         layers = {r["param"]: r["name"] for r in sparse.manifest["layers"]}
         mapped = map_initializers(proto, params, layers)
-        fp16 = _weights_to_fp16(proto) if config.fp16 else []
+        fp16 = weights_to_fp16(proto) if config.fp16 else []
 
         t0 = time.perf_counter()
         trt = check_trt_sparsity(proto)
         records = _tensor_records(proto, sparse, mapped, trt)
         timings["check_s"] = time.perf_counter() - t0
-
-        broken = [r for r in records if not r["nm_compliant"]]
-        if broken:
-            r = broken[0]
-            raise MpdeployError(
-                f"{r['layer']}: ONNX initializer {r['initializer']} is not {r['pattern']} along axis "
-                f"{r['annotation_axis']} ({len(broken)} such tensors); the pruned artifact or the exporter changed "
-                "the weights: re-run `mpdeploy prune`"
-            )
-        ineligible = [r for r in records if r["runs_sparse"] and not (r["eligible"] and r["is_2_4"])]
-        if ineligible:
-            lines = "; ".join(f"{r['layer']} ({r['initializer']}): {r['reason']}" for r in ineligible[:3])
-            more = f" and {len(ineligible) - 3} more" if len(ineligible) > 3 else ""
-            if not config.allow_ineligible:
-                raise MpdeployError(
-                    f"{len(ineligible)} layers pruned to a sparse-tensor-core pattern are not 2:4-eligible for "
-                    f"TensorRT in the ONNX: {lines}{more}; pass --allow-ineligible to export anyway"
-                )
-            logger.warning("%d pruned layers not 2:4-eligible for TensorRT: %s%s", len(ineligible), lines, more)
+        ineligible = _refuse_broken(records, config)
 
         header = {"schema": SPARSITY_SCHEMA, "tool": "mpdeploy", "version": __version__,
                   "source_pruned_manifest_sha256": source_hash}
         annotations = {r["initializer"]: {"param": r["param"], "pattern": r["pattern"], "axis": r["annotation_axis"]}
                        for r in records}
-        per_tensor = _annotate(proto, annotations, {**header, "variant": "sparse"})
+        per_tensor = annotate(proto, annotations, {**header, "variant": "sparse"})
         _save(proto, tmp / "model.onnx")
         del proto
 
         t0 = time.perf_counter()
         dense_proto = _export_one(dense.model, shape, config, tmp / ".work", name)
         if config.fp16:
-            _weights_to_fp16(dense_proto)
-        _annotate(dense_proto, {}, {**header, "variant": "dense"})
+            weights_to_fp16(dense_proto)
+        annotate(dense_proto, {}, {**header, "variant": "dense"})
         _save(dense_proto, tmp / "model.dense.onnx")
         del dense_proto
         timings["export_dense_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        batches = [config.check_batch] if config.dynamic_batch else [1]
-        if config.dynamic_batch and config.check_batch != 1:
-            batches.append(1)  # proves the batch axis really is dynamic
-        diffs = {}
-        for variant, art, file in (("sparse", sparse, "model.onnx"), ("dense", dense, "model.dense.onnx")):
-            reference = _round_to_fp16(art.model) if config.fp16 else art.model
-            diffs[variant] = _ort_max_diff(tmp / file, reference, shape, batches)
+        ort_check = _ort_check(tmp, sparse, dense, config)
         timings["ort_check_s"] = time.perf_counter() - t0
-        for variant, diff in diffs.items():
-            if not diff < config.atol:  # also catches NaN
-                raise MpdeployError(
-                    f"{name}: ONNX Runtime output of the {variant} model differs from PyTorch by {diff:.3g} "
-                    f"(atol {config.atol:g}); try the other --exporter or a larger atol"
-                )
+        precision = None
+        if config.precision != "fp32":
+            from mpdeploy.export_precision import write_precision_files
 
-        summary = {
-            "annotated": len(records),
-            "runs_sparse": sum(r["runs_sparse"] for r in records),
-            "eligible_2_4": sum(r["eligible"] and r["is_2_4"] for r in records),
-            "audit_only": sum(not r["runs_sparse"] for r in records),
-            "ineligible": [{"initializer": r["initializer"], "layer": r["layer"], "reason": r["reason"]}
-                           for r in ineligible],
-            "checker_eligible": sum(v["eligible"] for v in trt.values()),
-            "checker_2_4": sum(v["eligible"] and v["is_2_4"] for v in trt.values()),
-        }
-        sparsity = {
-            "schema": SPARSITY_SCHEMA,
-            "exporter": config.exporter,
-            "opset": config.opset,
-            "source_pruned_manifest_sha256": source_hash,
-            "fp16_weights": bool(config.fp16),
-            "fp16_note": ("2+-D FP32 initializers stored as FP16 behind Cast-to-FP32; I/O and math FP32; "
-                          "ORT compared with the PyTorch model with those tensors rounded through FP16")
-            if config.fp16 else None,
-            "per_tensor_metadata": {
-                "written": per_tensor,
-                "note": "TensorProto.metadata_props keys mpdeploy.nm_pattern / mpdeploy.nm_axis / mpdeploy.param"
-                if per_tensor else "this onnx version's TensorProto has no metadata_props; model-level JSON only",
-            },
-            "tensors": records,
-            "unannotated_checked": {k: {kk: v[kk] for kk in ("consumer_op", "axis", "eligible", "is_2_4", "reason")}
-                                    for k, v in trt.items() if k not in annotations},
-            "ort_check": {"max_abs_diff_sparse": diffs["sparse"], "max_abs_diff_dense": diffs["dense"],
-                          "atol": config.atol, "batch": batches[0], "batches": batches,
-                          "provider": "CPUExecutionProvider"},
-            "summary": summary,
-        }
+            t0 = time.perf_counter()
+            precision = write_precision_files(tmp, config.precision, records, sparse.manifest, config)
+            timings[f"{config.precision}_s"] = time.perf_counter() - t0
+
+        summary = _summary(records, ineligible, trt)
+        sparsity = _sparsity_record(config, source_hash, per_tensor, records, trt, annotations, ort_check, summary,
+                                    precision)
         artifacts.write_json(tmp / "sparsity.json", sparsity)
         artifacts.write_manifest(
             tmp, KIND, config, inputs={"pruned_manifest": source_hash}, sources={"weights": pruned_dir},
@@ -724,8 +347,10 @@ def export(pruned_dir: Path, config: ExportConfig, out_dir: Path) -> Path:
                           "dynamic_batch": config.dynamic_batch},
                 "tome": sparse.manifest.get("tome"),
                 "summary": {k: v for k, v in summary.items() if k != "ineligible"},
-                "ort_check": sparsity["ort_check"],
+                "ort_check": ort_check,
                 "fp16_initializers": len(fp16),
+                "precision": config.precision,
+                "precision_files": (precision or {}).get("files"),
                 "timings": timings,
                 "torch_version": torch.__version__,
             },

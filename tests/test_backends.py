@@ -276,10 +276,15 @@ def test_trt_sparse_and_dense_engines(artifact, tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (no wheel reachable here; use the Docker image)")
     if not SM80:
         pytest.skip("TensorRT sparse math needs a CUDA GPU with compute capability >= 8.0")
+    from mpdeploy.export import ExportConfig, export
+
     backend = create_backend("trt")
     config = BuildConfig(precision="fp16", batch_sizes=(1, 4, 8), timing_cache=tmp_path / "timing.cache")
-    inputs = BuildInputs(artifact / "onnx", artifact / "pruned")
+    # TensorRT 10/11 build strongly typed networks from the FP16 ONNX (export --precision fp16).
+    onnx_dir = export(artifact / "pruned", ExportConfig(precision="fp16"), tmp_path / "onnx-fp16")
+    inputs = BuildInputs(onnx_dir, artifact / "pruned")
     sparse = backend.build(inputs, "sparse", tmp_path, config)
+    assert sparse.report["onnx"] == "model.fp16.onnx" and sparse.report["network_flags"] == {"strongly_typed": True}
     dense = backend.build(inputs, "dense", tmp_path, config)
     assert sparse.report["eligible"] is not None and sparse.report["sparse_weights"]
     assert not dense.report["sparse_weights"]
@@ -292,6 +297,22 @@ def test_trt_sparse_and_dense_engines(artifact, tmp_path):
     with backend.load(tmp_path / sparse.file, config) as runner:
         np.testing.assert_allclose(runner.run(x), expected, atol=5e-2)
         assert len(runner.time(x, 3)) == 3
+
+
+@pytest.mark.trt
+def test_trt_strongly_typed_int8_qdq_engine(artifact, tmp_path):
+    """INT8 from the Q/DQ export, strongly typed (no INT8 flag, no calibrator): TensorRT 10 and 11 alike."""
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (no wheel reachable here; use the Docker image)")
+    if not SM80:
+        pytest.skip("TensorRT sparse math needs a CUDA GPU with compute capability >= 8.0")
+    from mpdeploy.export import ExportConfig, export
+
+    onnx_dir = export(artifact / "pruned", ExportConfig(precision="int8", calib="synthetic", calib_images=32),
+                      tmp_path / "onnx-int8")
+    config = BuildConfig(precision="int8", batch_sizes=(1, 4, 8), timing_cache=tmp_path / "timing.cache")
+    built = create_backend("trt").build(BuildInputs(onnx_dir, artifact / "pruned"), "sparse", tmp_path, config)
+    assert built.report["onnx"] == "model.int8.onnx" and built.report["typing"] == "strong"
+    assert "int8" not in built.report["flags"] and built.report["calibration"] is None
 
 
 def test_backends_import_without_gpu_libraries():

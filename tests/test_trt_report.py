@@ -204,3 +204,31 @@ def test_pitfalls_myelin_region_and_dense_twin():
     assert "Myelin-fused regions" in text and "not in TensorRT's eligible list" not in text
     # The dense twin is built without SPARSE_WEIGHTS: nothing to warn about.
     assert pitfall_warnings({**report, "sparse_weights": False}, {}) == []
+
+
+def test_engine_io_bindings_and_tensorrt11_io_tensors():
+    # TensorRT 10's inspector lists names under "Bindings"; TensorRT 11 renamed the key to "I/O Tensors"
+    # (NVIDIA's 10.x -> 11.x migration notes). No public TensorRT 11 sample was found, so entries are
+    # accepted as names or as objects (Name / Mode / Datatype / Dimensions, the per-tensor keys the
+    # inspector uses for layer inputs and outputs).
+    from mpdeploy.backends.trt_report import parse_engine_io
+
+    assert parse_engine_io({"Layers": [], "Bindings": ["input", "logits"]}) == {
+        "key": "Bindings", "tensors": [{"name": "input", "mode": None, "dtype": None, "shape": None},
+                                       {"name": "logits", "mode": None, "dtype": None, "shape": None}]}
+    trt11 = json.dumps({"Layers": ["a"], "I/O Tensors": [
+        {"Name": "input", "Mode": "Input", "Datatype": "Float", "Dimensions": [-1, 3, 224, 224]},
+        {"Name": "logits", "Mode": "Output", "Datatype": "Float", "Dimensions": [-1, 1000]}]})
+    io = parse_engine_io(trt11)
+    assert io["key"] == "I/O Tensors" and [t["name"] for t in io["tensors"]] == ["input", "logits"]
+    assert io["tensors"][0]["shape"] == [-1, 3, 224, 224] and io["tensors"][1]["mode"] == "Output"
+    assert parse_engine_inspector(trt11)[0]["name"] == "a"  # the layer list is read either way
+    assert parse_engine_io({"Layers": []}) == {"key": None, "tensors": []}
+
+
+def test_neither_sparsity_line_is_named():
+    report = {"eligible": None, "picked_sparse": None, "precision": "fp16", "sparse_weights": True, "layers": []}
+    text = "\n".join(pitfall_warnings(report, {}))
+    assert "neither sparsity line appears" in text and "TensorRT 11" in text
+    only_picked = {**report, "picked_sparse": ["conv"]}
+    assert "neither" not in "\n".join(pitfall_warnings(only_picked, {}))

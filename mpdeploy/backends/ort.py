@@ -22,10 +22,10 @@ import numpy as np
 from mpdeploy.backends.base import Backend, BuildConfig, BuildInputs, BuiltEngine, Runner
 from mpdeploy.errors import MpdeployError
 from mpdeploy.machine import cpu_model
+from mpdeploy.onnx_precision import onnx_file_name, require_precision_file
 
 logger = logging.getLogger(__name__)
 
-ONNX_FILES = {"sparse": "model.onnx", "dense": "model.dense.onnx"}
 # Preference when present. The TensorRT EP can run 2:4 sparse math (trt_sparsity_enable); CUDA cannot.
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 CPU_NOTE = ("ONNX Runtime's CPU execution provider has no 2:4 sparse kernels: the sparse engine runs the same dense "
@@ -110,35 +110,43 @@ class OrtBackend(Backend):
         runnable = [p for p in PROVIDER_ORDER if p in providers]
         return True, f"onnxruntime {ort.__version__} with {', '.join(runnable)}"
 
-    def _check_precision(self, precision: str, onnx_path: Path) -> str | None:
-        """A note on what the precision means here, or a user error if ONNX Runtime cannot honour it."""
+    def _source(self, onnx_dir: Path, variant: str, precision: str) -> tuple[Path, str | None]:
+        """The ONNX this precision runs from, and a note on what the precision means here."""
         if precision == "fp32":
-            return None
-        if precision == "fp16":
-            if _onnx_has_fp16_weights(onnx_path):
-                return ("fp16 = FP16 weight initializers behind Cast-to-FP32 (export --fp16); the CPU/CUDA providers "
-                        "compute in FP32")
+            return require_precision_file(onnx_dir, variant, "fp32"), None
+        if precision == "bf16":
             raise MpdeployError(
-                f"{onnx_path.name} has FP32 weights and ONNX Runtime's CPU provider computes in FP32; build with "
-                "--precision fp32, export with FP16 weights (mpdeploy build does this for ort + fp16), or use --backend trt"
+                "the ort backend does not run bf16: ONNX Runtime's CPU provider has no BF16 Conv/pooling kernels "
+                "(measured: NOT_IMPLEMENTED for Conv(22)); use --precision fp16|int8 with ort, or --backend trt"
             )
-        raise MpdeployError(
-            f"the ort backend does not build {precision} engines (no calibration / bf16 kernels here); use "
-            "--precision fp32 with ort, or --backend trt for int8/bf16"
-        )
+        converted = Path(onnx_dir) / onnx_file_name(variant, precision)
+        if converted.is_file():
+            if precision == "int8":
+                return converted, ("int8 = the export's Q/DQ model (symmetric per-channel INT8 weights, calibrated INT8 "
+                                   "activations); ONNX Runtime fuses Q/DQ into its INT8 kernels on CPU")
+            return converted, ("fp16 = the export's FP16 model (weights and compute FP16, I/O FP32); ONNX Runtime's "
+                               "CPU provider casts nodes it has no FP16 kernel for back to FP32")
+        legacy = require_precision_file(onnx_dir, variant, "fp32")
+        if precision == "fp16" and _onnx_has_fp16_weights(legacy):
+            return legacy, ("fp16 = FP16 weight initializers behind Cast-to-FP32 (export --fp16); the CPU/CUDA "
+                            "providers compute in FP32")
+        if precision == "int8":
+            raise MpdeployError(f"the ort backend does not build int8 engines from an FP32 export ({converted.name} not "
+                                "found); re-run `mpdeploy export --precision int8` (calibrated Q/DQ), or use --backend trt")
+        raise MpdeployError(f"{converted.name} not found and {legacy.name} has FP32 weights; re-run `mpdeploy export "
+                            "--precision fp16`, or build with --precision fp32")
 
     def build(self, inputs: BuildInputs, variant: str, out_dir: Path, config: BuildConfig) -> BuiltEngine:
         ort = _ort()
         options = self.resolve_options(config)
-        src = Path(inputs.onnx_dir) / ONNX_FILES[variant]
-        if not src.is_file():
-            raise MpdeployError(f"{src} not found; re-run the export stage (mpdeploy export)")
         precision = self.resolve_precision(config)
-        precision_note = self._check_precision(precision, src)
+        src, precision_note = self._source(Path(inputs.onnx_dir), variant, precision)
         dst = Path(out_dir) / f"{variant}.onnx"
         external = src.with_name(src.name + ".data").exists()
         t0 = time.perf_counter()
-        if options["optimization"] == "none":
+        # A converted file is kept as exported: offline folding would turn FP32 weight -> Q into INT8
+        # initializers and change the layout TensorRT and Triton read; sessions optimize it at load anyway.
+        if options["optimization"] == "none" or src.name != onnx_file_name(variant, "fp32"):
             shutil.copyfile(src, dst)
             if external:
                 shutil.copyfile(src.with_name(src.name + ".data"), dst.with_name(dst.name + ".data"))
@@ -173,7 +181,7 @@ class OrtBackend(Backend):
         """The saved engine still computes what the export did, and its 2:4 weights survived optimization."""
         import onnx
 
-        from mpdeploy.export import check_trt_sparsity
+        from mpdeploy.onnx_sparsity import check_trt_sparsity
 
         def eligible_24(path: Path) -> int:
             return sum(v["eligible"] and v["is_2_4"] for v in check_trt_sparsity(onnx.load(str(path))).values())
@@ -212,7 +220,8 @@ class OrtBackend(Backend):
         for p in providers:
             if p == "TensorrtExecutionProvider":
                 # The TensorRT EP finds 2:4 from zeros like TensorRT itself; sparse math needs FP16/INT8.
-                provider_args.append((p, {"trt_sparsity_enable": sparse, "trt_fp16_enable": precision != "fp32"}))
+                provider_args.append((p, {"trt_sparsity_enable": sparse, "trt_fp16_enable": precision != "fp32",
+                                          "trt_int8_enable": precision == "int8"}))
             else:
                 provider_args.append(p)
         session = ort.InferenceSession(str(engine_path), so, providers=provider_args)

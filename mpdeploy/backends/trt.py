@@ -1,15 +1,22 @@
 """TensorRT backend through Polygraphy's Python API (NetworkFromOnnxPath -> CreateConfig -> engine bytes).
 
-TensorRT finds 2:4 from the zeros in dense weights, so the sparse engine is built from the export's
-`model.onnx` with SPARSE_WEIGHTS on, and its dense twin from `model.dense.onnx` with it off: two ONNX
-files, one builder configuration otherwise. Each build is logged verbosely (Polygraphy's G_LOGGER routed
-into Python logging, captured per build into `<variant>.build.log`), and the engine inspector's JSON is
-kept as `<variant>.layers.json`; `trt_report` turns both into the eligible / picked-sparse lists and
-named pitfalls. INT8 uses an entropy calibrator fed from `--calib` data with a cache under `calib/cache/`;
-a tactic timing cache (per GPU and TensorRT version) lives there too.
+Written for TensorRT 10 and 11 (`tensorrt>=10,<12`). Both build strongly typed networks: the precision is
+the ONNX's own (`model.fp16.onnx`, `model.bf16.onnx`, the INT8 Q/DQ `model.int8.onnx` from
+`mpdeploy export --precision`), so the same call works on 11, which removed the FP16/INT8/BF16 builder
+flags and the INT8 calibrator. The legacy path (FP32 ONNX + precision flags + IInt8 calibrator) is the
+backend option typing=legacy, allowed only where the installed TensorRT still has those features
+(`trt_plan.detect_capabilities`). An older TensorRT is refused with one line.
+
+TensorRT finds 2:4 from the zeros in dense weights, so the sparse engine is built from the sparse ONNX
+with SPARSE_WEIGHTS on, and its dense twin from the dense ONNX with it off. Each build is logged verbosely
+(Polygraphy's G_LOGGER routed into Python logging, captured per build into `<variant>.build.log`), and the
+engine inspector's JSON is kept as `<variant>.layers.json`; `trt_report` turns both, and the ONNX graph,
+into the eligible / picked-sparse lists and named pitfalls. A tactic timing cache (per GPU and TensorRT
+version) lives under `calib/cache/`.
 
 Needs TensorRT and a CUDA GPU; neither exists on the development machines, so this module is written
-against the real APIs and its builder tests skip without them.
+against the real APIs (Polygraphy 0.53 read for argument names) and its builder tests skip without them;
+the argument translation (`trt_plan`) is tested on CPU for both API generations.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from mpdeploy.backends.base import Backend, BuildConfig, BuildInputs, BuiltEngine, Runner
+from mpdeploy.backends.trt_plan import detect_capabilities, plan_trt_build, unsupported_reason
 from mpdeploy.backends.trt_report import (
     layer_not_sparse_reasons,
     parse_engine_inspector,
@@ -34,10 +42,10 @@ from mpdeploy.backends.trt_report import (
     pitfall_warnings,
 )
 from mpdeploy.errors import MpdeployError
+from mpdeploy.onnx_precision import require_precision_file
 
 logger = logging.getLogger(__name__)
 
-ONNX_FILES = {"sparse": "model.onnx", "dense": "model.dense.onnx"}
 CACHE_DIR = Path("calib/cache")
 CALIB_BATCHES = 16
 
@@ -189,7 +197,9 @@ class TrtEngineRunner(Runner):
 class TrtBackend(Backend):
     name = "trt"
     default_precision = "fp16"
-    options = {"calibrator": ("entropy2", "minmax")}
+    # typing: "strong" = strongly typed network from the precision's ONNX (TensorRT 10 and 11);
+    # "legacy" = FP32 ONNX plus builder precision flags / calibrator (only where TensorRT still has them).
+    options = {"typing": ("strong", "legacy"), "calibrator": ("entropy2", "minmax")}
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -198,6 +208,9 @@ class TrtBackend(Backend):
         except Exception as exc:  # noqa: BLE001 - must not raise
             return False, (f"TensorRT is not installed ({type(exc).__name__}: {exc}); use the Docker image or "
                            "pip install tensorrt on a GPU host")
+        unsupported = unsupported_reason(detect_capabilities(trt))
+        if unsupported:
+            return False, unsupported
         try:
             import torch
 
@@ -228,11 +241,10 @@ class TrtBackend(Backend):
 
         options = self.resolve_options(config)
         precision = self.resolve_precision(config)
+        caps = detect_capabilities(trt)
+        plan = plan_trt_build(variant, precision, options["typing"], caps)
         onnx_dir = Path(inputs.onnx_dir)
-        onnx_path = onnx_dir / ONNX_FILES[variant]
-        if not onnx_path.is_file():
-            raise MpdeployError(f"{onnx_path} not found; re-run the export stage")
-        sparse = variant == "sparse"
+        onnx_path = require_precision_file(onnx_dir, variant, plan.onnx_precision)
         input_name, chw, dynamic = _onnx_io(onnx_path)
         bmin, bopt, bmax = config.profile_batches if dynamic else (1, 1, 1)
         profile = Profile().add(input_name, min=(bmin, *chw), opt=(bopt, *chw), max=(bmax, *chw))
@@ -240,71 +252,80 @@ class TrtBackend(Backend):
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
 
         kwargs: dict[str, Any] = {
+            **plan.config,
             "profiles": [profile],
-            "sparse_weights": sparse,
             "profiling_verbosity": trt.ProfilingVerbosity.DETAILED,  # the inspector then reports tactics
             "load_timing_cache": str(timing_cache) if timing_cache.exists() else None,
         }
         if config.workspace_mib:
             kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(config.workspace_mib) << 20}
         calibration: dict[str, Any] | None = None
-        if precision == "fp16":
-            kwargs["fp16"] = True
-        elif precision == "bf16":
-            kwargs["bf16"] = True
-        elif precision == "int8":
+        if plan.calibrator:
             if not config.calib:
-                raise MpdeployError("--precision int8 needs calibration data; pass --calib DIR|digits (synthetic only "
-                                    "for smoke runs)")
+                raise MpdeployError("legacy-flag INT8 needs calibration data; pass --calib DIR|digits (synthetic only "
+                                    "for smoke runs), or use the default strongly typed Q/DQ build")
             cache = Path(config.calib_cache) if config.calib_cache else CACHE_DIR / f"{_sha256(onnx_path)[:16]}.cache"
             cache.parent.mkdir(parents=True, exist_ok=True)
             batches, calibration = _calibration_batches(config.calib, onnx_dir, input_name, bopt)
             base = trt.IInt8EntropyCalibrator2 if options["calibrator"] == "entropy2" else trt.IInt8MinMaxCalibrator
-            # FP16 as well: layers without an INT8 kernel fall back to FP16 rather than FP32.
-            kwargs.update(int8=True, fp16=True, calibrator=Calibrator(batches, cache=str(cache), BaseClass=base))
+            kwargs["calibrator"] = Calibrator(batches, cache=str(cache), BaseClass=base)
             calibration.update(cache=str(cache), cache_existed=cache.exists(), calibrator=base.__name__,
-                               note="implicit (calibrator) INT8 is deprecated in TensorRT 10; explicit Q/DQ "
-                                    "quantization is the supported path there")
+                               note="implicit (calibrator) INT8 is deprecated in TensorRT 10 and removed in 11")
 
         out_dir = Path(out_dir)
         t0 = time.perf_counter()
-        plan = f"{variant}.plan"
+        engine_file = f"{variant}.plan"
         with capture_build_log() as lines:
-            engine_bytes = EngineBytesFromNetwork(NetworkFromOnnxPath(str(onnx_path)), CreateConfig(**kwargs),
-                                                  save_timing_cache=str(timing_cache))()
+            network = NetworkFromOnnxPath(str(onnx_path), **plan.network)
+            engine_bytes = EngineBytesFromNetwork(network, CreateConfig(**kwargs), save_timing_cache=str(timing_cache))()
             seconds = time.perf_counter() - t0
-            pg_util.save_file(contents=engine_bytes, dest=str(out_dir / plan), description="engine")
+            pg_util.save_file(contents=engine_bytes, dest=str(out_dir / engine_file), description="engine")
             engine = engine_from_bytes(engine_bytes)
             info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
         log_text = "\n".join(lines) + "\n"
         (out_dir / f"{variant}.build.log").write_text(log_text)
         (out_dir / f"{variant}.layers.json").write_text(info if isinstance(info, str) else json.dumps(info))
+        report = self._report(variant, precision, plan, caps, onnx_path, log_text, info, kwargs, config)
+        report.update(profile={"input": input_name, "min": [bmin, *chw], "opt": [bopt, *chw], "max": [bmax, *chw]},
+                      timing_cache=str(timing_cache), calibration=calibration, build_seconds_trt=seconds)
+        del engine
+        return BuiltEngine(file=engine_file, report=report)
+
+    def _report(self, variant, precision, plan, caps, onnx_path, log_text, info, kwargs, config) -> dict[str, Any]:
+        import onnx
+
+        from mpdeploy.backends.trt_report import parse_engine_io, qdq_graph_findings
+
+        onnx_dir = onnx_path.parent
         layers = parse_engine_inspector(info)
         sparsity = parse_sparsity_log(log_text)
         sparsity_json = json.loads((onnx_dir / "sparsity.json").read_text()) if (onnx_dir / "sparsity.json").exists() else {}
+        findings = qdq_graph_findings(onnx.load(str(onnx_path), load_external_data=False))
         report: dict[str, Any] = {
             "onnx": onnx_path.name,
-            "sparse_weights": sparse,
+            "sparse_weights": plan.config["sparse_weights"],
             "precision": precision,
+            "typing": plan.typing,
+            "network_flags": dict(plan.network),
             "flags": {k: v for k, v in kwargs.items() if k in ("fp16", "bf16", "int8", "sparse_weights")},
-            "profile": {"input": input_name, "min": [bmin, *chw], "opt": [bopt, *chw], "max": [bmax, *chw]},
+            "tensorrt": {"version": caps.version, "strongly_typed": caps.strongly_typed,
+                         "precision_flags": sorted(caps.precision_flags), "int8_calibrator": caps.int8_calibrator},
+            "plan_notes": list(plan.notes),
             "batch_sizes": list(config.batch_sizes),
-            "timing_cache": str(timing_cache),
-            "calibration": calibration,
-            "build_seconds_trt": seconds,
             "eligible": sparsity["eligible"],
             "picked_sparse": sparsity["picked_sparse"],
             "layers": layers,
+            "io": parse_engine_io(info),
+            "graph_findings": {k: v for k, v in findings.items() if k != "warnings"},
             "log_file": f"{variant}.build.log",
             "inspector_file": f"{variant}.layers.json",
         }
-        if sparse:
+        if variant == "sparse":
             report["layers_with_sparse_weights"] = [x["name"] for x in layers if x["has_sparse_weights"]]
             report["layers_with_sparse_tactic"] = [x["name"] for x in layers if x["sparse_tactic"]]
             report["not_sparse"] = layer_not_sparse_reasons(report)
-            report["warnings"] = pitfall_warnings(report, sparsity_json)
-        del engine
-        return BuiltEngine(file=plan, report=report)
+            report["warnings"] = pitfall_warnings(report, sparsity_json) + findings["warnings"]
+        return report
 
     def load(self, engine_path: Path, config: BuildConfig) -> Runner:
         _trt()

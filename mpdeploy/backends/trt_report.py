@@ -9,7 +9,7 @@ guide, "Structured Sparsity"; also quoted in NVIDIA/TensorRT issues #2169 and #4
 Layer names are TensorRT's (fused layers read "Conv_619 + Relu_620"; TensorRT 10 names carry the ONNX
 node names, Myelin regions read "{ForeignNode[first...last]}"). The engine inspector
 (`IEngineInspector.get_engine_information(LayerInformationFormat.JSON)`, ProfilingVerbosity.DETAILED)
-gives `{"Layers": [...], "Bindings": [...]}` with per-layer `Name`, `LayerType`, `TacticName`,
+gives `{"Layers": [...], "Bindings": [...]}` (TensorRT 11: "I/O Tensors" instead of "Bindings") with per-layer `Name`, `LayerType`, `TacticName`,
 `TacticValue`, `Weights`, and `HasSparseWeights` (older releases: `AllowSparse`).
 
 Nothing here imports TensorRT: the parsers run on CPU and are tested on text in those formats.
@@ -21,6 +21,8 @@ import json
 import re
 from typing import Any
 
+from mpdeploy.backends.trt_graph import qdq_graph_findings  # noqa: F401 - part of the build report's API
+
 ELIGIBLE_MARKER = "(Sparsity) Layers eligible for sparse math:"
 PICKED_MARKER = "(Sparsity) TRT inference plan picked sparse implementation for layers:"
 # A new log record starts with "[" (trtexec "[03/23/2021-...]", Polygraphy "[V]") or the next marker.
@@ -30,6 +32,11 @@ _PROFILE_SUFFIX = re.compile(r"\s*\[profile (\d+)\]")
 # Sparse tensor-core kernels carry "sparse" / "sptensor" in their names (e.g. *_sparse_conv_*, *_sptensor16x8x32_*).
 _SPARSE_TACTIC = re.compile(r"sparse|sptensor", re.IGNORECASE)
 SMALL_BATCH = 4  # batches at or below this rarely gain from sparse kernels (too little work per weight)
+NEITHER_LINE = ("neither sparsity line appears: the build log has no '(Sparsity) Layers eligible for sparse math' line "
+                "and no '(Sparsity) TRT inference plan picked sparse implementation' line (the logger was not verbose, "
+                "SPARSE_WEIGHTS was off, or this TensorRT no longer prints them: whether TensorRT 11 does is not "
+                "confirmed by any public log); sparse use is judged from the engine inspector's HasSparseWeights and "
+                "tactic names only")
 
 
 def _split_layers(text: str) -> list[str]:
@@ -147,6 +154,27 @@ def parse_engine_inspector(info: str | dict[str, Any]) -> list[dict[str, Any]]:
     return layers
 
 
+def parse_engine_io(info: str | dict[str, Any]) -> dict[str, Any]:
+    """The engine's I/O tensors from the inspector JSON: TensorRT 10 calls the list "Bindings" (names), TensorRT
+    11 "I/O Tensors" (objects with Name / Mode / Datatype / Dimensions). Returns {"key", "tensors": [{name,
+    mode, dtype, shape}]}; key None when neither is present."""
+    data = json.loads(info) if isinstance(info, (str, bytes)) else info
+    if not isinstance(data, dict):
+        return {"key": None, "tensors": []}
+    for key in ("I/O Tensors", "Bindings"):
+        if key in data:
+            tensors = []
+            for raw in data.get(key) or []:
+                if isinstance(raw, str):
+                    tensors.append({"name": raw, "mode": None, "dtype": None, "shape": None})
+                elif isinstance(raw, dict):
+                    tensors.append({"name": raw.get("Name"), "mode": raw.get("Mode") or raw.get("IOMode"),
+                                    "dtype": raw.get("Datatype") or raw.get("DataType"),
+                                    "shape": raw.get("Dimensions") or raw.get("Shape")})
+            return {"key": key, "tensors": tensors}
+    return {"key": None, "tensors": []}
+
+
 def _parts(layer_name: str) -> list[str]:
     """The ONNX-level names inside a (possibly fused) TensorRT layer name."""
     return [p.strip() for p in layer_name.split(" + ") if p.strip()]
@@ -192,7 +220,9 @@ def pitfall_warnings(report: dict[str, Any], sparsity_json: dict[str, Any] | Non
     if precision == "fp32":
         warnings.append("precision fp32: TensorRT runs sparse math only in FP16/BF16/INT8, so SPARSE_WEIGHTS does "
                         "nothing here; build with --precision fp16 (or int8)")
-    if eligible is None:
+    if eligible is None and picked is None:
+        warnings.append(NEITHER_LINE)
+    elif eligible is None:
         warnings.append("the build log has no '(Sparsity) Layers eligible for sparse math' line: the logger was not "
                         "verbose or SPARSE_WEIGHTS was not set, so eligibility is unknown")
     else:
@@ -236,3 +266,4 @@ def pitfall_warnings(report: dict[str, Any], sparsity_json: dict[str, Any] | Non
         warnings.append(f"tiny batch sizes ({', '.join(map(str, batches))}): at batch <= {SMALL_BATCH} sparse kernels are "
                         "often slower than dense; compare the audit's per-batch latency, not one number")
     return warnings
+
