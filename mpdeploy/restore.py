@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpdeploy.errors import MpdeployError
-from mpdeploy.obs import obs_sweep, reduction_order, refine_masked_ridge, upper_inverse_factor
+from mpdeploy.obs import SINGLE_THREAD_WORK, obs_sweep, single_thread, reduction_order, refine_masked_ridge, upper_inverse_factor
 
 logger = logging.getLogger(__name__)
 
@@ -263,8 +263,11 @@ def restore_layers(
             entry = {"error_before": None, "error_after": None, "improved": False, "lambda": None,
                      "judged_on": judged_on}
             report[name] = entry
-            _refit_layer(module, inputs[0].detach(), n_calib, chunk, dense_state[param], masks[param], entry,
-                         damp=damp, solver=solver, gen=gen)
+            weight = module.weight
+            work = weight.shape[0] * (weight.numel() // weight.shape[0]) ** 2
+            with single_thread(work < SINGLE_THREAD_WORK):
+                _refit_layer(module, inputs[0].detach(), n_calib, chunk, dense_state[param], masks[param], entry,
+                             damp=damp, solver=solver, gen=gen)
             entry["seconds"] = time.perf_counter() - start
             logger.info("restore %s: held-out error %s -> %s (%s)", name, entry["error_before"],
                         entry["error_after"], "kept" if entry["improved"] else "rolled back")
