@@ -8,7 +8,8 @@ Calibration: `--calib digits` (PruneConfig defaults: 8 batches of 16 training-sp
 batches held out). Rows (all through `mpdeploy.prune.prune_model`, seed 0):
 
 - uniform 2:4 with each registered saliency (magnitude, wanda, block-cost, sparsegpt, auto);
-- the budgets (mp, damage) at the SAME sparse-execution MAC reduction as uniform 2:4, patterns 2:4 + 1:4;
+- the budgets (mp, damage) at 90% of uniform 2:4's sparse-execution MAC reduction, patterns 2:4 + 1:4
+  (uniform 2:4 is already the largest sparse-execution cut: 1:4 runs at 2:4 speed);
 - + restore (the OBS refit) on the default saliency.
 
 ModelOpt (`nvidia-modelopt`) rows: only if it imports in the benchmark's own venv (--modelopt-python);
@@ -83,6 +84,34 @@ def run_row(loaded_fn, config: PruneConfig) -> dict:
             "auto_choices": {c: chosen.count(c) for c in sorted(set(chosen))} or None}
 
 
+def column_norm_diagnosis(loaded: LoadedModel) -> dict:
+    """Why Wanda can lose: per prunable layer, how uneven the input column norms ||X_j|| are (max /
+    median, share of the squared norm in the top 2% of columns) and how correlated the input columns
+    are (mean |corr| off the diagonal; Wanda uses only the diagonal of X^T X), from 128 digits
+    calibration images."""
+    from mpdeploy.data import digits_tensors
+    from mpdeploy.layers import find_layers, skip_reason
+    from mpdeploy.patterns import NM
+    from mpdeploy.saliency import collect_stats
+
+    names = [layer.name for layer in find_layers(loaded.module) if skip_reason(layer, NM(2, 4), False) is None]
+    x, _ = digits_tensors(loaded.input_shape, "calib")
+    stats = collect_stats(loaded.module, names, list(x[:128].split(32)), [], "sparsegpt")
+    out = {}
+    for name in names:
+        sq = stats[name].col_sq_sum
+        norms = sq.sqrt()
+        top = max(1, int(0.02 * len(sq)))
+        h = stats[name].hessian()
+        d = torch.diagonal(h).clamp_min(1e-12).sqrt()
+        corr = (h / d.unsqueeze(0) / d.unsqueeze(1)).abs()
+        off = (corr.sum() - torch.diagonal(corr).sum()) / (corr.numel() - corr.shape[0])
+        out[name] = {"max_over_median": round(float(norms.max() / norms.median().clamp_min(1e-12)), 2),
+                     "mean_abs_input_correlation": round(float(off), 3),
+                     "top2pct_energy_share": round(float(sq.sort(descending=True).values[:top].sum() / sq.sum()), 3)}
+    return out
+
+
 def modelopt_status(python: str | None) -> str:
     if not python:
         return "not measured here: no --modelopt-python venv given"
@@ -106,6 +135,7 @@ def main() -> None:
     saliencies = [s for s in list_saliencies() if not (args.smoke and s == "block-cost")]
     base = PruneConfig(calib="digits", budget="uniform", saliency="magnitude")
     table: dict[str, dict] = {}
+    diagnosis: dict[str, dict] = {}
     for name in models:
         loaded = load(name, args.cache)
         rows = {"dense": {"top1": round(100 * digits_top1(loaded.module, loaded.input_shape), 2)}}
@@ -118,14 +148,17 @@ def main() -> None:
         for sal in saliencies:
             rows[f"uniform {sal}"] = run_row(fresh, replace(base, saliency=sal))
             print(name, sal, rows[f"uniform {sal}"], flush=True)
-        target = rows["uniform magnitude"]["sparse_execution_mac_reduction"] - 1e-4
+        # Under sparse-execution accounting uniform 2:4 is already the largest cut (1:4 runs at 2:4 speed),
+        # so budgets are compared at 90% of it: which tenth of the prunable MACs stays dense.
+        target = round(0.9 * rows["uniform magnitude"]["sparse_execution_mac_reduction"], 4)
         for budget in ("mp", "damage"):
             for sal in ("magnitude", DEFAULT_CALIB_SALIENCY):
                 cfg = replace(base, budget=budget, saliency=sal, extra_patterns=("1:4",), target_mac_reduction=target)
-                rows[f"{budget} {sal} (2:4+1:4, uniform's sparse-exec MACs)"] = run_row(fresh, cfg)
-                print(name, budget, sal, flush=True)
+                rows[f"{budget} {sal} (2:4+1:4, target {100 * target:.1f}% sparse-exec)"] = run_row(fresh, cfg)
+                print(name, budget, sal, rows[f"{budget} {sal} (2:4+1:4, target {100 * target:.1f}% sparse-exec)"], flush=True)
         rows[f"uniform {DEFAULT_CALIB_SALIENCY} + restore"] = run_row(fresh, replace(base, saliency=DEFAULT_CALIB_SALIENCY, restore=True))
         table[name] = rows
+        diagnosis[name] = column_norm_diagnosis(fresh())
         print(name, json.dumps(rows, indent=1), flush=True)
     result = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                           "threads": args.threads, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -133,7 +166,8 @@ def main() -> None:
                           "note": "shared 2-core machine, 6 helper sessions at once: wall times inflated"},
               "command": "python benchmarks/method_table.py" + (" --smoke" if args.smoke else ""),
               "eval": "top-1 (%) on the digits test split (539 images), zero fine-tuning",
-              "modelopt": modelopt_status(args.modelopt_python), "models": table}
+              "modelopt": modelopt_status(args.modelopt_python), "models": table,
+              "input_column_norms": diagnosis}
     stem = "method_table_smoke" if args.smoke else "method_table"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
