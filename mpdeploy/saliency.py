@@ -193,8 +193,9 @@ def sparsegpt_mask(weight: torch.Tensor, pattern: NM, stats: InputStats | None =
     from mpdeploy.restore import CG_STEPS, DEFAULT_DAMP, relative_error
 
     h = _need_stats(stats, "sparsegpt").hessian()
-    if h is None:
-        raise MpdeployError("no calibration inputs reached this layer; check --calib")
+    if h is None:  # the forward never called this layer on calibration data: nothing to weigh by
+        logger.warning("no calibration inputs reached a %s layer: magnitude mask", tuple(weight.shape))
+        return magnitude_mask(weight, pattern)
     shape = tuple(weight.shape)
     dense = weight.detach().reshape(shape[0], -1).double()
     lam = DEFAULT_DAMP * float(torch.diagonal(h).mean()) or 1e-8
@@ -219,8 +220,9 @@ def auto_mask(weight: torch.Tensor, pattern: NM, stats: InputStats | None = None
     from mpdeploy.restore import relative_error
 
     judge = _need_stats(stats, "auto").hessian(held=True)
-    if judge is None:
-        raise MpdeployError("no calibration inputs reached this layer; check --calib")
+    if judge is None or stats.col_sq_sum is None:
+        logger.warning("no calibration inputs reached a %s layer: magnitude mask", tuple(weight.shape))
+        return MaskChoice(magnitude_mask(weight, pattern).mask, chosen="magnitude")
     dense = weight.detach().reshape(weight.shape[0], -1).double()
     best = None
     for name in AUTO_CANDIDATES:

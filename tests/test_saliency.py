@@ -117,3 +117,12 @@ def test_default_calib_saliency_never_loses_to_magnitude_on_the_zoo(zoo_name):
         result = prune_model(loaded, PruneConfig(calib="digits", budget="uniform", saliency=saliency))
         top1[saliency] = digits_top1(result.model, loaded.input_shape)
     assert top1[DEFAULT_CALIB_SALIENCY] >= top1["magnitude"], top1
+
+
+def test_layers_without_calibration_inputs_fall_back_to_magnitude():
+    from mpdeploy.saliency import InputStats
+
+    weight = torch.randn(4, 8)
+    for name in ("sparsegpt", "auto"):
+        choice = choose_mask(weight, NM(2, 4), name, InputStats())
+        assert torch.equal(choice.mask, choose_mask(weight, NM(2, 4), "magnitude").mask)
