@@ -42,7 +42,7 @@ class InputStats:
     group_cov: dict[int, torch.Tensor] = field(default_factory=dict)  # M -> [K/M, M, M] sums of h_g h_g^T
     rows: int = 0
     # Full covariance of the im2col rows (weight.reshape(out, -1) column order), only for OBS criteria:
-    gram: torch.Tensor | None = None  # sum X^T X over calibration inputs, float64
+    gram: torch.Tensor | None = None  # sum X^T X over calibration inputs (float32)
     gram_rows: int = 0
     held_gram: torch.Tensor | None = None  # the same over held-out inputs (judges `auto`)
     held_rows: int = 0
@@ -50,8 +50,8 @@ class InputStats:
     def hessian(self, held: bool = False) -> torch.Tensor | None:
         """E[x x^T] over calibration (or held-out, falling back to calibration) im2col rows."""
         if held and self.held_gram is not None and self.held_rows:
-            return self.held_gram / self.held_rows
-        return None if self.gram is None or not self.gram_rows else self.gram / self.gram_rows
+            return self.held_gram.double() / self.held_rows
+        return None if self.gram is None or not self.gram_rows else self.gram.double() / self.gram_rows
 
     def update(self, x2d: torch.Tensor, group_sizes: tuple[int, ...] = ()) -> None:
         x = x2d.double()
@@ -273,6 +273,7 @@ def collect_stats(model: nn.Module, names: list[str], calib: list[torch.Tensor],
     for which, batches in (("calib", calib), ("held", held)):
         def hook(module, inputs, output, name=None, which=which):
             h, rows = gram_of(module, inputs[0].detach(), len(inputs[0]), gen)
+            h = h.float()  # stored in float32: ViT-B's 50 layers hold ~0.5 GB per covariance set
             st = stats[name]
             if which == "calib":
                 st.gram = h if st.gram is None else st.gram + h
