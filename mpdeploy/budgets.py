@@ -1,10 +1,18 @@
 """Layerwise budgets: which layer gets which N:M pattern (or stays dense).
 
+Budgets live in a registry (`register_budget`, timm `register_model` style); the CLI's choices come
+from `list_budgets()`. Built in:
+
 - `uniform`: the one pattern on every eligible layer (the baseline `mp` must beat).
 - `mp` (Spectral Edge Budgeting, method.md section 2): each layer's Marchenko-Pastur signal gives a
   weight w_l = max(0.1, 1 + beta * d(s) * z_l); a layer/pattern choice costs damage / w_l, where
   damage is the share of squared saliency the mask removes. Starting from all-dense, the cheapest
   MAC saving per unit cost is taken greedily until the global MAC-reduction target is met.
+- `damage`: the same greedy walk with every w_l = 1 (damage alone, no MP signal).
+
+The target is a sparse-execution MAC reduction when any allowed pattern runs on 2:4 sparse tensor
+cores (a layer is then either dense or 2:4-speed: 1:4 saves no more time than 2:4, so it is chosen
+never for speed); with only audit-only patterns (e.g. 8:16) it counts kept-weight MACs.
 
 The signal is the layer's bulk fraction (share of squared Frobenius mass below the fitted edge
 sigma_+): it is what sigma_+ says about the layer, and unlike raw sigma_+ it is comparable across
@@ -14,17 +22,16 @@ layer shapes and weight scales. Larger = more bulk-like = prune more.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from mpdeploy.errors import MpdeployError
 from mpdeploy.patterns import NM
 
 logger = logging.getLogger(__name__)
 
-BUDGETS = ("uniform", "mp")
 # Fraction of the largest achievable MAC reduction the `mp` budget aims for when no target is given:
 # it keeps the most damaging tenth of the prunable MACs dense.
 DEFAULT_MP_TARGET_FRACTION = 0.9
@@ -87,11 +94,25 @@ def assign_uniform(candidates: list[Candidate], pattern: NM) -> dict[str, Assign
     return out
 
 
-def assign_mp(candidates: list[Candidate], total_macs: int, target: float | None) -> tuple[dict[str, Assignment], float]:
-    """Greedy MP-weighted assignment; returns (assignments, target used)."""
+def accounting(candidates: list[Candidate]) -> str:
+    """"execution" (2:4-speed MACs) when any option runs sparse, else "kept" (kept-weight MACs)."""
+    return "execution" if any(p.runs_sparse for c in candidates for p, _ in c.options) else "kept"
+
+
+def _density(pattern: NM | None, kind: str) -> float:
+    if pattern is None:
+        return 1.0
+    return pattern.execution_density if kind == "execution" else pattern.density
+
+
+def assign_mp(candidates: list[Candidate], total_macs: int, target: float | None,
+              use_signal: bool = True) -> tuple[dict[str, Assignment], float]:
+    """Greedy MP-weighted assignment (all w_l = 1 without `use_signal`); returns (assignments, target
+    used). The target and the gains are in the units `accounting` picks."""
     if not candidates:
         return {}, 0.0
-    max_saving = sum(c.macs * (1 - min(p.density for p, _ in c.options)) for c in candidates if c.options)
+    kind = accounting(candidates)
+    max_saving = sum(c.macs * (1 - min(_density(p, kind) for p, _ in c.options)) for c in candidates if c.options)
     max_reduction = max_saving / total_macs
     if target is None:
         target = DEFAULT_MP_TARGET_FRACTION * max_reduction
@@ -102,7 +123,7 @@ def assign_mp(candidates: list[Candidate], total_macs: int, target: float | None
             f"--target-mac-reduction {target:.3f} is more than the eligible layers can give ({max_reduction:.3f}) "
             "with these patterns; lower it or allow a sparser pattern"
         )
-    z = _signal_z([c.signal for c in candidates])
+    z = _signal_z([c.signal for c in candidates]) if use_signal else np.zeros(len(candidates))
     weights = [seb_weight(float(zi), target, c.is_mlp) for zi, c in zip(z, candidates)]
     level = {c.name: -1 for c in candidates}  # index into options; -1 = dense
     saved = 0.0
@@ -110,21 +131,21 @@ def assign_mp(candidates: list[Candidate], total_macs: int, target: float | None
     while saved < needed - 1e-6:
         best = None
         for c, w in zip(candidates, weights):
-            nxt = level[c.name] + 1
-            if nxt >= len(c.options):
-                continue
-            cur_density = 1.0 if level[c.name] < 0 else c.options[level[c.name]][0].density
+            cur_density = 1.0 if level[c.name] < 0 else _density(c.options[level[c.name]][0], kind)
             cur_damage = 0.0 if level[c.name] < 0 else c.options[level[c.name]][1]
-            pattern, damage = c.options[nxt]
-            gain = c.macs * (cur_density - pattern.density)
-            if gain <= 0:
-                continue
-            ratio = (max(damage - cur_damage, 0.0) / w) / gain
-            if best is None or ratio < best[0]:
-                best = (ratio, c.name, gain)
+            # The next option that saves anything in these units (under execution accounting 1:4 after
+            # 2:4 saves nothing, and 12:16 before 2:4 saves nothing either: skip over them).
+            for nxt in range(level[c.name] + 1, len(c.options)):
+                pattern, damage = c.options[nxt]
+                gain = c.macs * (cur_density - _density(pattern, kind))
+                if gain > 0:
+                    ratio = (max(damage - cur_damage, 0.0) / w) / gain
+                    if best is None or ratio < best[0]:
+                        best = (ratio, c.name, gain, nxt)
+                    break
         if best is None:
             break
-        level[best[1]] += 1
+        level[best[1]] = best[3]
         saved += best[2]
     out = {}
     for c, w, zi in zip(candidates, weights, z):
@@ -134,24 +155,53 @@ def assign_mp(candidates: list[Candidate], total_macs: int, target: float | None
     return out, float(target)
 
 
-def seb_unstructured_masks(
-    scores: dict[str, torch.Tensor], signals: dict[str, float], sparsity: float, mlp_names: set[str] | None = None
-) -> dict[str, torch.Tensor]:
-    """Global unstructured pruning (research mode): prune the smallest score/w_l to sparsity s.
+# ----------------------------------------------------------------------------------------------
+# registry
+# ----------------------------------------------------------------------------------------------
 
-    Below s = 0.2 the paper uses plain global magnitude; we do the same (all w_l = 1).
-    """
-    if not 0 < sparsity < 1:
-        raise MpdeployError(f"--sparsity must be between 0 and 1, got {sparsity}")
-    names = list(scores)
-    z = _signal_z([signals.get(n) for n in names])
-    mlp_names = mlp_names or set()
-    weights = {
-        n: (1.0 if sparsity < 0.2 else seb_weight(float(zi), sparsity, n in mlp_names)) for n, zi in zip(names, z)
-    }
-    flat = torch.cat([(scores[n] / weights[n]).flatten().float() for n in names])
-    k = int(sparsity * flat.numel())
-    if k == 0:
-        return {n: torch.ones_like(scores[n], dtype=torch.bool) for n in names}
-    threshold = torch.kthvalue(flat, k).values
-    return {n: (scores[n] / weights[n]) > threshold for n in names}
+BudgetFn = Callable[[list[Candidate], int, "float | None", NM], "tuple[dict[str, Assignment], float | None]"]
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    name: str
+    fn: BudgetFn  # (candidates, total MACs, target or None, main pattern) -> (assignments, target used)
+    help: str
+
+
+_BUDGETS: dict[str, BudgetSpec] = {}
+
+
+def register_budget(name: str, help: str = ""):
+    """Decorator: register fn(candidates, total_macs, target, pattern) -> (assignments, target)."""
+    def decorate(fn: BudgetFn) -> BudgetFn:
+        if name in _BUDGETS:
+            raise ValueError(f"budget {name!r} is already registered")
+        _BUDGETS[name] = BudgetSpec(name, fn, help or (fn.__doc__ or "").strip())
+        return fn
+    return decorate
+
+
+def list_budgets() -> tuple[str, ...]:
+    return tuple(_BUDGETS)
+
+
+def get_budget(name: str) -> BudgetSpec:
+    if name not in _BUDGETS:
+        raise MpdeployError(f"unknown budget {name!r}; choose one of {', '.join(_BUDGETS)}")
+    return _BUDGETS[name]
+
+
+@register_budget("uniform", help="the one pattern on every eligible layer")
+def budget_uniform(candidates, total_macs, target, pattern):
+    return assign_uniform(candidates, pattern), None
+
+
+@register_budget("mp", help="greedy damage / MP-signal weight per MAC saved, to the MAC target")
+def budget_mp(candidates, total_macs, target, pattern):
+    return assign_mp(candidates, total_macs, target)
+
+
+@register_budget("damage", help="greedy damage per MAC saved, to the MAC target (no MP signal)")
+def budget_damage(candidates, total_macs, target, pattern):
+    return assign_mp(candidates, total_macs, target, use_signal=False)

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from mpdeploy import artifacts
-from mpdeploy.budgets import BUDGETS, Candidate, assign_mp, assign_uniform
+from mpdeploy.budgets import Candidate, get_budget
 from mpdeploy.errors import MpdeployError
-from mpdeploy.layers import LayerInfo, capture_inputs, count_macs, find_layers, skip_reason
+from mpdeploy.layers import LayerInfo, count_macs, find_layers, skip_reason
 from mpdeploy.models import LoadedModel
 from mpdeploy.patterns import NM, is_nm_compliant, parse_pattern
-from mpdeploy.saliency import InputStats, check_saliency, compute_mask, removed_energy_fraction
+from mpdeploy.saliency import InputStats, choose_mask, collect_stats, get_saliency, removed_energy_fraction
 # Re-created models live in mpdeploy.weights (below the stages, so backends can load them); kept here for callers.
 from mpdeploy.weights import PrunedArtifact, apply_masks, build_architecture, load_pruned  # noqa: F401
 
@@ -56,10 +56,8 @@ class PruneConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", parse_pattern(self.pattern))
         object.__setattr__(self, "extra_patterns", tuple(parse_pattern(p) for p in self.extra_patterns))
-        if self.budget not in BUDGETS:
-            raise MpdeployError(f"unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}")
-        check_saliency(self.saliency)
-        if (self.saliency != "magnitude" or self.restore) and not self.calib:
+        get_budget(self.budget)
+        if (get_saliency(self.saliency).needs_calib or self.restore) and not self.calib:
             need = "--restore" if self.restore else f"saliency {self.saliency!r}"
             raise MpdeployError(f"{need} needs calibration data; pass --calib DIR|digits|synthetic")
         if self.calib_batches < 1 or self.calib_batch_size < 1:
@@ -130,10 +128,10 @@ def _calibration(config: PruneConfig, loaded: LoadedModel) -> tuple[list[torch.T
     return calib, held, info
 
 
-def _collect_stats(model, names, batches, group_sizes) -> dict[str, InputStats]:
-    stats = {n: InputStats() for n in names}
-    capture_inputs(model, names, batches, lambda name, x: stats[name].update(x, group_sizes))
-    return stats
+def _collect_stats(model, names, calib, held, config: PruneConfig) -> dict[str, InputStats]:
+    needs = get_saliency(config.saliency).stats
+    group_sizes = tuple(sorted({p.m for p in config.patterns})) if "group_cov" in needs else ()
+    return collect_stats(model, names, calib, held, config.saliency, group_sizes)
 
 
 def prune_model(loaded: LoadedModel, config: PruneConfig, progress: Progress | None = None) -> PruneResult:
@@ -168,8 +166,7 @@ def prune_model(loaded: LoadedModel, config: PruneConfig, progress: Progress | N
 
     calib, held, calib_info = _calibration(config, loaded)
     names = [layer.name for layer in eligible]
-    group_sizes = tuple(sorted({p.m for p in config.patterns})) if config.saliency == "block-cost" else ()
-    stats = _collect_stats(model, names, calib, group_sizes) if calib else {}
+    stats = _collect_stats(model, names, calib, held, config) if calib else {}
     step("calibrate", 1, 1)
 
     permutation_report: dict[str, Any] = {}
@@ -181,7 +178,7 @@ def prune_model(loaded: LoadedModel, config: PruneConfig, progress: Progress | N
             seconds_per_layer=config.permute_seconds,
         )
         if calib:  # the permuted layers see permuted inputs: refresh their statistics
-            stats = _collect_stats(model, names, calib, group_sizes)
+            stats = _collect_stats(model, names, calib, held, config)
         step("permute", 1, 1)
 
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -193,31 +190,36 @@ def prune_model(loaded: LoadedModel, config: PruneConfig, progress: Progress | N
         for pattern in config.patterns:
             if layer.reduction % pattern.m:
                 continue
-            mask = compute_mask(weight, pattern, config.saliency, stats.get(layer.name))
-            layer_masks[(layer.name, pattern)] = mask
-            options.append((pattern, removed_energy_fraction(weight, mask, config.saliency, stats.get(layer.name))))
+            choice = choose_mask(weight, pattern, config.saliency, stats.get(layer.name))
+            layer_masks[(layer.name, pattern)] = choice
+            damage = removed_energy_fraction(weight, choice.mask, config.saliency, stats.get(layer.name))
+            options.append((pattern, damage))
         _, signal = fits[layer.name]
         candidates.append(Candidate(layer.name, macs.get(layer.name, 0), signal, tuple(options),
                                     is_mlp=".mlp." in f".{layer.name}."))
         step("mask", i + 1, len(eligible))
 
     total = sum(macs.values())
-    if config.budget == "uniform":
-        assignment, target = assign_uniform(candidates, config.pattern), None
-    else:
-        assignment, target = assign_mp(candidates, total, config.target_mac_reduction)
+    assignment, target = get_budget(config.budget).fn(candidates, total, config.target_mac_reduction, config.pattern)
+    stats.clear()  # full covariances can be large: free them before restore
 
     masks: dict[str, torch.Tensor] = {}
+    chosen_by: dict[str, str] = {}
     with torch.no_grad():
         for layer in eligible:
             chosen = assignment[layer.name].pattern
             if chosen is None:
                 reasons[layer.name] = "kept dense by the mp budget (strong signal / high damage for its MACs)"
                 continue
-            mask = layer_masks[(layer.name, chosen)]
+            choice = layer_masks[(layer.name, chosen)]
+            mask = choice.mask
             weight = model.get_submodule(layer.name).weight
+            if choice.weight is not None:  # OBS criteria update the kept weights with the mask choice
+                weight.copy_(choice.weight.to(weight.dtype))
             weight.mul_(mask.to(weight.dtype))
             masks[layer.param_name] = mask.bool()
+            if choice.chosen:
+                chosen_by[layer.name] = choice.chosen
 
     restore_report: dict[str, Any] = {}
     if config.restore:
@@ -255,6 +257,7 @@ def prune_model(loaded: LoadedModel, config: PruneConfig, progress: Progress | N
             "z": a.z if a else None,
             "budget_weight": a.weight if a else None,
             "damage": next((d for p, d in _options(candidates, layer.name) if p == pattern), None),
+            "saliency_chosen": chosen_by.get(layer.name),
             "fit": fit,
             "permutation": permutation_report.get(layer.name),
             "restore": restore_report.get(layer.name),

@@ -2,42 +2,39 @@
 
 For a layer with dense weights W (before masking) and inputs X [rows, K] (Linear: the input
 features; Conv: im2col patches from F.unfold, columns in the weight's own flattened order
-C_in*kh*kw), each output row with kept set K solves
+C_in*kh*kw), H = X^T X / rows and lambda = damp * mean(diag H). Two solvers:
 
-    w_K = (H_KK + lambda I)^-1 H_K,: w,    H = X^T X / rows,    lambda = damp * mean(diag H)
+- `obs` (default): the Optimal Brain Surgeon sweep of SparseGPT inside the fixed mask
+  (mpdeploy.obs): one Cholesky factor of (H + lambda I)^-1 per layer, column-by-column updates in
+  blocks. O(K^3 + out K^2) per layer.
+- `exact` (the reference): per output row with kept set K the ridge least squares
+  w_K = (H_KK + lambda I)^-1 H_K,: w, batched Cholesky per row. O(out |K|^3) per layer.
 
-i.e. the kept weights that best reproduce the dense row's output on calibration inputs (ridge
-least squares). Rows with the same number of kept weights (all rows, for N:M) are solved together
-with a batched Cholesky, chunked to bound memory. The mask never changes.
-
-Scheme: sequential. Layers are processed in forward order and each one sees the inputs produced by
-the model as it stands, i.e. with every earlier layer already pruned and restored; the target is the
-dense weights applied to those same inputs. Each layer is judged on held-out batches (relative output
-error vs the dense weights on the same inputs) and rolled back to its pruned weights if the refit did
-not lower that error.
+Scheme: sequential, in one forward pass. A pre-hook on each masked layer refits it from the inputs it
+receives, which come through every earlier layer already pruned and restored; the target is the dense
+weights applied to those same inputs. Each layer is judged on held-out samples (relative output error
+vs the dense weights on the same inputs) and rolled back to its pruned weights if the refit did not
+lower that error. The mask never changes.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mpdeploy.errors import MpdeployError
+from mpdeploy.obs import SINGLE_THREAD_WORK, obs_sweep, single_thread, reduction_order, refine_masked_ridge, upper_inverse_factor
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_DAMP = 1e-2
 MAX_ROWS_PER_BATCH = 8192  # input rows (tokens / im2col positions) sampled per batch
+CG_STEPS = 8  # conjugate-gradient steps after the OBS sweep (benchmarks/restore_timing.py measures the gap)
 SOLVE_CHUNK_BYTES = 256 << 20  # working memory of one batched Cholesky chunk
-
-
-class _Stop(Exception):
-    """Raised by a capture hook once the layer's inputs are taken: the rest of the forward is waste."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,55 +73,22 @@ def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise MpdeployError(f"restore supports nn.Linear and nn.Conv2d, not {type(module).__name__}")
 
 
-def _check_rows(module: nn.Module, rows: torch.Tensor, output: torch.Tensor, idx: torch.Tensor) -> bool:
-    """Do the reconstructed rows reproduce the layer's real output? (guards the im2col layout)."""
+def _check_rows(module: nn.Module, x: torch.Tensor) -> bool:
+    """Do the reconstructed rows reproduce the layer's real output? (guards the im2col layout).
+    Checked on the first sample; `module.forward` runs no hooks."""
+    x = x[:1]
+    rows = layer_rows(module, x).double()
+    output = module.forward(x).double()
     w = module.weight.detach().reshape(module.weight.shape[0], -1).to(rows.dtype)
-    pred = rows[idx[:64]] @ w.T
+    pred = rows[:64] @ w.T
     if isinstance(module, nn.Linear):
-        real = output.reshape(-1, output.shape[-1])[idx[:64]]
+        real = output.reshape(-1, output.shape[-1])[:64]
     else:
-        real = output.permute(0, 2, 3, 1).reshape(-1, output.shape[1])[idx[:64]]
+        real = output.permute(0, 2, 3, 1).reshape(-1, output.shape[1])[:64]
     if module.bias is not None:
         real = real - module.bias.detach().to(real.dtype)
     scale = float(real.abs().max()) + 1e-12
     return float((pred - real.to(pred.dtype)).abs().max()) <= 1e-3 * scale
-
-
-def _gram(
-    model: nn.Module, name: str, batches: Iterable[torch.Tensor], gen: torch.Generator, check: bool
-) -> tuple[torch.Tensor | None, int, bool]:
-    """Sum of X^T X (float64) over the batches for layer `name`, the number of rows, and whether
-    the rows reproduced the layer's output (checked on the first batch when `check`)."""
-    module = model.get_submodule(name)
-    state = {"h": None, "rows": 0, "ok": True, "checked": not check}
-
-    def hook(mod, inputs, output):
-        x = layer_rows(mod, inputs[0].detach())
-        idx = torch.arange(x.shape[0], device=x.device)
-        if x.shape[0] > MAX_ROWS_PER_BATCH:
-            idx = torch.randperm(x.shape[0], generator=gen)[:MAX_ROWS_PER_BATCH].to(x.device)
-        if not state["checked"]:
-            state["ok"] = _check_rows(mod, x.double(), output.detach().double(), idx)
-            state["checked"] = True
-        # float32 product for float32/16 models (several times faster than float64 on CPU),
-        # float64 running sum.
-        xs = x[idx].double() if x.dtype == torch.float64 else x[idx].float()
-        h = (xs.T @ xs).double()
-        state["h"] = h if state["h"] is None else state["h"] + h
-        state["rows"] += xs.shape[0]
-        raise _Stop
-
-    handle = module.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    model(batch)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    return state["h"], state["rows"], state["ok"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,24 +134,79 @@ def relative_error(weight: torch.Tensor, dense: torch.Tensor, h: torch.Tensor) -
     return num / den if den > 0 else 0.0
 
 
-def _forward_order(model: nn.Module, names: list[str], batch: torch.Tensor | None) -> list[str]:
-    """Layer names in the order the forward pass first calls them (module order as a fallback)."""
-    if batch is None:
-        return names
-    order: list[str] = []
-    handles = []
-    for name in names:
-        def hook(mod, inputs, output, name=name):
-            if name not in order:
-                order.append(name)
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
-    try:
+def refit_obs(dense: torch.Tensor, mask: torch.Tensor, h: torch.Tensor, lam: float,
+              shape: tuple[int, ...] | None = None, cg_steps: int = CG_STEPS) -> torch.Tensor:
+    """Mask-fixed OBS refit (one Cholesky factor for the whole layer), then `cg_steps` conjugate-gradient
+    steps toward the exact ridge solution. dense, mask: [out, K] in the weight's flattened order;
+    h: [K, K]; `shape` (the weight's) only orders the sweep along the N:M groups for conv weights.
+    Returns [out, K] float64, zero outside the mask."""
+    order = reduction_order(shape) if shape is not None and len(shape) == 4 else torch.arange(h.shape[0])
+    order = order.to(h.device)
+    u = upper_inverse_factor(h[order][:, order], lam)
+    new, _ = obs_sweep(dense[:, order], u, keep=mask[:, order])
+    out = torch.zeros_like(dense, dtype=torch.float64)
+    out[:, order] = new.double()
+    return refine_masked_ridge(out, dense, mask, h, lam, cg_steps).double()
+
+
+SOLVERS = {"obs": refit_obs, "exact": lambda dense, mask, h, lam, shape=None: refit_rows(dense, mask, h, lam)}
+
+
+def relative_error(weight: torch.Tensor, dense: torch.Tensor, h: torch.Tensor) -> float:
+    """||X (W - W_dense)^T||^2 / ||X W_dense^T||^2 from the Gram matrix H = X^T X."""
+    diff = weight.double() - dense.double()
+    num = float(((diff @ h) * diff).sum())
+    den = float(((dense.double() @ h) * dense.double()).sum())
+    return num / den if den > 0 else 0.0
+
+
+def gram_of(module: nn.Module, x: torch.Tensor, chunk: int, gen: torch.Generator) -> tuple[torch.Tensor | None, int]:
+    """(sum of X^T X in float64, rows) of the layer input `x`, in chunks of `chunk` samples with at
+    most MAX_ROWS_PER_BATCH rows sampled per chunk (bounds memory on large feature maps)."""
+    total, count = None, 0
+    for part in x.split(max(1, chunk)):
+        rows = layer_rows(module, part)
+        if rows.shape[0] > MAX_ROWS_PER_BATCH:
+            rows = rows[torch.randperm(rows.shape[0], generator=gen)[:MAX_ROWS_PER_BATCH].to(rows.device)]
+        # float32 product for float32/16 models (several times faster than float64 on CPU), float64 sum.
+        rows = rows.double() if rows.dtype == torch.float64 else rows.float()
+        h = (rows.T @ rows).double()
+        total = h if total is None else total + h
+        count += rows.shape[0]
+    return total, count
+
+
+def _refit_layer(module, x, n_calib, chunk, dense, mask, entry, *, damp, solver, gen) -> None:
+    """Refit one layer from its input batch x (calibration samples first, then held-out ones)."""
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        entry["reason"] = "grouped conv: not refit"
+        return
+    if not _check_rows(module, x):
+        entry["reason"] = "could not reproduce this layer's inputs as im2col rows: not refit"
+        return
+    h_sum, n_rows = gram_of(module, x[:n_calib], chunk, gen)
+    held = x[n_calib:] if x.shape[0] > n_calib else x[:n_calib]
+    h_judge, judge_rows = gram_of(module, held, chunk, gen)
+    h, h_judge = h_sum / n_rows, h_judge / max(1, judge_rows)
+    weight = module.weight
+    shape = tuple(weight.shape)
+    dense = dense.to(weight.device).reshape(shape[0], -1).double()
+    mask2d = mask.to(weight.device).reshape(shape[0], -1).bool()
+    pruned = weight.detach().reshape(shape[0], -1).double()
+    lam = damp * float(torch.diagonal(h).mean())
+    if lam <= 0:
+        lam = 1e-8
+    refit = SOLVERS[solver](dense, mask2d, h, lam, shape=shape)
+    before = relative_error(pruned, dense, h_judge)
+    after = relative_error(refit, dense, h_judge)
+    entry.update(error_before=before, error_after=after, **{"lambda": lam}, calib_rows=n_rows,
+                 judge_rows=judge_rows, solver=solver)
+    if after < before and bool(torch.isfinite(refit).all()):
         with torch.no_grad():
-            model(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return order + [n for n in names if n not in order]
+            weight.copy_((refit * mask2d).to(weight.dtype).reshape(shape))
+        entry["improved"] = True
+    else:
+        entry["reason"] = "held-out error did not drop: kept the pruned weights"
 
 
 def restore_layers(
@@ -199,8 +218,14 @@ def restore_layers(
     dense_state: dict[str, torch.Tensor] | None = None,
     damp: float = DEFAULT_DAMP,
     seed: int = 0,
+    solver: str = "obs",
 ) -> dict[str, dict]:
-    """Mask-fixed least-squares refit of the kept weights, in place, layer by layer in forward order.
+    """Mask-fixed refit of the kept weights, in place, layer by layer in forward order.
+
+    One forward pass over the calibration and held-out samples together: a pre-hook refits each masked
+    layer from the inputs it receives, which already come through every earlier refit layer (the
+    sequential scheme), before the layer runs. `solver`: "obs" (one Cholesky factor per layer, the
+    default) or "exact" (a ridge solve per output row; the reference, rows x |K|^3).
 
     `masks` and `dense_state` are keyed by parameter name (f"{module}.weight"); `dense_state` holds the
     weights before masking (prune.py's `dense_state`). Returns per module name {"error_before",
@@ -215,62 +240,49 @@ def restore_layers(
             "restore needs the dense weights from before masking (restore_layers(..., dense_state=...)); "
             "internal error: the prune stage did not pass them"
         )
-    was_training = model.training
-    model.eval()
+    if solver not in SOLVERS:
+        raise MpdeployError(f"unknown restore solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     modules = {f"{name}.weight": name for name, _ in model.named_modules()}
-    names = []
     for param in masks:
         if param not in modules:
             raise MpdeployError(f"mask for {param!r} does not match a module weight of this model")
         if param not in dense_state:
             raise MpdeployError(f"no dense weights for {param!r}; re-run `mpdeploy prune`")
-        names.append(modules[param])
-    judge = held_out if held_out else calib
+    was_training = model.training
+    model.eval()
     judged_on = "held_out" if held_out else "calib (no held-out batches)"
     gen = torch.Generator().manual_seed(seed)
+    n_calib, chunk = sum(len(b) for b in calib), len(calib[0])
     report: dict[str, dict] = {}
-    for name in _forward_order(model, names, calib[0]):
-        start = time.perf_counter()
-        module = model.get_submodule(name)
-        param = f"{name}.weight"
-        weight = module.weight
-        entry: dict = {"error_before": None, "error_after": None, "improved": False, "lambda": None,
-                       "judged_on": judged_on}
-        report[name] = entry
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
-            entry["reason"] = "grouped conv: not refit"
-            continue
-        h_sum, n_rows, ok = _gram(model, name, calib, gen, check=True)
-        if h_sum is None or n_rows == 0:
-            entry["reason"] = "no calibration inputs reached this layer"
-            continue
-        if not ok:
-            entry["reason"] = "could not reproduce this layer's inputs as im2col rows: not refit"
-            continue
-        h_judge, judge_rows, _ = _gram(model, name, judge, gen, check=False)
-        h = h_sum / n_rows
-        h_judge = h_judge / max(1, judge_rows)
-        shape = weight.shape
-        dense = dense_state[param].to(weight.device).reshape(shape[0], -1).double()
-        mask = masks[param].to(weight.device).reshape(shape[0], -1).bool()
-        pruned = weight.detach().reshape(shape[0], -1).double()
-        lam = damp * float(torch.diagonal(h).mean())
-        if lam <= 0:
-            lam = 1e-8
-        refit = refit_rows(dense, mask, h, lam)
-        before = relative_error(pruned, dense, h_judge)
-        after = relative_error(refit, dense, h_judge)
-        entry.update(error_before=before, error_after=after, **{"lambda": lam},
-                     calib_rows=n_rows, judge_rows=judge_rows)
-        if after < before and bool(torch.isfinite(refit).all()):
-            with torch.no_grad():
-                new = (refit * mask).to(weight.dtype).reshape(shape)
-                weight.copy_(new * masks[param].to(weight.device, weight.dtype))
-            entry["improved"] = True
-        else:
-            entry["reason"] = "held-out error did not drop: kept the pruned weights"
-        entry["seconds"] = time.perf_counter() - start
-        logger.info("restore %s: held-out error %.4g -> %.4g (%s)", name, before, after,
-                    "kept" if entry["improved"] else "rolled back")
+
+    def pre_hook(name: str, param: str):
+        def fn(module, inputs):
+            if name in report:  # a module called twice per forward is refit on its first call only
+                return
+            start = time.perf_counter()
+            entry = {"error_before": None, "error_after": None, "improved": False, "lambda": None,
+                     "judged_on": judged_on}
+            report[name] = entry
+            weight = module.weight
+            work = weight.shape[0] * (weight.numel() // weight.shape[0]) ** 2
+            with single_thread(work < SINGLE_THREAD_WORK):
+                _refit_layer(module, inputs[0].detach(), n_calib, chunk, dense_state[param], masks[param], entry,
+                             damp=damp, solver=solver, gen=gen)
+            entry["seconds"] = time.perf_counter() - start
+            logger.info("restore %s: held-out error %s -> %s (%s)", name, entry["error_before"],
+                        entry["error_after"], "kept" if entry["improved"] else "rolled back")
+        return fn
+
+    handles = [model.get_submodule(modules[p]).register_forward_pre_hook(pre_hook(modules[p], p)) for p in masks]
+    try:
+        with torch.no_grad():
+            model(torch.cat([*calib, *held_out]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for param in masks:
+        report.setdefault(modules[param], {"error_before": None, "error_after": None, "improved": False,
+                                           "lambda": None, "judged_on": judged_on,
+                                           "reason": "no calibration inputs reached this layer"})
     model.train(was_training)
     return report

@@ -162,6 +162,7 @@ def test_wanda_with_digits_calibration_and_cli(tmp_path, capsys):
 
     out = tmp_path / "p"
     code = main(["prune", "timm:resnet18", "--weights", "random", "--input-shape", "3,32,32", "--calib", "digits",
+                 "--saliency", "wanda",
                  "--calib-batches", "2", "--budget", "uniform", "--pattern", "4:8", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())

@@ -1,0 +1,199 @@
+"""One method table: top-1 on the digits test split, 2:4, zero fine-tuning, every saliency and budget.
+
+    python benchmarks/method_table.py [--smoke] [--models digits_vit,digits_cnn,vit6x128,resnet18_1ch]
+
+Models: the zoo's digits_vit and digits_cnn, plus (unless --smoke) two trained here on the digits train
+split: a timm ViT (depth 6, width 128, patch 4, 1 channel, 32x32) and a 1-channel ResNet18 at 32x32.
+Calibration: `--calib digits` (PruneConfig defaults: 8 batches of 16 training-split images, 4 more
+batches held out). Rows (all through `mpdeploy.prune.prune_model`, seed 0):
+
+- uniform 2:4 with each registered saliency (magnitude, wanda, block-cost, sparsegpt, auto);
+- the budgets (mp, damage) at 90% of uniform 2:4's sparse-execution MAC reduction, patterns 2:4 + 1:4
+  (uniform 2:4 is already the largest sparse-execution cut: 1:4 runs at 2:4 speed);
+- + restore (the OBS refit) on the default saliency.
+
+ModelOpt (`nvidia-modelopt`) rows: only if it imports in the benchmark's own venv (--modelopt-python);
+otherwise the result says "not measured here" and why. Writes benchmarks/results/method_table[_smoke].json/.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mpdeploy.machine import cpu_model  # noqa: E402
+from mpdeploy.models import LoadedModel  # noqa: E402
+from mpdeploy.prune import PruneConfig, prune_model  # noqa: E402
+from mpdeploy.saliency import DEFAULT_CALIB_SALIENCY, list_saliencies  # noqa: E402
+from mpdeploy.zoo import digits_top1, load_zoo_model  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EXTRA = {
+    "vit6x128": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "in_chans": 1, "num_classes": 10,
+                                          "depth": 6, "embed_dim": 128, "num_heads": 4}, 2e-3, 0.05, 30),
+    "resnet18_1ch": ("resnet18", {"in_chans": 1, "num_classes": 10}, 2e-3, 1e-4, 15),
+}
+
+
+def train_extra(name: str, cache: Path) -> LoadedModel:
+    """Train (or load from `cache`) one of the benchmark's own models on digits at 32x32."""
+    import timm
+    from safetensors.torch import load_file, save_file
+
+    from mpdeploy.zoo import ZooEntry, train_digits
+
+    arch, kwargs, lr, wd, epochs = EXTRA[name]
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, **kwargs)
+    path = cache / f"{name}.safetensors"
+    if path.exists():
+        model.load_state_dict(load_file(str(path)))
+    else:
+        entry = ZooEntry(arch, kwargs, (1, 32, 32), epochs=epochs, lr=lr, weight_decay=wd)
+        train_digits(model, entry)
+        cache.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    model.eval()
+    return LoadedModel(model, input_shape=(1, 32, 32), name=name, source={"kind": "timm", "name": arch, "kwargs": kwargs},
+                       data_config={"mean": (0.5,), "std": (0.5,), "input_size": (1, 32, 32)})
+
+
+def load(name: str, cache: Path) -> LoadedModel:
+    return train_extra(name, cache) if name in EXTRA else load_zoo_model(name)
+
+
+def run_row(loaded_fn, config: PruneConfig) -> dict:
+    loaded = loaded_fn()
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = prune_model(loaded, config)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    totals = result.totals
+    chosen = [r["saliency_chosen"] for r in result.layers if r.get("saliency_chosen")]
+    return {"top1": round(100 * digits_top1(result.model, loaded.input_shape), 2),
+            "mac_reduction": round(totals["mac_reduction"], 4),
+            "sparse_execution_mac_reduction": round(totals["sparse_execution_mac_reduction"], 4),
+            "dense_layers": totals["skipped_layers"], "prune_wall_s": round(wall, 1), "prune_cpu_s": round(cpu, 1),
+            "auto_choices": {c: chosen.count(c) for c in sorted(set(chosen))} or None}
+
+
+def column_norm_diagnosis(loaded: LoadedModel) -> dict:
+    """Why Wanda can lose: per prunable layer, how uneven the input column norms ||X_j|| are (max /
+    median, share of the squared norm in the top 2% of columns) and how correlated the input columns
+    are (mean |corr| off the diagonal; Wanda uses only the diagonal of X^T X), from 128 digits
+    calibration images."""
+    from mpdeploy.data import digits_tensors
+    from mpdeploy.layers import find_layers, skip_reason
+    from mpdeploy.patterns import NM
+    from mpdeploy.saliency import collect_stats
+
+    names = [layer.name for layer in find_layers(loaded.module) if skip_reason(layer, NM(2, 4), False) is None]
+    x, _ = digits_tensors(loaded.input_shape, "calib")
+    stats = collect_stats(loaded.module, names, list(x[:128].split(32)), [], "sparsegpt")
+    out = {}
+    for name in names:
+        sq = stats[name].col_sq_sum
+        norms = sq.sqrt()
+        top = max(1, int(0.02 * len(sq)))
+        h = stats[name].hessian()
+        d = torch.diagonal(h).clamp_min(1e-12).sqrt()
+        corr = (h / d.unsqueeze(0) / d.unsqueeze(1)).abs()
+        off = (corr.sum() - torch.diagonal(corr).sum()) / (corr.numel() - corr.shape[0])
+        out[name] = {"max_over_median": round(float(norms.max() / norms.median().clamp_min(1e-12)), 2),
+                     "mean_abs_input_correlation": round(float(off), 3),
+                     "top2pct_energy_share": round(float(sq.sort(descending=True).values[:top].sum() / sq.sum()), 3)}
+    return out
+
+
+def modelopt_status(python: str | None) -> str:
+    if not python:
+        return "not measured here: no --modelopt-python venv given"
+    import subprocess
+
+    out = subprocess.run([python, "-c", "import modelopt.torch.sparsity as s; print('ok')"], capture_output=True, text=True)
+    return "importable" if out.returncode == 0 else f"not measured here: import failed: {out.stderr.strip()[-300:]}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="zoo models only, fewer rows")
+    parser.add_argument("--models", default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/mpdeploy_method_table"))
+    parser.add_argument("--modelopt-python", default=None, help="python of a venv with nvidia-modelopt")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    models = args.models.split(",") if args.models else (["digits_vit", "digits_cnn"] if args.smoke else
+                                                          ["digits_vit", "digits_cnn", "vit6x128", "resnet18_1ch"])
+    saliencies = [s for s in list_saliencies() if not (args.smoke and s == "block-cost")]
+    base = PruneConfig(calib="digits", budget="uniform", saliency="magnitude")
+    table: dict[str, dict] = {}
+    diagnosis: dict[str, dict] = {}
+    for name in models:
+        loaded = load(name, args.cache)
+        rows = {"dense": {"top1": round(100 * digits_top1(loaded.module, loaded.input_shape), 2)}}
+        state = {k: v.clone() for k, v in loaded.module.state_dict().items()}
+
+        def fresh(loaded=loaded, state=state):
+            loaded.module.load_state_dict(state)
+            return loaded
+
+        for sal in saliencies:
+            rows[f"uniform {sal}"] = run_row(fresh, replace(base, saliency=sal))
+            print(name, sal, rows[f"uniform {sal}"], flush=True)
+        # Under sparse-execution accounting uniform 2:4 is already the largest cut (1:4 runs at 2:4 speed),
+        # so budgets are compared at 90% of it: which tenth of the prunable MACs stays dense.
+        target = round(0.9 * rows["uniform magnitude"]["sparse_execution_mac_reduction"], 4)
+        for budget in ("mp", "damage"):
+            for sal in ("magnitude", DEFAULT_CALIB_SALIENCY):
+                cfg = replace(base, budget=budget, saliency=sal, extra_patterns=("1:4",), target_mac_reduction=target)
+                rows[f"{budget} {sal} (2:4+1:4, target {100 * target:.1f}% sparse-exec)"] = run_row(fresh, cfg)
+                print(name, budget, sal, rows[f"{budget} {sal} (2:4+1:4, target {100 * target:.1f}% sparse-exec)"], flush=True)
+        rows[f"uniform {DEFAULT_CALIB_SALIENCY} + restore"] = run_row(fresh, replace(base, saliency=DEFAULT_CALIB_SALIENCY, restore=True))
+        table[name] = rows
+        diagnosis[name] = column_norm_diagnosis(fresh())
+        print(name, json.dumps(rows, indent=1), flush=True)
+    result = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+                          "threads": args.threads, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                          "loadavg_1m": round(os.getloadavg()[0], 2),
+                          "note": "shared 2-core machine, 6 helper sessions at once: wall times inflated"},
+              "command": "python benchmarks/method_table.py" + (" --smoke" if args.smoke else ""),
+              "eval": "top-1 (%) on the digits test split (539 images), zero fine-tuning",
+              "modelopt": modelopt_status(args.modelopt_python), "models": table,
+              "input_column_norms": diagnosis}
+    stem = "method_table_smoke" if args.smoke else "method_table"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    names = list(result["models"])
+    rows = list(dict.fromkeys(r for m in names for r in result["models"][m]))
+    lines = [f"# method table ({result['command']})", "", f"{result['eval']}; {result['machine']['date']}, "
+             f"{result['machine']['cpu']}, {result['machine']['note']}. ModelOpt: {result['modelopt']}.", "",
+             "| row | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for r in rows:
+        cells = []
+        for m in names:
+            e = result["models"][m].get(r)
+            if e is None:
+                cells.append("")
+            elif "sparse_execution_mac_reduction" in e:
+                cells.append(f"{e['top1']:.2f} ({100 * e['sparse_execution_mac_reduction']:.1f}%)")
+            else:
+                cells.append(f"{e['top1']:.2f}")
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    lines += ["", "Cells: top-1 (sparse-execution MAC reduction)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
