@@ -26,7 +26,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 ORDER = ("dense", "sparse")
-# Warm-up is over once this many consecutive calls lie within WARMUP_STABLE of their median.
+# Warm-up is over once the median of the last WARMUP_STABLE_CALLS calls is within WARMUP_STABLE of the
+# median of the ones before.
 WARMUP_STABLE_CALLS, WARMUP_STABLE = 3, 0.10
 
 Clock = Callable[[], float]
@@ -79,8 +80,10 @@ def warm_up(runner: Any, x: np.ndarray, policy: TimingPolicy, budget_s: float | 
     start, ms = clock(), []
     while True:
         ms.extend(float(v) for v in runner.time(x, 1))
-        last = np.asarray(ms[-WARMUP_STABLE_CALLS:])
-        if len(ms) >= WARMUP_STABLE_CALLS and np.all(np.abs(last / np.median(last) - 1) <= WARMUP_STABLE):
+        k = WARMUP_STABLE_CALLS
+        # Warm when latency has stopped falling: the median of the last k calls is within WARMUP_STABLE
+        # of the median of the k before (cold calls alike would fool a test on the last k alone).
+        if len(ms) >= 2 * k and abs(np.median(ms[-k:]) / np.median(ms[-2 * k:-k]) - 1) <= WARMUP_STABLE:
             return {"calls": len(ms), "stopped": "stable"}
         if len(ms) >= policy.warmup_calls:
             return {"calls": len(ms), "stopped": "max calls"}
@@ -165,5 +168,5 @@ def method_record(config: Any, policies: dict[int, TimingPolicy]) -> dict[str, A
             "time_budget_s": config.time_budget_s,
             "batch_budget_s": {str(b): p.budget_s for b, p in policies.items()},
             "interval": "t-interval on log(per-round dense median / sparse median); centre = geometric mean",
-            "warmup": "up to warmup_calls per engine, stopping once 3 calls lie within 10% of their median "
-                      "or on 20% of the batch's budget"}
+            "warmup": "up to warmup_calls per engine, one at a time, stopping once the median of the last 3 "
+                      "calls is within 10% of the 3 before, or on 20% of the batch's budget"}
