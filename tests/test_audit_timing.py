@@ -155,3 +155,60 @@ def test_measure_latency_reports_interval_and_reason():
     assert lat["ratio_p50"] == pytest.approx(1.25) and lat["stopped"] == "tolerance"
     assert lat["ratio_interval"]["low"] == pytest.approx(1.25) and lat["ratio_spread"]["rounds"] == 3
     assert seen[-1] == ("latency b4", 3, 3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# streamed evaluation: the same numbers as from whole logit arrays, and a time budget on a fair sample
+
+
+def _logits(n=300, classes=20, seed=0):
+    rng = np.random.default_rng(seed)
+    dense = rng.normal(size=(n, classes)).astype(np.float32)
+    sparse = dense + rng.normal(scale=0.3, size=dense.shape).astype(np.float32)
+    labels = np.where(rng.random(n) < 0.7, dense.argmax(1), rng.integers(0, classes, n))
+    return dense, sparse, labels
+
+
+def test_streamed_accuracy_matches_whole_array_metrics():
+    from mpdeploy.audit.evaluate import StreamedAccuracy
+    from mpdeploy.audit.metrics import certified_mask, topk_correct
+
+    dense, sparse, labels = _logits()
+    stream = StreamedAccuracy(keep_logits=50)
+    for lo in range(0, len(dense), 64):
+        stream.update(dense[lo:lo + 64], sparse[lo:lo + 64], labels[lo:lo + 64])
+    got = stream.metrics(True)
+    assert got["images"] == 300 and got["classes"] == 20
+    assert got["agreement"] == pytest.approx(float((dense.argmax(1) == sparse.argmax(1)).mean()))
+    assert got["certified"] == int(certified_mask(dense, sparse).sum())
+    diff = np.abs(sparse.astype(np.float64) - dense)
+    assert got["max_logit_error"] == pytest.approx(diff.max()) and got["mean_logit_error"] == pytest.approx(diff.mean())
+    for k in (1, 5):
+        want = topk_correct(dense, labels, k).mean() - topk_correct(sparse, labels, k).mean()
+        assert got[f"top{k}_drop"] == pytest.approx(want)
+    np.testing.assert_array_equal(stream.head_logits("sparse"), sparse[:50])
+    assert set(stream.samples()) == {"margin", "distance"} and len(stream.samples()["margin"]) == 300
+
+
+def test_run_both_stops_on_budget_after_keep_images():
+    from mpdeploy.audit.evaluate import run_both
+
+    clock = FakeClock()
+    dense, sparse, labels = _logits(n=320)
+
+    class Engine:
+        def __init__(self, table):
+            self.table = table
+
+        def run(self, x):
+            clock.now += 1.0  # one second per batch
+            return self.table[x[:, 0].astype(int)]
+
+    batches = [(np.arange(lo, lo + 32, dtype=np.float32)[:, None], labels[lo:lo + 32]) for lo in range(0, 320, 32)]
+    stream, y, head, failures = run_both({"dense": Engine(dense), "sparse": Engine(sparse)}, batches, None, 20,
+                                         keep=40, budget_s=5.0, clock=clock)
+    assert not failures and stream.stopped == "time budget"
+    assert stream.count == 96 and len(y) == 96  # 2 engines x 1 s per batch: 3 batches spend 6 s >= 5 s
+    assert len(head) == 40
+    stream, *_ = run_both({"dense": Engine(dense), "sparse": Engine(sparse)}, batches, None, 20, keep=40)
+    assert stream.stopped == "all images" and stream.count == 320

@@ -34,13 +34,16 @@ def eval_workers(dataset, wanted: int | None) -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
-def image_batches(dataset, batch: int, num_workers: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(float32 images, labels) in dataset order; streamed, so a large ImageFolder never sits in memory
-    (each worker holds at most two decoded batches)."""
+def image_batches(dataset, batch: int, num_workers: int = 0, seed: int | None = 0,
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(float32 images, labels), streamed, so a large ImageFolder never sits in memory (each worker holds
+    at most two decoded batches). With a seed, in a seeded random order: an ImageFolder lists its images
+    class by class, and an evaluation cut short by the time budget must still be a fair sample."""
     import torch
 
     extra = {"prefetch_factor": 2, "persistent_workers": False} if num_workers > 0 else {}
-    for xb, yb in torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=num_workers,
+    order = {} if seed is None else {"shuffle": True, "generator": torch.Generator().manual_seed(seed)}
+    for xb, yb in torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=num_workers, **order,
                                               **extra):
         yield np.ascontiguousarray(xb.numpy().astype(np.float32)), yb.numpy()
 
@@ -65,6 +68,7 @@ class StreamedAccuracy:
         self.head: dict[str, list[np.ndarray]] = {"dense": [], "sparse": []}
         self.kept = 0
         self.count = 0
+        self.stopped = "all images"  # or "time budget"
         self.classes: int | None = None
         self.abs_err_sum = 0.0
         self.abs_dense_sum = 0.0
@@ -164,12 +168,14 @@ def _check_outputs(got: Mapping[str, np.ndarray], chunk: int, classes: int | Non
 
 def run_both(runners: Mapping[str, Any], batches: Iterable[tuple[np.ndarray, np.ndarray]], fixed: int | None,
              classes: int | None, keep: int, total: int | None = None, progress: Progress | None = None,
+             budget_s: float | None = None, clock=time.perf_counter,
              ) -> tuple[StreamedAccuracy | None, np.ndarray, np.ndarray, list[str]]:
     """Both engines over the evaluation batches, streamed (memory does not grow with the logits).
 
     Returns (the accumulated accuracy or None when an output has the wrong shape or NaN/Inf, labels,
     the first `keep` images (for timing, the PyTorch reference and the sensitivity map), failures).
-    The accumulator keeps the first `keep` images' logits too.
+    The accumulator keeps the first `keep` images' logits too. With `budget_s`, stops after the batch
+    that spends it (once `keep` images are in), setting `stopped` to "time budget".
     """
     stream = StreamedAccuracy(keep_logits=keep)
     labels: list[np.ndarray] = []
@@ -177,7 +183,11 @@ def run_both(runners: Mapping[str, Any], batches: Iterable[tuple[np.ndarray, np.
     kept = 0
     failures: list[str] = []
     seen = 0
+    start = clock()
     for i, (x, y) in enumerate(batches):
+        if budget_s is not None and kept >= keep and clock() - start >= budget_s:
+            stream.stopped = "time budget"
+            break
         if kept < keep:
             head.append(x[: keep - kept])
             kept += len(head[-1])

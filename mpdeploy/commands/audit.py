@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratio-tolerance", type=float, default=0.02,
                         help="stop timing a batch size once the speedup's 95%% interval is within +-this (default: 0.02)")
     parser.add_argument("--time-budget", type=float, default=120.0, metavar="SECONDS",
-                        help="bound on the timing rounds and the sensitivity map together (default: 120; 0: no bound)")
+                        help="bound on the audit: accuracy 35%%, timing 45%%, sensitivity 20%% (default: 120; 0: no bound)")
     parser.add_argument("--eval-workers", type=int, default=None,
                         help="DataLoader workers for the evaluation images (default: auto)")
     parser.add_argument("--calls-per-round", type=int, default=3, help="calls of one engine per round (default: 3)")
