@@ -201,7 +201,7 @@ def run_both(runners: Mapping[str, Any], batches: Iterable[tuple[np.ndarray, np.
         stream.update(got["dense"][:valid], got["sparse"][:valid], labels[-1])
         seen += valid
         if progress:
-            progress("accuracy", i + 1, total or i + 1, images=seen)
+            progress("accuracy", i + 1, total or i + 1)
     images = np.concatenate(head) if head else np.zeros((0,), np.float32)
     label_arr = np.concatenate(labels) if labels else np.zeros((0,), np.int64)
     return (None if failures else stream), label_arr, images, failures
@@ -273,7 +273,7 @@ def layer_sensitivity(pruned_dir: Path, x, layers: Sequence[Mapping[str, Any]], 
                                      "signal": layer.get("signal"), "z": layer.get("z"), "macs": layer.get("macs"),
                                      **effect(z, z0)}))
             if progress:
-                progress("sensitivity", done + 1, len(wanted), layers=len(pruned))
+                progress("sensitivity", done + 1, len(wanted))
         for param, mask in art.masks.items():
             if param in params:
                 params[param].mul_(mask.to(params[param].dtype))
