@@ -66,9 +66,11 @@ class ProgressLog:
         now = self.clock()
         state = self._steps.get(step)
         if state is None or done < state.done_at_start:  # a new step, or the same name started over
-            # The first call starts the step's clock; it says nothing yet unless it is already complete.
+            # The first call starts the step's clock and says the step began (a slow first batch
+            # would otherwise leave the log silent for a long time).
             self._steps[step] = state = _StepState(started=now, last_log=now, done_at_start=done)
             if done < total or total == 0:
+                self.log.info("%s: %s %d/%d started", self.stage, step, done, total)
                 return
         finished = total > 0 and done >= total
         if not finished and now - state.last_log < self.interval_s:

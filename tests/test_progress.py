@@ -25,10 +25,11 @@ def test_lines_at_the_interval_with_counts_rate_and_eta(caplog):
         log("accuracy", done, 100)
         clock.now += 1.0
     lines = [r.getMessage() for r in caplog.records]
-    # Called at t = 0..100 s: a line at 5, 10, ..., 95 s, and one when done.
-    assert len(lines) == 20
-    assert lines[0] == "audit: accuracy 5/100 (5%), 1/s, ETA 1 min 35 s"
-    assert lines[1] == "audit: accuracy 10/100 (10%), 1/s, ETA 1 min 30 s"
+    # Called at t = 0..100 s: a line when it starts, at 5, 10, ..., 95 s, and one when done.
+    assert len(lines) == 21
+    assert lines[0] == "audit: accuracy 0/100 started"
+    assert lines[1] == "audit: accuracy 5/100 (5%), 1/s, ETA 1 min 35 s"
+    assert lines[2] == "audit: accuracy 10/100 (10%), 1/s, ETA 1 min 30 s"
     assert lines[-1] == "audit: accuracy 100/100 (100%), 1/s, done in 1 min 40 s"
 
 
@@ -43,7 +44,8 @@ def test_steps_are_independent_and_fields_are_shown(caplog):
     log("distill", 3, 10, loss=0.25)
     log("latency b1", 1, 4)
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["build: distill 3/10 (30%), 1/s, ETA 7 s, loss=0.25",
+    assert lines == ["build: distill 0/10 started", "build: latency b1 0/4 started",
+                     "build: distill 3/10 (30%), 1/s, ETA 7 s, loss=0.25",
                      "build: latency b1 1/4 (25%), 0.333/s, ETA 9 s"]
     assert len(seen) == 4 and seen[2] == (("distill", 3, 10), {"loss": 0.25})
 
