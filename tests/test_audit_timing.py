@@ -111,11 +111,11 @@ def test_adaptive_warmup_stops_once_latency_stops_falling():
     engines = _engines(clock, slow_first=4)
     out = time_batch(engines, np.zeros(1), TimingPolicy(min_rounds=2, max_rounds=2, warmup_calls=50), clock=clock)
     # 4 cold calls (30 ms), then warm ones (10 ms): the last 3 match the 3 before once 9 calls are done.
-    assert out["warmup"]["dense"] == {"calls": 9, "stopped": "stable"}
+    assert out["warmup"]["dense"] == {"calls": 9, "stopped": "stable", "last_ms": 10.0}
     clock = FakeClock()
     out = time_batch(_engines(clock, slow_first=100), np.zeros(1),
                      TimingPolicy(min_rounds=2, max_rounds=2, warmup_calls=5), clock=clock)
-    assert out["warmup"]["sparse"] == {"calls": 5, "stopped": "max calls"}
+    assert out["warmup"]["sparse"] == {"calls": 5, "stopped": "max calls", "last_ms": 24.0}
 
 
 def test_warmup_budget_bounds_unstable_engine():
@@ -212,3 +212,20 @@ def test_run_both_stops_on_budget_after_keep_images():
     assert len(head) == 40
     stream, *_ = run_both({"dense": Engine(dense), "sparse": Engine(sparse)}, batches, None, 20, keep=40)
     assert stream.stopped == "all images" and stream.count == 320
+
+
+def test_slow_calls_get_fewer_calls_per_round_to_fit_the_budget():
+    clock = FakeClock()
+    # 1 s + 0.8 s per call: 5 rounds x 3 calls x 1.8 s = 27 s would overrun a 12 s budget 2x.
+    engines = _engines(clock, dense_ms=1000.0, sparse_ms=800.0)
+    policy = TimingPolicy(min_rounds=5, max_rounds=30, calls_per_round=3, tolerance=None, budget_s=12.0,
+                          warmup_calls=1)
+    out = time_batch(engines, np.zeros(1), policy, clock=clock)
+    assert out["calls_per_round"] == 1  # (12 - 1.8) s left / (5 x 1.8 s) = 1.1 -> 1
+    # 10.8 s after 5 rounds, so a 6th fits in; it ends at 12.6 s, past the budget, and stops there.
+    assert len(out["round_ratios"]) == 6 and out["stopped"] == "time budget"
+    assert out["seconds"] == pytest.approx(1.8 + 6 * 1.8)
+    assert out["interval"]["center"] == pytest.approx(1.25)
+    clock = FakeClock()
+    fast = time_batch(_engines(clock), np.zeros(1), policy, clock=clock)
+    assert fast["calls_per_round"] == 3  # fast calls keep the configured count

@@ -123,6 +123,7 @@ def latency_summary(timed: Mapping[str, Any], batch: int) -> dict[str, Any]:
         "ratio_interval": {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                            for k, v in interval.items()},
         "stopped": timed["stopped"],
+        "calls_per_round": timed["calls_per_round"],
         "warmup": timed["warmup"],
         "timing_seconds": round(float(timed["seconds"]), 3),
         "round_ratios": [float(v) for v in ratios],

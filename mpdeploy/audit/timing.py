@@ -73,22 +73,35 @@ def ratio_interval(round_ratios, confidence: float = 0.95) -> dict[str, float]:
 def warm_up(runner: Any, x: np.ndarray, policy: TimingPolicy, budget_s: float | None, clock: Clock) -> dict[str, Any]:
     """Warm one engine up: a fixed block of calls, or (adaptive) one call at a time until stable or out of time."""
     if policy.warmup_calls <= 0:
-        return {"calls": 0, "stopped": "no warm-up"}
+        return {"calls": 0, "stopped": "no warm-up", "last_ms": None}
     if not policy.adaptive_warmup:
-        runner.time(x, policy.warmup_calls)
-        return {"calls": policy.warmup_calls, "stopped": "fixed count"}
+        ms = [float(v) for v in runner.time(x, policy.warmup_calls)]
+        return {"calls": policy.warmup_calls, "stopped": "fixed count", "last_ms": ms[-1] if ms else None}
     start, ms = clock(), []
     while True:
         ms.extend(float(v) for v in runner.time(x, 1))
         k = WARMUP_STABLE_CALLS
         # Warm when latency has stopped falling: the median of the last k calls is within WARMUP_STABLE
         # of the median of the k before (cold calls alike would fool a test on the last k alone).
+        stopped = None
         if len(ms) >= 2 * k and abs(np.median(ms[-k:]) / np.median(ms[-2 * k:-k]) - 1) <= WARMUP_STABLE:
-            return {"calls": len(ms), "stopped": "stable"}
-        if len(ms) >= policy.warmup_calls:
-            return {"calls": len(ms), "stopped": "max calls"}
-        if budget_s is not None and clock() - start >= budget_s:
-            return {"calls": len(ms), "stopped": "time budget"}
+            stopped = "stable"
+        elif len(ms) >= policy.warmup_calls:
+            stopped = "max calls"
+        elif budget_s is not None and clock() - start >= budget_s:
+            stopped = "time budget"
+        if stopped:
+            return {"calls": len(ms), "stopped": stopped, "last_ms": ms[-1]}
+
+
+def calls_per_round(policy: TimingPolicy, warmup: Mapping[str, Mapping[str, Any]], left_s: float | None) -> int:
+    """Fewer calls per round (down to 1) when `min_rounds` rounds of slow calls would not fit the budget left:
+    on a slow or busy machine the minimum rounds, not the budget, would otherwise set the audit's length."""
+    call_ms = [w["last_ms"] for w in warmup.values() if w.get("last_ms")]
+    if left_s is None or not call_ms:
+        return policy.calls_per_round
+    fit = int(max(left_s, 0.0) / (policy.min_rounds * sum(call_ms) / 1000.0))
+    return max(1, min(policy.calls_per_round, fit))
 
 
 def _stop_reason(rounds: int, interval: Mapping[str, float], elapsed: float, policy: TimingPolicy) -> str | None:
@@ -109,6 +122,8 @@ def time_batch(runners: Mapping[str, Any], x: np.ndarray, policy: TimingPolicy, 
     start = clock()
     warm_budget = None if policy.budget_s is None else policy.budget_s * policy.warmup_share / len(ORDER)
     warmup = {name: warm_up(runners[name], x, policy, warm_budget, clock) for name in ORDER}
+    left = None if policy.budget_s is None else policy.budget_s - (clock() - start)
+    calls = calls_per_round(policy, warmup, left)
     samples: dict[str, list[float]] = {name: [] for name in ORDER}
     ratios: list[float] = []
     interval = ratio_interval([], policy.confidence)
@@ -116,7 +131,7 @@ def time_batch(runners: Mapping[str, Any], x: np.ndarray, policy: TimingPolicy, 
     while True:
         per_round = {}
         for name in ORDER if len(ratios) % 2 == 0 else ORDER[::-1]:
-            ms = [float(v) for v in runners[name].time(x, policy.calls_per_round)]
+            ms = [float(v) for v in runners[name].time(x, calls)]
             samples[name].extend(ms)
             per_round[name] = float(np.median(ms))
         ratios.append(per_round["dense"] / per_round["sparse"] if per_round["sparse"] > 0 else float("nan"))
@@ -131,7 +146,7 @@ def time_batch(runners: Mapping[str, Any], x: np.ndarray, policy: TimingPolicy, 
         if stopped:
             break
     return {"samples": samples, "round_ratios": ratios, "interval": interval, "stopped": stopped,
-            "warmup": warmup, "seconds": clock() - start}
+            "warmup": warmup, "calls_per_round": calls, "seconds": clock() - start}
 
 
 def split_budget(total_s: float | None, batch_sizes, timing_share: float) -> dict[int, float | None]:
