@@ -107,14 +107,15 @@ def render_markdown(result: Mapping[str, Any], engine_root: Path) -> str:
     if lat:
         lines += ["## Latency", "",
                   "| batch | dense p50 / p90 / p99 ms | sparse p50 / p90 / p99 ms | dense img/s | sparse img/s | "
-                  "speedup p50 | per-round p10-p90 | 95% interval | rounds (stopped on) |",
+                  "speedup p50 | per-round p10-p90 | 95% interval | rounds x calls (stopped on) |",
                   "|---:|---|---|---:|---:|---:|---|---|---|"]
         for b, v in lat.items():
             d, sp, r = v["dense"], v["sparse"], v["ratio_spread"]
             lines.append(f"| {b} | {_ms(d['p50'])} / {_ms(d['p90'])} / {_ms(d['p99'])} | {_ms(sp['p50'])} / "
                          f"{_ms(sp['p90'])} / {_ms(sp['p99'])} | {d['throughput_img_s']:.0f} | "
                          f"{sp['throughput_img_s']:.0f} | **{v['ratio_p50']:.3f}x** | {r['p10']:.3f}-{r['p90']:.3f} | "
-                         f"{_interval_text(v.get('ratio_interval'))} | {r['rounds']} ({v.get('stopped', 'fixed')}) |")
+                         f"{_interval_text(v.get('ratio_interval'))} | {r['rounds']} x {v.get('calls_per_round', '?')} calls "
+                         f"({v.get('stopped', 'fixed')}) |")
         lines += ["", "Each p-value is over the rounds' calls of that batch size (rounds x calls per round); "
                   "throughput is batch / mean call time; speedup > 1 means the sparse engine is faster. The interval "
                   "is a t-interval on the log of the per-round ratios; rounds stop on the tolerance, the time "
