@@ -184,6 +184,8 @@ def run_both(runners: Mapping[str, Any], batches: Iterable[tuple[np.ndarray, np.
     failures: list[str] = []
     seen = 0
     start = clock()
+    if progress and total:
+        progress("accuracy", 0, total)
     for i, (x, y) in enumerate(batches):
         if budget_s is not None and kept >= keep and clock() - start >= budget_s:
             stream.stopped = "time budget"
@@ -258,6 +260,8 @@ def layer_sensitivity(pruned_dir: Path, x, layers: Sequence[Mapping[str, Any]], 
     wanted = [pruned[i] for i in spread_order(len(pruned))][: max_layers if max_layers is not None else None]
     start, stopped = clock(), "all layers" if len(wanted) == len(pruned) else "max layers"
     measured = []
+    if progress:
+        progress("sensitivity", 0, len(wanted))
     with torch.no_grad():
         z0 = model(x).float()
         for done, (index, layer) in enumerate(wanted):
