@@ -334,9 +334,13 @@ def check_source(source: str | None, input_shape: tuple[int, ...], data_config: 
         _image_folder(path, tuple(input_shape), data_config)
 
 
-def loader(data: ImageData, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
+def loader(data: ImageData, batch_size: int, shuffle: bool = False, seed: int = 0, num_workers: int = 0,
+           persistent_workers: bool = False) -> DataLoader:
+    """Batches of `data`; with workers, each holds at most two batches ahead (bounded memory)."""
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(data.dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0)
+    extra = {"prefetch_factor": 2, "persistent_workers": persistent_workers} if num_workers > 0 else {}
+    return DataLoader(data.dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=num_workers,
+                      **extra)
 
 
 def input_batches(data: ImageData, batch_size: int, max_batches: int | None = None) -> Iterator[torch.Tensor]:

@@ -33,6 +33,26 @@ def _compact(info: Mapping[str, Any]) -> str:
     return "; ".join(parts) or "n/a"
 
 
+def _interval_text(interval: Mapping[str, Any] | None) -> str:
+    if not interval or interval.get("high") is None or interval.get("center") is None:
+        return "n/a"
+    return f"{interval['low']:.3f}-{interval['high']:.3f} (+-{100 * interval['half_width']:.1f}%)"
+
+
+def _timing_text(method: Mapping[str, Any]) -> str:
+    text = (f"up to {method['warmup_calls']} warm-up calls per engine and batch, then interleaved rounds of "
+            f"{method['calls_per_round']} calls per engine (dense first in even rounds, sparse first in odd)")
+    if method.get("adaptive"):
+        tol = method.get("ratio_tolerance")
+        budget = method.get("time_budget_s")
+        text += (f": {method['min_rounds']} to {method['max_rounds']} rounds, stopping once the ratio's 95% interval "
+                 f"is within {'+-' + format(100 * tol, 'g') + '%' if tol else 'no tolerance'} or the batch's time "
+                 f"budget is spent (audit budget {format(budget, 'g') + ' s' if budget else 'none'})")
+    else:
+        text += f": {method['rounds']} rounds"
+    return text
+
+
 def render_markdown(result: Mapping[str, Any], engine_root: Path) -> str:
     s, acc, lat = result["summary"], result["accuracy"], result["latency"]
     dev = result["device"]
@@ -79,10 +99,7 @@ def render_markdown(result: Mapping[str, Any], engine_root: Path) -> str:
         ("host", f"{host['cpu']}, {host['cpu_count']} cores, {host['platform']}"),
         ("load average", f"before timing {dev['loadavg_before_timing']}, after {dev['loadavg_after_timing']}"),
         ("data", f"{result['data']['description']}; labels: {result['data']['labels_note']}"),
-        ("timing", f"{result['latency_method']['warmup_calls']} warm-up calls per engine and batch, then "
-                   f"{result['latency_method']['rounds']} interleaved rounds x "
-                   f"{result['latency_method']['calls_per_round']} calls (dense first in even rounds, sparse first "
-                   f"in odd)"),
+        ("timing", _timing_text(result["latency_method"])),
         ("when", f"{result['started']} ({result['seconds']} s)"),
     ]
     lines += [f"| {k} | {v} |" for k, v in rows] + [""]
@@ -90,15 +107,19 @@ def render_markdown(result: Mapping[str, Any], engine_root: Path) -> str:
     if lat:
         lines += ["## Latency", "",
                   "| batch | dense p50 / p90 / p99 ms | sparse p50 / p90 / p99 ms | dense img/s | sparse img/s | "
-                  "speedup p50 | per-round p10-p90 |",
-                  "|---:|---|---|---:|---:|---:|---|"]
+                  "speedup p50 | per-round p10-p90 | 95% interval | rounds x calls (stopped on) |",
+                  "|---:|---|---|---:|---:|---:|---|---|---|"]
         for b, v in lat.items():
             d, sp, r = v["dense"], v["sparse"], v["ratio_spread"]
             lines.append(f"| {b} | {_ms(d['p50'])} / {_ms(d['p90'])} / {_ms(d['p99'])} | {_ms(sp['p50'])} / "
                          f"{_ms(sp['p90'])} / {_ms(sp['p99'])} | {d['throughput_img_s']:.0f} | "
-                         f"{sp['throughput_img_s']:.0f} | **{v['ratio_p50']:.3f}x** | {r['p10']:.3f}-{r['p90']:.3f} |")
-        lines += ["", f"Each p-value is over {next(iter(lat.values()))['dense']['samples']} calls; throughput is "
-                  "batch / mean call time; speedup > 1 means the sparse engine is faster.", ""]
+                         f"{sp['throughput_img_s']:.0f} | **{v['ratio_p50']:.3f}x** | {r['p10']:.3f}-{r['p90']:.3f} | "
+                         f"{_interval_text(v.get('ratio_interval'))} | {r['rounds']} x {v.get('calls_per_round', '?')} calls "
+                         f"({v.get('stopped', 'fixed')}) |")
+        lines += ["", "Each p-value is over the rounds' calls of that batch size (rounds x calls per round); "
+                  "throughput is batch / mean call time; speedup > 1 means the sparse engine is faster. The interval "
+                  "is a t-interval on the log of the per-round ratios; rounds stop on the tolerance, the time "
+                  "budget, or the maximum.", ""]
         if "latency.png" in plots:
             lines += ["![latency: dense vs sparse per batch size](latency.png)", ""]
 
@@ -135,7 +156,10 @@ def render_markdown(result: Mapping[str, Any], engine_root: Path) -> str:
     sens = result.get("sensitivity_summary")
     if sens and result["sensitivity"]:
         lines += ["## Per-layer sensitivity", "",
-                  f"The dense model in PyTorch with only one layer's mask applied, on {sens['images']} images. "
+                  f"The dense model in PyTorch with only one layer's mask applied, on {sens['images']} images"
+                  + (f" ({sens['layers_measured']} of {sens['layers_pruned']} pruned layers, spread over the depth; "
+                     f"stopped on: {sens['stopped']})" if sens.get("layers_pruned", 0) > sens.get("layers_measured", 0)
+                     else "") + ". "
                   "Effect = mean over images of max |z - z_dense| (the certificate's d, for that layer alone); "
                   "relative L2 = mean ||z - z_dense|| / ||z_dense||; flips = share of images whose top-1 changes. "
                   "The MP signal is the layer's bulk fraction from the pruned manifest (higher = more noise-like, "

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-
 from mpdeploy.audit.common import CHANCE_SIGMAS, Progress
+from mpdeploy.audit.timing import TimingPolicy, time_batch
 
 logger = logging.getLogger(__name__)
 
@@ -78,42 +79,52 @@ def latency_stats(ms: Sequence[float], batch: int) -> dict[str, float]:
 
 
 def measure_latency(runners: Mapping[str, Any], inputs: Mapping[int, np.ndarray], warmup: int, repeats: int,
-                    calls_per_round: int, progress: Progress | None = None) -> dict[int, dict[str, Any]]:
+                    calls_per_round: int, progress: Progress | None = None,
+                    policies: Mapping[int, TimingPolicy] | None = None,
+                    clock: Callable[[], float] = time.perf_counter) -> dict[int, dict[str, Any]]:
     """Interleaved timing of the "dense" and "sparse" runners, per batch size.
 
     Round r runs dense then sparse when r is even, sparse then dense when odd. Each engine is warmed
     up right before its batch size is timed (the previous batch size may have left other kernels hot).
+    Without `policies`: exactly `warmup` warm-up calls and `repeats` rounds; with a policy per batch
+    size: adaptive (audit/timing.py), stopping on the ratio's interval, the time budget or max rounds.
     """
     out: dict[int, dict[str, Any]] = {}
-    order = ("dense", "sparse")
-    total = len(inputs) * repeats
-    done = 0
+    fixed = TimingPolicy(min_rounds=repeats, max_rounds=repeats, calls_per_round=calls_per_round, tolerance=None,
+                         warmup_calls=warmup, adaptive_warmup=False)
     for batch, x in inputs.items():
-        for name in order:
-            if warmup:
-                runners[name].time(x, warmup)
-        samples: dict[str, list[float]] = {name: [] for name in order}
-        rounds: list[float] = []
-        for r in range(repeats):
-            per_round = {}
-            for name in order if r % 2 == 0 else order[::-1]:
-                ms = [float(v) for v in runners[name].time(x, calls_per_round)]
-                samples[name].extend(ms)
-                per_round[name] = float(np.median(ms))
-            rounds.append(per_round["dense"] / per_round["sparse"] if per_round["sparse"] > 0 else float("nan"))
-            done += 1
+        policy = (policies or {}).get(batch, fixed)
+
+        def on_round(done: int, total: int, batch: int = batch) -> None:
             if progress:
-                progress("latency", done, total)
-        dense, sparse = latency_stats(samples["dense"], batch), latency_stats(samples["sparse"], batch)
-        ratios = np.asarray(rounds)
-        q = np.nanpercentile(ratios, [10, 25, 50, 75, 90])
-        out[batch] = {
-            "dense": dense,
-            "sparse": sparse,
-            # >1 means the sparse engine is faster.
-            "ratio_p50": dense["p50"] / sparse["p50"] if sparse["p50"] > 0 else float("nan"),
-            "ratio_spread": {"p10": float(q[0]), "p25": float(q[1]), "median": float(q[2]), "p75": float(q[3]),
-                             "p90": float(q[4]), "iqr": float(q[3] - q[1]), "rounds": len(rounds)},
-            "round_ratios": [float(v) for v in ratios],
-        }
+                progress(f"latency b{batch}", done, total)
+
+        timed = time_batch(runners, x, policy, clock=clock, on_round=on_round)
+        out[batch] = latency_summary(timed, batch)
+        logger.info("batch %d: speedup %.3fx [%.3f, %.3f] after %d rounds (%s)", batch, out[batch]["ratio_p50"],
+                    timed["interval"]["low"], timed["interval"]["high"], len(timed["round_ratios"]), timed["stopped"])
     return out
+
+
+def latency_summary(timed: Mapping[str, Any], batch: int) -> dict[str, Any]:
+    """Statistics of one batch size's timing run (timing.time_batch) for audit.json."""
+    dense, sparse = latency_stats(timed["samples"]["dense"], batch), latency_stats(timed["samples"]["sparse"], batch)
+    ratios = np.asarray(timed["round_ratios"])
+    q = np.nanpercentile(ratios, [10, 25, 50, 75, 90])
+    interval = timed["interval"]
+    return {
+        "dense": dense,
+        "sparse": sparse,
+        # >1 means the sparse engine is faster.
+        "ratio_p50": dense["p50"] / sparse["p50"] if sparse["p50"] > 0 else float("nan"),
+        "ratio_spread": {"p10": float(q[0]), "p25": float(q[1]), "median": float(q[2]), "p75": float(q[3]),
+                         "p90": float(q[4]), "iqr": float(q[3] - q[1]), "rounds": len(ratios)},
+        # Geometric mean of per-round ratios with its t-interval (log scale), and why the rounds stopped.
+        "ratio_interval": {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                           for k, v in interval.items()},
+        "stopped": timed["stopped"],
+        "calls_per_round": timed["calls_per_round"],
+        "warmup": timed["warmup"],
+        "timing_seconds": round(float(timed["seconds"]), 3),
+        "round_ratios": [float(v) for v in ratios],
+    }

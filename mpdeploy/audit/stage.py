@@ -50,10 +50,12 @@ from mpdeploy.kinds import AuditFolder, EngineFolder, PrunedFolder
 from mpdeploy.audit.common import (AUDIT_DIR, ENGINE_PREFIX, FP32_REL_TOLERANCE, KIND, SCHEMA, Progress, cpu_only,
                                    fmt_pct, host_info, loadavg, pattern_text)
 from mpdeploy.audit.engine import check_engine_weights, check_root, engine_files, io_spec, onnx_for_weights, pick_backend
-from mpdeploy.audit.evaluate import accuracy_metrics, image_batches, layer_sensitivity, run_both, torch_reference
+from mpdeploy.audit.evaluate import eval_workers, image_batches, layer_sensitivity, run_both, torch_reference
 from mpdeploy.audit.markdown import render_markdown
 from mpdeploy.audit.metrics import labels_fit, measure_latency
 from mpdeploy.audit.plots import write_plots
+from mpdeploy.audit.timing import accuracy_budget, method_record, policies_for, sensitivity_budget
+from mpdeploy.progress import progress_log
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +64,21 @@ class AuditConfig:
     data: str = "digits"  # "digits" | "synthetic" | ImageFolder DIR
     backend: str | None = None  # which engine-<backend>/ to audit; None = the only / first usable one
     batch_sizes: tuple[int, ...] = (1, 8, 32)
-    warmup: int = 10  # calls per engine and batch size before timing
-    repeats: int = 30  # interleaved rounds per batch size
+    warmup: int = 10  # at most this many calls per engine and batch size before timing (adaptive)
+    repeats: int = 30  # at most this many interleaved rounds per batch size
     calls_per_round: int = 3  # back-to-back calls of one engine inside a round
+    # Adaptive timing (audit/timing.py): rounds stop once the speed ratio's 95% interval is within
+    # +-ratio_tolerance, or the batch's share of time_budget_s is spent, but never before min_rounds.
+    min_rounds: int = 5
+    ratio_tolerance: float | None = 0.02
+    time_budget_s: float | None = 120.0  # accuracy 35%, timing 45% (over batch sizes), sensitivity 20%; None: no bound
+    eval_workers: int | None = None  # DataLoader workers for the evaluation data; None: auto
     max_eval_images: int | None = None
     max_top1_drop: float = 0.02  # absolute, as a fraction (0.02 = 2 points)
     min_speedup: float | None = None  # None = no speed gate
-    sensitivity_batch: int = 32  # images for the per-layer sensitivity; 0 skips it
+    sensitivity_batch: int = 16  # images for the per-layer sensitivity; 0 skips it
+    sensitivity: bool = True  # False (--no-sensitivity) skips the per-layer map
+    sensitivity_max_layers: int | None = 24  # a spread subset of the pruned layers; None: all
     plots: bool = True
     seed: int = 0
 
@@ -87,6 +97,9 @@ class AuditConfig:
             )
         if self.min_speedup is not None and not self.min_speedup > 0:
             raise MpdeployError(f"--min-speedup must be positive (e.g. 1.1), not {self.min_speedup}")
+        if self.min_rounds < 2 or (self.ratio_tolerance is not None and not self.ratio_tolerance > 0) \
+                or (self.time_budget_s is not None and self.time_budget_s < 0):
+            raise MpdeployError("--min-rounds must be >= 2, --ratio-tolerance > 0 and --time-budget >= 0 (0: no bound)")
         if self.sensitivity_batch < 0:
             raise MpdeployError(f"--sensitivity-batch must be >= 0 (0 skips it), not {self.sensitivity_batch}")
 
@@ -121,7 +134,7 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
 
     engine_root = Path(engine_root)
     check_root(engine_root)
-    step = progress or (lambda stage, done, total: None)
+    step = progress_log(progress, "audit")
     started = _dt.datetime.now(_dt.timezone.utc)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -197,8 +210,9 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
         keep = max(max(batch_sizes), config.sensitivity_batch, 8)
         try:
             logits, y_all, x_head, run_failures = run_both(
-                runners, image_batches(data.dataset, eval_batch), fixed_batch, classes, keep,
-                total=math.ceil(len(data) / eval_batch), progress=step)
+                runners, image_batches(data.dataset, eval_batch, eval_workers(data.dataset, config.eval_workers)),
+                fixed_batch, classes, keep,
+                total=math.ceil(len(data) / eval_batch), progress=step, budget_s=accuracy_budget(config))
         except MpdeployError:
             raise
         except Exception as exc:  # the runtime refused the input: say which and how to fix it
@@ -210,11 +224,13 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
         failures += run_failures
         accuracy: dict[str, Any] | None = None
         labels_ok, labels_why = False, "not evaluated"
-        if logits is not None:
-            num_outputs = logits["dense"].shape[1]
-            dense_top1 = float((logits["dense"].argmax(1) == y_all).mean()) if data.num_classes else None
-            labels_ok, labels_why = labels_fit(data.kind, data.num_classes, num_outputs, dense_top1, len(y_all))
-            accuracy = accuracy_metrics(logits["dense"], logits["sparse"], y_all if labels_ok else None)
+        if logits is not None:  # a StreamedAccuracy: per-image numbers, not the full logits
+            dense_top1 = logits.dense_top1() if data.num_classes else None
+            labels_ok, labels_why = labels_fit(data.kind, data.num_classes, logits.classes, dense_top1, len(y_all))
+            accuracy = logits.metrics(labels_ok)
+            if logits.stopped != "all images":
+                warnings.append(f"accuracy on {logits.count} of {len(data)} images (a seeded random sample): the "
+                                "time budget ran out; pass --time-budget 0 (or a larger one) to evaluate them all")
             accuracy["labels_meaningful"], accuracy["labels_note"] = labels_ok, labels_why
             if not labels_ok:
                 warnings.append(f"labels not used: {labels_why}; the accuracy gate uses top-1 agreement with the "
@@ -228,14 +244,14 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
             inputs[b] = np.ascontiguousarray(np.concatenate([x_head] * reps)[:b])
         load_before = loadavg()
         latency_raw: dict[int, dict[str, Any]] = {}
+        policies = policies_for(config, list(inputs))
         for b, xb in inputs.items():
             try:
                 latency_raw.update(measure_latency(runners, {b: xb}, config.warmup, config.repeats,
-                                                   config.calls_per_round, None))
+                                                   config.calls_per_round, step, policies=policies))
             except Exception as exc:  # an engine outside its optimization profile: report, keep going
                 logger.warning("batch %d could not be timed: %s", b, exc)
                 failures.append(f"batch {b}: an engine failed to run ({type(exc).__name__}: {str(exc)[:160]})")
-            step("latency", len(latency_raw), len(inputs))
         load_after = loadavg()
 
         lap("latency_s")
@@ -247,7 +263,7 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
                 ref = torch_reference(pruned_dir, x_head[:n_ref])
                 reference = {}
                 for which in ("sparse", "dense"):
-                    err = float(np.abs(ref[which] - logits[which][:n_ref]).max())
+                    err = float(np.abs(ref[which] - logits.head_logits(which)[:n_ref]).max())
                     scale = float(np.abs(ref[which]).max()) or 1.0
                     reference[which] = {"max_abs_diff": err, "relative": err / scale}
                 reference["images"] = n_ref
@@ -292,10 +308,9 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
     lap("weights_check_s")
     # --- sensitivity
     sensitivity = None
-    if pruned is not None and config.sensitivity_batch > 0:
-        step("sensitivity", 0, 1)
-        sensitivity = layer_sensitivity(pruned_dir, x_head[: config.sensitivity_batch], layers)
-        step("sensitivity", 1, 1)
+    if pruned is not None and config.sensitivity and config.sensitivity_batch > 0:
+        sensitivity = layer_sensitivity(pruned_dir, x_head[: config.sensitivity_batch], layers,
+                                        config.sensitivity_max_layers, sensitivity_budget(config), step)
 
     lap("sensitivity_s")
     # --- gates
@@ -394,6 +409,7 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
             "speedup": "dense p50 / sparse p50 (>1: sparse faster); spread = percentiles of per-round ratios",
             "throughput": "batch / mean call time",
             "timer": "Runner.time(): per call, device-synchronized, input already on the device",
+            **method_record(config, policies),
         },
         "accuracy": accuracy,
         "engine_vs_pytorch": reference,
@@ -416,7 +432,7 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
         plots = []
         if config.plots:
             step("plots", 0, 1)
-            plots = write_plots(result, logits, tmp)
+            plots = write_plots(result, logits.samples() if logits is not None else None, tmp)
             step("plots", 1, 1)
         result["plots"] = plots
         lap("plots_s")
