@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import secrets
 import signal
 import socket
 import subprocess
@@ -28,7 +29,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -37,6 +38,8 @@ from mpdeploy.errors import MpdeployError
 logger = logging.getLogger(__name__)
 
 _INSTALL_HINT = "pip install nvidia-pytriton (or mpdeploy[serve])"
+# Header that unlocks HTTP inference when it is restricted (see run_tritonserver's open_http_inference).
+HTTP_INFER_HEADER = "mpdeploy-infer-key"
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ class ServerHandle:
     grpc_url: str
     process: subprocess.Popen
     log_path: Path
+    # Headers an HTTP inference request must carry (empty when HTTP inference is open to anyone).
+    http_headers: dict[str, str] = field(default_factory=dict)
 
 
 def free_port() -> int:
@@ -172,6 +177,8 @@ def run_tritonserver(
     log_path: Path | None = None,
     python_version: str | None = None,
     install: TritonInstall | None = None,
+    open_http_inference: bool = False,
+    extra_args: tuple[str, ...] = (),
 ) -> Iterator[ServerHandle]:
     """Run `tritonserver` on `repo` bound to 127.0.0.1 until the block exits.
 
@@ -203,11 +210,20 @@ def run_tritonserver(
             f"--grpc-port={grpc_port}",
             "--exit-timeout-secs=5",
         ]
+        token = None
+        if not open_http_inference:
+            # Triton 2.51's HTTP/JSON parser allocates the byte size a request *declares* before any
+            # check: one request with shape [8,1,32000000,32000000] throws std::bad_alloc and aborts the
+            # server. Binary-body HTTP and gRPC requests are checked against the config first. So HTTP
+            # inference answers only requests carrying a per-run secret header (ServerHandle.http_headers).
+            token = secrets.token_hex(16)
+            cmd.append(f"--http-restricted-api=inference:{HTTP_INFER_HEADER}={token}")
         if metrics:
             cmd += ["--allow-metrics=true", "--metrics-address=127.0.0.1", f"--metrics-port={free_port()}"]
         else:
             cmd += ["--allow-metrics=false"]
         cmd += [f"--load-model={m}" for m in load_models]
+        cmd += list(extra_args)
 
         env = dict(os.environ)
         if install.lib_dir is not None:
@@ -216,7 +232,7 @@ def run_tritonserver(
             )
         # The backend starts stubs with this PATH; put the running interpreter's bin first.
         env["PATH"] = os.pathsep.join((str(Path(sys.prefix) / "bin"), env.get("PATH", "")))
-        logger.info("starting %s", " ".join(cmd))
+        logger.info("starting %s", " ".join(cmd).replace(token or "\0", "***"))
 
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
@@ -238,7 +254,11 @@ def run_tritonserver(
                 time.sleep(0.25)
             logger.info("tritonserver ready on 127.0.0.1:%d (pid %d)", http_port, process.pid)
             yield ServerHandle(
-                url=f"127.0.0.1:{http_port}", grpc_url=f"127.0.0.1:{grpc_port}", process=process, log_path=log_path
+                url=f"127.0.0.1:{http_port}",
+                grpc_url=f"127.0.0.1:{grpc_port}",
+                process=process,
+                log_path=log_path,
+                http_headers={HTTP_INFER_HEADER: token} if token else {},
             )
         finally:
             _stop(process)
