@@ -501,7 +501,7 @@ def ship(engine_dir: Path, config: ShipConfig) -> Path:
             )
     except OSError as exc:
         what = exc.strerror or str(exc)
-        where = exc.filename or plan.repo
+        where = str(exc.filename or plan.repo).replace("\n", "\\n")  # the message stays one line
         raise MpdeployError(
             f"cannot write the model repository {plan.repo} ({what}: {where}); free disk space or fix its "
             f"permissions and run again (nothing was changed)"
