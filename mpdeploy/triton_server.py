@@ -29,7 +29,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -103,8 +103,15 @@ class ServerHandle:
     grpc_url: str
     process: subprocess.Popen
     log_path: Path
-    # Headers an HTTP inference request must carry (empty when HTTP inference is open to anyone).
-    http_headers: dict[str, str] = field(default_factory=dict)
+    http_header_items: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def http_headers(self) -> dict[str, str]:
+        """Headers an HTTP inference request must carry (empty when HTTP inference is open to anyone).
+
+        A new dict each time: tritonclient.http's infer() adds its own headers to the dict it is given.
+        """
+        return dict(self.http_header_items)
 
 
 def free_port() -> int:
@@ -258,7 +265,7 @@ def run_tritonserver(
                 grpc_url=f"127.0.0.1:{grpc_port}",
                 process=process,
                 log_path=log_path,
-                http_headers={HTTP_INFER_HEADER: token} if token else {},
+                http_header_items=((HTTP_INFER_HEADER, token),) if token else (),
             )
         finally:
             _stop(process)
