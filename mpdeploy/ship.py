@@ -244,7 +244,9 @@ def _write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _fill_version_dir(dest: Path, model_files: list[str], source: Path, provenance: dict[str, Any], expected: str | None):
+def _fill_version_dir(
+    dest: Path, model_files: list[str], source: Path, provenance: dict[str, Any], expected: str | None
+) -> None:
     """Write model file(s), provenance.json and SHA256SUMS into `dest` (a new staging folder)."""
     dest.mkdir()
     for fname in model_files:
@@ -377,7 +379,8 @@ def _plan(engine_dir: Path, config: ShipConfig) -> _Plan:
         "engine_manifest": manifest,
     }
     if serve == "tensorrt_plan":
-        logger.info("plan built for GPU %s, TensorRT %s: serve it on the same", device.get("gpu"), device.get("tensorrt_version"))
+        gpu, trt_version = device.get("gpu"), device.get("tensorrt_version")
+        logger.info("plan built for GPU %s, TensorRT %s: serve it on the same", gpu, trt_version)
     return _Plan(
         engine_dir=engine_dir,
         repo=repo,
@@ -474,6 +477,27 @@ def _write_once(plan: _Plan, config: ShipConfig) -> Path:
     return version_dir
 
 
+_WRITE_FIXES = {
+    errno.ENOSPC: "free disk space",
+    errno.EDQUOT: "free disk space (quota)",
+    errno.EACCES: "make the repository writable for this user",
+    errno.EPERM: "make the repository writable for this user",
+    errno.EROFS: "pass a repository on a writable file system",
+    errno.ENOTDIR: "part of the path is a file; pass a folder for --repo",
+    errno.ENAMETOOLONG: "use a shorter --repo or --name",
+}
+
+
+def _write_error(exc: OSError, repo: Path) -> MpdeployError:
+    """One line for a failed write: what failed where, and the fix for that errno."""
+    where = str(exc.filename or repo).replace("\n", "\\n")  # the message stays one line
+    fix = _WRITE_FIXES.get(exc.errno, "check the repository path and the disk")
+    return MpdeployError(
+        f"cannot write the model repository {repo} ({exc.strerror or exc}: {where}); {fix} and run again "
+        f"(nothing was changed)"
+    )
+
+
 # Concurrent ships that pick the same next version: the loser re-reads the folder and takes the next one.
 _MAX_VERSION_RACES = 32
 
@@ -500,11 +524,6 @@ def ship(engine_dir: Path, config: ShipConfig) -> Path:
                 f"{_MAX_VERSION_RACES} versions of {plan.model_dir} were taken by concurrent ships; run again"
             )
     except OSError as exc:
-        what = exc.strerror or str(exc)
-        where = str(exc.filename or plan.repo).replace("\n", "\\n")  # the message stays one line
-        raise MpdeployError(
-            f"cannot write the model repository {plan.repo} ({what}: {where}); free disk space or fix its "
-            f"permissions and run again (nothing was changed)"
-        ) from exc
+        raise _write_error(exc, plan.repo) from exc
     logger.info("shipped %s (%s, %s) to %s", plan.source, plan.backend, plan.serve, version_dir)
     return version_dir

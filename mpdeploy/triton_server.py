@@ -171,6 +171,41 @@ def _stop(process: subprocess.Popen, grace: float = 15.0) -> None:
         process.wait(timeout=5)
 
 
+def _server_command(
+    install: TritonInstall,
+    repo: Path,
+    backends: Path,
+    model_control_mode: str,
+    http_port: int,
+    grpc_port: int,
+    metrics: bool,
+    http_infer_token: str | None,
+) -> list[str]:
+    """tritonserver argv bound to 127.0.0.1 only."""
+    cmd = [
+        str(install.binary),
+        f"--model-repository={repo.resolve()}",
+        f"--backend-directory={backends}",
+        f"--model-control-mode={model_control_mode}",
+        "--http-address=127.0.0.1",
+        f"--http-port={http_port}",
+        "--grpc-address=127.0.0.1",
+        f"--grpc-port={grpc_port}",
+        "--exit-timeout-secs=5",
+    ]
+    if http_infer_token is not None:
+        # Triton 2.51's HTTP/JSON parser allocates the byte size a request *declares* before any check:
+        # one request with shape [8,1,32000000,32000000] throws std::bad_alloc and aborts the server
+        # (docs/ship.md). Binary-body HTTP and gRPC requests are checked against the config first. So
+        # HTTP inference answers only requests carrying a per-run secret header (ServerHandle.http_headers).
+        cmd.append(f"--http-restricted-api=inference:{HTTP_INFER_HEADER}={http_infer_token}")
+    if metrics:
+        cmd += ["--allow-metrics=true", "--metrics-address=127.0.0.1", f"--metrics-port={free_port()}"]
+    else:
+        cmd += ["--allow-metrics=false"]
+    return cmd
+
+
 @contextlib.contextmanager
 def run_tritonserver(
     repo: Path,
@@ -192,7 +227,8 @@ def run_tritonserver(
     Waits (at most `timeout` seconds) for /v2/health/ready, which with the default strict readiness
     means every model loaded. On failure raises MpdeployError carrying the tail of the server log.
     `python_version` picks the backend stub (default: this interpreter's, which should match the
-    models' EXECUTION_ENV_PATH environment).
+    models' EXECUTION_ENV_PATH environment). HTTP inference needs `ServerHandle.http_headers` unless
+    `open_http_inference` (see `_server_command` for why); `extra_args` go to tritonserver as they are.
     """
     repo = Path(repo)
     if not repo.is_dir():
@@ -206,29 +242,8 @@ def run_tritonserver(
         tmp_path = Path(tmp)
         backends = _prepare_backend_dir(install, tmp_path, python_version)
         log_path = Path(log_path) if log_path else tmp_path / "tritonserver.log"
-        cmd = [
-            str(install.binary),
-            f"--model-repository={repo.resolve()}",
-            f"--backend-directory={backends}",
-            f"--model-control-mode={model_control_mode}",
-            "--http-address=127.0.0.1",
-            f"--http-port={http_port}",
-            "--grpc-address=127.0.0.1",
-            f"--grpc-port={grpc_port}",
-            "--exit-timeout-secs=5",
-        ]
-        token = None
-        if not open_http_inference:
-            # Triton 2.51's HTTP/JSON parser allocates the byte size a request *declares* before any
-            # check: one request with shape [8,1,32000000,32000000] throws std::bad_alloc and aborts the
-            # server. Binary-body HTTP and gRPC requests are checked against the config first. So HTTP
-            # inference answers only requests carrying a per-run secret header (ServerHandle.http_headers).
-            token = secrets.token_hex(16)
-            cmd.append(f"--http-restricted-api=inference:{HTTP_INFER_HEADER}={token}")
-        if metrics:
-            cmd += ["--allow-metrics=true", "--metrics-address=127.0.0.1", f"--metrics-port={free_port()}"]
-        else:
-            cmd += ["--allow-metrics=false"]
+        token = None if open_http_inference else secrets.token_hex(16)
+        cmd = _server_command(install, repo, backends, model_control_mode, http_port, grpc_port, metrics, token)
         cmd += [f"--load-model={m}" for m in load_models]
         cmd += list(extra_args)
 

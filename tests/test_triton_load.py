@@ -205,7 +205,7 @@ def test_load_with_malformed_requests_interleaved(served):
     worst = max(diff for _, _, diff in good)
     assert worst == 0.0, f"served logits differ from ONNX Runtime by up to {worst}"
     expected = dict(cases)
-    wrong = [(name, status, body) for _, name, (status, body) in bad if not (status >= 400 and expected[name][1] in body)]
+    wrong = [(n, status, body) for _, n, (status, body) in bad if not (status >= 400 and expected[n][1] in body)]
     assert not wrong, wrong
     assert server.process.poll() is None, "tritonserver died"
 
