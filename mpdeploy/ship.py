@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import errno
 import hashlib
 import json
 import logging
@@ -25,7 +24,6 @@ import os
 import re
 import shutil
 import sys
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,15 @@ from typing import Any
 from mpdeploy.artifacts import sha256_file
 from mpdeploy.errors import MpdeployError
 from mpdeploy.triton_config import build_model_config, config_to_text, parse_config  # noqa: F401 - re-exported
+from mpdeploy.triton_repo import (
+    VersionTaken,
+    remove_stale_tmp,
+    rename_new,
+    short_path,
+    tmp_name_next_to,
+    write_error,
+    write_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -203,47 +210,6 @@ def _next_version(model_dir: Path) -> int:
     return max(taken, default=0) + 1
 
 
-# Temporary names: hidden and non-numeric (Triton skips them as versions; ".tmp-" is git-ignored), and
-# carrying our pid, so a later ship can tell a killed ship's leftovers from a running ship's staging.
-_TMP_RE = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}$")
-
-
-def _tmp_name_next_to(target: Path) -> Path:
-    return target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def _remove_stale_tmp(folder: Path) -> None:
-    """Remove what ships killed midway (SIGKILL, power loss) left in `folder`: our temp names, dead pids."""
-    if not folder.is_dir():
-        return
-    for path in folder.iterdir():
-        match = _TMP_RE.match(path.name)
-        if not match or int(match.group(1)) == os.getpid() or _pid_alive(int(match.group(1))):
-            continue
-        logger.info("removing %s, left by an interrupted ship", path)
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w") as f:  # default mode: 0644 under the usual umask, like every other artifact
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _fill_version_dir(
     dest: Path, model_files: list[str], source: Path, provenance: dict[str, Any], expected: str | None
 ) -> None:
@@ -251,28 +217,11 @@ def _fill_version_dir(
     dest.mkdir()
     for fname in model_files:
         shutil.copyfile(_PYTHON_MODEL_TEMPLATE if fname == "model.py" else source, dest / fname)
-    _write_text(dest / "provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    write_text(dest / "provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     sums = {p.name: sha256_file(p) for p in sorted(dest.iterdir())}
     if expected is not None and sums[model_files[-1]] != expected:
         raise MpdeployError(f"copy of {source} does not match its manifest sha256; check the disk and retry")
-    _write_text(dest / "SHA256SUMS", "".join(f"{h}  {n}\n" for n, h in sums.items()))
-
-
-class _VersionTaken(Exception):
-    """Another ship placed the same model folder or version first (a race, not a user error)."""
-
-
-def _rename_new(src: Path, dst: Path) -> None:
-    # os.rename would silently replace an empty folder that appeared meanwhile; never replace anything.
-    # A non-empty folder that appears between the check and the rename makes rename fail instead.
-    if dst.exists():
-        raise _VersionTaken(dst)
-    try:
-        os.rename(src, dst)
-    except OSError as exc:
-        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-            raise _VersionTaken(dst) from exc
-        raise
+    write_text(dest / "SHA256SUMS", "".join(f"{h}  {n}\n" for n, h in sums.items()))
 
 
 def _resolve_serving(backend: str, config: ShipConfig) -> tuple[str, str, list[str]]:
@@ -324,12 +273,20 @@ class _Plan:
 def _plan(engine_dir: Path, config: ShipConfig) -> _Plan:
     _validate(config)
     engine_dir = Path(engine_dir)
-    if not engine_dir.is_dir():
+    try:
+        engine_found = engine_dir.is_dir()
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise MpdeployError(f"engine directory {short_path(engine_dir)}: {exc.strerror}; pass engines/<name>") from exc
+    if not engine_found:
         raise MpdeployError(
             f"engine directory {engine_dir} not found; pass the folder mpdeploy build wrote (engines/<name>)"
         )
     repo = Path(config.repo)
-    if repo.exists() and not repo.is_dir():
+    try:
+        repo_is_file = repo.exists() and not repo.is_dir()
+    except OSError as exc:
+        raise write_error(exc, repo) from exc
+    if repo_is_file:
         raise MpdeployError(f"model repository {repo} is a file, not a directory; pass a folder for --repo")
     name = config.name or engine_dir.resolve().name
     if not _NAME_RE.match(name):
@@ -443,22 +400,22 @@ def _write_once(plan: _Plan, config: ShipConfig) -> Path:
                 created.append(d)
         if not model_dir.exists():
             # A new model appears whole (config + first version), never as a folder without config.
-            stage = _tmp_name_next_to(model_dir)
+            stage = tmp_name_next_to(model_dir)
             tmp_paths.append(stage)
             stage.mkdir()
-            _write_text(stage / "config.pbtxt", plan.config_text)
+            write_text(stage / "config.pbtxt", plan.config_text)
             _fill_version_dir(stage / str(version), plan.model_files, plan.source, provenance, plan.expected_sha256)
-            _rename_new(stage, model_dir)
+            rename_new(stage, model_dir)
             tmp_paths.remove(stage)
         else:
-            stage = _tmp_name_next_to(version_dir)
+            stage = tmp_name_next_to(version_dir)
             tmp_paths.append(stage)
             _fill_version_dir(stage, plan.model_files, plan.source, provenance, plan.expected_sha256)
-            tmp_config = _tmp_name_next_to(config_path) if write_config else None
+            tmp_config = tmp_name_next_to(config_path) if write_config else None
             if tmp_config is not None:
                 tmp_paths.append(tmp_config)
-                _write_text(tmp_config, plan.config_text)
-            _rename_new(stage, version_dir)
+                write_text(tmp_config, plan.config_text)
+            rename_new(stage, version_dir)
             tmp_paths.remove(stage)
             placed.append(version_dir)
             if tmp_config is not None:
@@ -477,27 +434,6 @@ def _write_once(plan: _Plan, config: ShipConfig) -> Path:
     return version_dir
 
 
-_WRITE_FIXES = {
-    errno.ENOSPC: "free disk space",
-    errno.EDQUOT: "free disk space (quota)",
-    errno.EACCES: "make the repository writable for this user",
-    errno.EPERM: "make the repository writable for this user",
-    errno.EROFS: "pass a repository on a writable file system",
-    errno.ENOTDIR: "part of the path is a file; pass a folder for --repo",
-    errno.ENAMETOOLONG: "use a shorter --repo or --name",
-}
-
-
-def _write_error(exc: OSError, repo: Path) -> MpdeployError:
-    """One line for a failed write: what failed where, and the fix for that errno."""
-    where = str(exc.filename or repo).replace("\n", "\\n")  # the message stays one line
-    fix = _WRITE_FIXES.get(exc.errno, "check the repository path and the disk")
-    return MpdeployError(
-        f"cannot write the model repository {repo} ({exc.strerror or exc}: {where}); {fix} and run again "
-        f"(nothing was changed)"
-    )
-
-
 # Concurrent ships that pick the same next version: the loser re-reads the folder and takes the next one.
 _MAX_VERSION_RACES = 32
 
@@ -507,13 +443,13 @@ def ship(engine_dir: Path, config: ShipConfig) -> Path:
     plan = _plan(engine_dir, config)
     try:
         with contextlib.suppress(FileNotFoundError):
-            _remove_stale_tmp(plan.repo)
-            _remove_stale_tmp(plan.model_dir)
+            remove_stale_tmp(plan.repo)
+            remove_stale_tmp(plan.model_dir)
         for _ in range(_MAX_VERSION_RACES):
             try:
                 version_dir = _write_once(plan, config)
                 break
-            except _VersionTaken as taken:
+            except VersionTaken as taken:
                 if config.version is not None:
                     raise MpdeployError(
                         f"{taken} appeared while shipping (another ship into {plan.repo}?); pass another --version"
@@ -524,6 +460,6 @@ def ship(engine_dir: Path, config: ShipConfig) -> Path:
                 f"{_MAX_VERSION_RACES} versions of {plan.model_dir} were taken by concurrent ships; run again"
             )
     except OSError as exc:
-        raise _write_error(exc, plan.repo) from exc
+        raise write_error(exc, plan.repo) from exc
     logger.info("shipped %s (%s, %s) to %s", plan.source, plan.backend, plan.serve, version_dir)
     return version_dir

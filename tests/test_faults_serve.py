@@ -136,7 +136,7 @@ def test_full_disk_on_a_real_tmpfs(engine, tmp_path):
 
 @pytest.mark.parametrize(
     "func, extra",
-    [("copyfile", ["--name", "fresh"]), ("_write_text", []), ("_rename_new", ["--version", "5"])],
+    [("copyfile", ["--name", "fresh"]), ("write_text", []), ("rename_new", ["--version", "5"])],
     ids=["copy-new-model", "write-next-version", "rename-version-5"],
 )
 def test_full_disk_injected(shipped, engine, func, extra):
@@ -216,14 +216,14 @@ def _kill_midway(engine: Path, repo: Path, func: str) -> None:
 
 def test_kill_9_midway_then_rerun(engine, tmp_path):
     repo = tmp_path / "repo"
-    _kill_midway(engine, repo, "_rename_new")  # the new model folder is staged, not yet placed
+    _kill_midway(engine, repo, "rename_new")  # the new model folder is staged, not yet placed
     assert not (repo / "tiny").exists() and _leftovers(repo)
     result = run_cli("ship", engine, "--repo", repo)
     assert result.returncode == 0, result.stderr
     _assert_versions_intact(repo, [1])  # and the killed ship's staging folder is gone
 
     before = tree_hash(repo)
-    _kill_midway(engine, repo, "_rename_new")  # version 2 staged
+    _kill_midway(engine, repo, "rename_new")  # version 2 staged
     assert _visible(tree_hash(repo)) == before and _leftovers(repo)
     result = run_cli("ship", engine, "--repo", repo)
     assert result.returncode == 0, result.stderr
@@ -240,3 +240,24 @@ def test_stale_temp_of_a_live_process_is_kept(shipped, engine):
     dead.mkdir()
     assert ship(engine, ShipConfig(repo=shipped)).name == "2"  # in-process: this is about the cleanup rule
     assert live.is_dir() and not dead.exists()
+
+
+def test_hostile_paths_give_one_line(engine, tmp_path):
+    """Names too long for the file system (a 300-char component, a 4,400-char path): one line, nothing left."""
+    from mpdeploy.errors import MpdeployError
+
+    before = tree_hash(tmp_path)
+    deep = Path(*(["d" * 200] * 22))
+    cases = [
+        (engine, ShipConfig(repo=tmp_path / ("r" * 300)), "use a shorter --repo"),
+        (engine, ShipConfig(repo=tmp_path / deep), "use a shorter --repo"),
+        (engine, ShipConfig(repo=tmp_path / "repo", name="n" * 300), "use a shorter --repo or --name"),
+        (tmp_path / deep, ShipConfig(repo=tmp_path / "repo"), "File name too long"),
+    ]
+    for engine_dir, config, fragment in cases:
+        with pytest.raises(MpdeployError, match=fragment) as info:
+            ship(engine_dir, config)
+        assert "\n" not in str(info.value) and len(str(info.value)) < 400
+        assert tree_hash(tmp_path) == before
+    # and through the CLI: exit 2, one line
+    assert_one_line_error(run_cli("ship", engine, "--repo", tmp_path / deep), "File name too long")
