@@ -8,7 +8,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -35,16 +34,17 @@ def patched(*args, **kwargs):
     if mode == "hang":  # tell the test we are midway, then wait for SIGKILL
         print("MIDWAY", flush=True)
         time.sleep(600)
-    if mode == "slow":  # widen the race window between concurrent ships
-        time.sleep(0.5)
+    if mode == "barrier":  # concurrent ships: nobody goes on before all have picked their version
+        folder, n = os.environ["FAULT_BARRIER_DIR"], int(os.environ["FAULT_BARRIER_N"])
+        open(os.path.join(folder, str(os.getpid())), "w").close()
+        deadline = time.monotonic() + 120
+        while len(os.listdir(folder)) < n and time.monotonic() < deadline:
+            time.sleep(0.02)
     return original(*args, **kwargs)
 if hasattr(ship, func):
     setattr(ship, func, patched)
 else:
     setattr(shutil, func, patched)
-go = os.environ.get("FAULT_GO_FILE")
-while go and not os.path.exists(go):  # start concurrent ships together
-    time.sleep(0.02)
 from mpdeploy.cli import main
 sys.exit(main(sys.argv[3:]))
 """
@@ -182,23 +182,23 @@ def test_repository_path_is_a_file(engine, tmp_path):
     assert tree_hash(tmp_path) == before
 
 
-def _start_together(engine: Path, repo: Path, go: Path, n: int) -> list[subprocess.Popen]:
-    env = cli_env({"FAULT_GO_FILE": str(go)})
-    argv = cli_command("_fill_version_dir", "slow", "ship", engine, "--repo", repo, python_code=_FAULT_WRAPPER)
+def _start_together(engine: Path, repo: Path, barrier: Path, n: int) -> list[subprocess.Popen]:
+    barrier.mkdir()
+    env = cli_env({"FAULT_BARRIER_DIR": str(barrier), "FAULT_BARRIER_N": str(n)})
+    argv = cli_command("_fill_version_dir", "barrier", "ship", engine, "--repo", repo, python_code=_FAULT_WRAPPER)
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     return [subprocess.Popen(argv, env=env, **pipes) for _ in range(n)]
 
 
 def test_four_concurrent_ships_each_get_a_version(engine, tmp_path):
     repo = tmp_path / "repo"
-    # All four stage the new model folder at once; the losers find it placed and take versions 2, 3, 4.
-    go = tmp_path / "go"
-    procs = _start_together(engine, repo, go, 4)
-    time.sleep(0.5)
-    go.touch()
+    # All four pick version 1 of a new model and stage it before any places it (a barrier in the
+    # staging step); the losers find the model placed and take versions 2, 3, 4.
+    procs = _start_together(engine, repo, tmp_path / "barrier", 4)
     outs = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [err for _, err in outs]
     assert all("Traceback" not in err for _, err in outs)
+    assert sum(err.count("taken by a concurrent ship") for _, err in outs) >= 3  # the race did happen
     assert sorted(int(Path(out.strip()).name) for out, _ in outs) == [1, 2, 3, 4]
     _assert_versions_intact(repo, [1, 2, 3, 4])
 
