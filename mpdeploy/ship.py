@@ -15,6 +15,7 @@ next to their targets and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -23,13 +24,22 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from mpdeploy.artifacts import sha256_file
 from mpdeploy.errors import MpdeployError
+from mpdeploy.triton_config import build_model_config, config_to_text, parse_config  # noqa: F401 - re-exported
+from mpdeploy.triton_repo import (
+    VersionTaken,
+    remove_stale_tmp,
+    rename_new,
+    short_path,
+    tmp_name_next_to,
+    write_error,
+    write_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,22 +51,6 @@ VARIANTS = ("sparse", "dense")
 SERVE_BACKENDS = ("auto", "python")
 KINDS = ("KIND_GPU", "KIND_CPU")
 
-# numpy dtype name (engine manifest io) -> Triton DataType name
-_TRITON_DTYPES = {
-    "bool": "TYPE_BOOL",
-    "uint8": "TYPE_UINT8",
-    "uint16": "TYPE_UINT16",
-    "uint32": "TYPE_UINT32",
-    "uint64": "TYPE_UINT64",
-    "int8": "TYPE_INT8",
-    "int16": "TYPE_INT16",
-    "int32": "TYPE_INT32",
-    "int64": "TYPE_INT64",
-    "float16": "TYPE_FP16",
-    "float32": "TYPE_FP32",
-    "float64": "TYPE_FP64",
-    "bfloat16": "TYPE_BF16",
-}
 # Copied verbatim as model.py for --serve-backend python; a module of this package, so wheels carry it.
 _PYTHON_MODEL_TEMPLATE = Path(__file__).with_name("triton_python_model.py")
 # Triton model names become URL path parts and folder names: keep them boring.
@@ -179,89 +173,6 @@ def _engine_file(engine_dir: Path, backend: str, manifest: dict[str, Any], varia
 
 
 # ---------------------------------------------------------------------------------------------------
-# the Triton config
-
-
-def _model_config_pb2():
-    try:
-        from tritonclient.grpc import model_config_pb2
-    except ImportError as exc:  # tritonclient is in the [serve] extra
-        raise MpdeployError(
-            "mpdeploy ship needs Triton's model-config protobuf; pip install 'tritonclient[grpc]'"
-        ) from exc
-    return model_config_pb2
-
-
-def _tensor(pb2, spec: dict[str, Any], batched: bool, where: str):
-    name, dtype, shape = spec.get("name"), spec.get("dtype"), list(spec.get("shape") or [])
-    if not name or dtype not in _TRITON_DTYPES or not shape:
-        raise MpdeployError(
-            f"engine io {where} {spec!r} needs a name, a dtype in {', '.join(_TRITON_DTYPES)} and a shape; "
-            f"rebuild the engine"
-        )
-    if batched:
-        if shape[0] not in (-1, None):
-            raise MpdeployError(
-                f"{where} {name!r} has a fixed first dim {shape[0]} (shape {shape}), so Triton cannot batch it; "
-                f"pass --max-batch-size 0 or rebuild with a dynamic batch dim"
-            )
-        shape = shape[1:]
-    dims = [-1 if d in (-1, None) or not isinstance(d, int) else d for d in shape]
-    t = pb2.ModelInput() if where == "input" else pb2.ModelOutput()
-    t.name = name
-    t.data_type = pb2.DataType.Value(_TRITON_DTYPES[dtype])
-    if dims:
-        t.dims.extend(dims)
-    else:  # a per-sample scalar: Triton wants non-empty dims
-        t.dims.append(1)
-        t.reshape.SetInParent()
-    return t
-
-
-def build_model_config(
-    name: str,
-    manifest: dict[str, Any],
-    *,
-    serve: str,
-    max_batch_size: int,
-    kind: str,
-    instance_count: int,
-    python_env: Path | None = None,
-):
-    """The `ModelConfig` protobuf for an engine manifest; `serve` is a platform or "python"."""
-    pb2 = _model_config_pb2()
-    cfg = pb2.ModelConfig(name=name, max_batch_size=max_batch_size)
-    if serve == "python":
-        cfg.backend = "python"
-        # The stub runs the model in this environment (it ignores PYTHONPATH); a venv directory works.
-        cfg.parameters["EXECUTION_ENV_PATH"].string_value = str(python_env)
-    else:
-        cfg.platform = serve
-    batched = max_batch_size > 0
-    cfg.input.extend(_tensor(pb2, t, batched, "input") for t in manifest["io"]["inputs"])
-    cfg.output.extend(_tensor(pb2, t, batched, "output") for t in manifest["io"]["outputs"])
-    if batched:
-        cfg.dynamic_batching.SetInParent()
-    group = cfg.instance_group.add()
-    group.count = instance_count
-    group.kind = pb2.ModelInstanceGroup.Kind.Value(kind)
-    return cfg
-
-
-def config_to_text(cfg) -> str:
-    from google.protobuf import text_format
-
-    return text_format.MessageToString(cfg)
-
-
-def parse_config(text: str):
-    """Parse config.pbtxt text into Triton's ModelConfig (raises google.protobuf ParseError)."""
-    from google.protobuf import text_format
-
-    return text_format.Parse(text, _model_config_pb2().ModelConfig())
-
-
-# ---------------------------------------------------------------------------------------------------
 # writing
 
 
@@ -298,47 +209,18 @@ def _next_version(model_dir: Path) -> int:
     return max(taken, default=0) + 1
 
 
-def _tmp_dir_next_to(target: Path) -> Path:
-    # Hidden and non-numeric: Triton skips it as a version; ".tmp-" is git-ignored project-wide.
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-
-
-def _write_text_atomic_tmp(target: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    return Path(tmp)
-
-
 def _fill_version_dir(
-    dest: Path,
-    model_files: list[str],
-    source: Path,
-    provenance: dict[str, Any],
-    manifest: dict[str, Any],
-    variant: str,
-    make: bool = True,
+    dest: Path, model_files: list[str], source: Path, provenance: dict[str, Any], expected: str | None
 ) -> None:
-    """Write model file(s), provenance.json and SHA256SUMS into `dest` (a staging folder)."""
-    if make:
-        dest.mkdir()
+    """Write model file(s), provenance.json and SHA256SUMS into `dest` (a new staging folder)."""
+    dest.mkdir()
     for fname in model_files:
         shutil.copyfile(_PYTHON_MODEL_TEMPLATE if fname == "model.py" else source, dest / fname)
-    (dest / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    write_text(dest / "provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     sums = {p.name: sha256_file(p) for p in sorted(dest.iterdir())}
-    expected = (manifest.get("file_sha256") or {}).get(manifest["variants"][variant])
     if expected is not None and sums[model_files[-1]] != expected:
         raise MpdeployError(f"copy of {source} does not match its manifest sha256; check the disk and retry")
-    (dest / "SHA256SUMS").write_text("".join(f"{h}  {n}\n" for n, h in sums.items()))
-
-
-def _rename_new(src: Path, dst: Path) -> None:
-    # os.rename would silently replace an empty folder that appeared meanwhile; never replace anything.
-    if dst.exists():
-        raise MpdeployError(f"{dst} appeared while shipping; run again (another ship into the same repository?)")
-    os.rename(src, dst)
+    write_text(dest / "SHA256SUMS", "".join(f"{h}  {n}\n" for n, h in sums.items()))
 
 
 def _resolve_serving(backend: str, config: ShipConfig) -> tuple[str, str, list[str]]:
@@ -366,18 +248,45 @@ def _resolve_serving(backend: str, config: ShipConfig) -> tuple[str, str, list[s
     return serve, kind, files
 
 
-def ship(engine_dir: Path, config: ShipConfig) -> Path:
-    """Copy an audited engine into a Triton model repository; returns `<repo>/<name>/<version>/`."""
+@dataclass
+class _Plan:
+    """Everything decided before the repository is touched."""
+
+    engine_dir: Path
+    repo: Path
+    name: str
+    backend: str
+    serve: str
+    model_files: list[str]
+    source: Path
+    expected_sha256: str | None
+    model_cfg: Any
+    config_text: str
+    provenance: dict[str, Any]  # without version and config_sha256, filled per attempt
+
+    @property
+    def model_dir(self) -> Path:
+        return self.repo / self.name
+
+
+def _plan(engine_dir: Path, config: ShipConfig) -> _Plan:
     _validate(config)
     engine_dir = Path(engine_dir)
-    if not engine_dir.is_dir():
+    try:
+        engine_found = engine_dir.is_dir()
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise MpdeployError(f"engine directory {short_path(engine_dir)}: {exc.strerror}; pass engines/<name>") from exc
+    if not engine_found:
         raise MpdeployError(
             f"engine directory {engine_dir} not found; pass the folder mpdeploy build wrote (engines/<name>)"
         )
     repo = Path(config.repo)
-    if repo.exists() and not repo.is_dir():
+    try:
+        repo_is_file = repo.exists() and not repo.is_dir()
+    except OSError as exc:
+        raise write_error(exc, repo) from exc
+    if repo_is_file:
         raise MpdeployError(f"model repository {repo} is a file, not a directory; pass a folder for --repo")
-
     name = config.name or engine_dir.resolve().name
     if not _NAME_RE.match(name):
         raise MpdeployError(f"model name {name!r} is not usable by Triton; pass --name with letters, digits, _ . -")
@@ -393,7 +302,6 @@ def ship(engine_dir: Path, config: ShipConfig) -> Path:
         raise MpdeployError(
             f"python environment {python_env} does not exist; pass --python-env with a venv, conda env or tarball"
         )
-
     model_cfg = build_model_config(
         name,
         manifest,
@@ -403,38 +311,10 @@ def ship(engine_dir: Path, config: ShipConfig) -> Path:
         instance_count=config.instance_count,
         python_env=python_env,
     )
-    config_text = config_to_text(model_cfg)
-
-    model_dir = repo / name
-    if model_dir.exists() and not model_dir.is_dir():
-        raise MpdeployError(f"{model_dir} is a file, not a model folder; remove it or pass another --name")
-    config_path = model_dir / "config.pbtxt"
-    write_config = True
-    if config_path.exists():
-        try:
-            same = parse_config(config_path.read_text()) == model_cfg
-        except Exception as exc:  # noqa: BLE001 - any parse failure means "different"
-            logger.debug("existing %s does not parse: %s", config_path, exc)
-            same = False
-        if same:
-            write_config = False
-        elif not config.force:
-            raise MpdeployError(
-                f"{config_path} exists with a different config (one config serves all versions of a model); "
-                f"pass another --name, or --force to replace it"
-            )
-        else:
-            logger.warning("replacing %s; it applies to every version in %s", config_path, model_dir)
-
-    version = config.version or _next_version(model_dir)
-    version_dir = model_dir / str(version)
-    if version_dir.exists():
-        raise MpdeployError(f"version {version_dir} already exists and is never overwritten; pass another --version")
-
+    device = manifest.get("device") or {}
     provenance = {
         "schema": PROVENANCE_SCHEMA,
         "model": name,
-        "version": version,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "mpdeploy_version": _mpdeploy_version(),
         "engine_dir": str(engine_dir.resolve()),
@@ -448,45 +328,93 @@ def ship(engine_dir: Path, config: ShipConfig) -> Path:
         "sources": manifest.get("sources"),
         # A plan only runs on the GPU model and TensorRT version that built it.
         "built_for": {
-            "device": (manifest.get("device") or {}).get("name"),
-            "gpu": (manifest.get("device") or {}).get("gpu"),
-            "tensorrt_version": (manifest.get("device") or {}).get("tensorrt_version"),
+            "device": device.get("name"),
+            "gpu": device.get("gpu"),
+            "tensorrt_version": device.get("tensorrt_version"),
         },
         "engine_manifest": manifest,
-        # The config actually served: the kept file when it is kept (same content, maybe other formatting).
-        "config_sha256": hashlib.sha256(config_text.encode()).hexdigest() if write_config else sha256_file(config_path),
     }
     if serve == "tensorrt_plan":
-        built_for = provenance["built_for"]
-        logger.info(
-            "plan built for GPU %s, TensorRT %s: serve it on the same", built_for["gpu"], built_for["tensorrt_version"]
-        )
+        gpu, trt_version = device.get("gpu"), device.get("tensorrt_version")
+        logger.info("plan built for GPU %s, TensorRT %s: serve it on the same", gpu, trt_version)
+    return _Plan(
+        engine_dir=engine_dir,
+        repo=repo,
+        name=name,
+        backend=backend,
+        serve=serve,
+        model_files=model_files,
+        source=source,
+        expected_sha256=(manifest.get("file_sha256") or {}).get(manifest["variants"][config.variant]),
+        model_cfg=model_cfg,
+        config_text=config_to_text(model_cfg),
+        provenance=provenance,
+    )
 
-    # --- write: everything under temp names next to the targets, renamed at the end, undone on failure.
+
+def _config_action(plan: _Plan, force: bool) -> bool:
+    """Whether config.pbtxt must be (re)written; refuses a different existing config unless forced."""
+    config_path = plan.model_dir / "config.pbtxt"
+    if not config_path.exists():
+        return True
+    try:
+        same = parse_config(config_path.read_text()) == plan.model_cfg
+    except Exception as exc:  # noqa: BLE001 - any parse failure means "different"
+        logger.debug("existing %s does not parse: %s", config_path, exc)
+        same = False
+    if same:
+        return False
+    if not force:
+        raise MpdeployError(
+            f"{config_path} exists with a different config (one config serves all versions of a model); "
+            f"pass another --name, or --force to replace it"
+        )
+    logger.warning("replacing %s; it applies to every version in %s", config_path, plan.model_dir)
+    return True
+
+
+def _write_once(plan: _Plan, config: ShipConfig) -> Path:
+    """One attempt: pick the version, stage everything under temp names, rename into place, undo on failure."""
+    model_dir, config_path = plan.model_dir, plan.model_dir / "config.pbtxt"
+    if model_dir.exists() and not model_dir.is_dir():
+        raise MpdeployError(f"{model_dir} is a file, not a model folder; remove it or pass another --name")
+    write_config = _config_action(plan, config.force)
+    version = config.version or _next_version(model_dir)
+    version_dir = model_dir / str(version)
+    if version_dir.exists():
+        raise MpdeployError(f"version {version_dir} already exists and is never overwritten; pass another --version")
+    provenance = dict(plan.provenance, version=version)
+    # The config actually served: the kept file when it is kept (same content, maybe other formatting).
+    provenance["config_sha256"] = (
+        hashlib.sha256(plan.config_text.encode()).hexdigest() if write_config else sha256_file(config_path)
+    )
+
     created: list[Path] = []  # repository folders we had to create, removed again on failure
     tmp_paths: list[Path] = []
     placed: list[Path] = []
     try:
-        for d in reversed([repo, *repo.parents]):
+        for d in reversed([plan.repo, *plan.repo.parents]):
             if not d.exists():
                 d.mkdir()
                 created.append(d)
         if not model_dir.exists():
             # A new model appears whole (config + first version), never as a folder without config.
-            stage = _tmp_dir_next_to(model_dir)
+            stage = tmp_name_next_to(model_dir)
             tmp_paths.append(stage)
-            (stage / "config.pbtxt").write_text(config_text)
-            _fill_version_dir(stage / str(version), model_files, source, provenance, manifest, config.variant)
-            _rename_new(stage, model_dir)
+            stage.mkdir()
+            write_text(stage / "config.pbtxt", plan.config_text)
+            _fill_version_dir(stage / str(version), plan.model_files, plan.source, provenance, plan.expected_sha256)
+            rename_new(stage, model_dir)
             tmp_paths.remove(stage)
         else:
-            stage = _tmp_dir_next_to(version_dir)
+            stage = tmp_name_next_to(version_dir)
             tmp_paths.append(stage)
-            _fill_version_dir(stage, model_files, source, provenance, manifest, config.variant, make=False)
-            tmp_config = _write_text_atomic_tmp(config_path, config_text) if write_config else None
+            _fill_version_dir(stage, plan.model_files, plan.source, provenance, plan.expected_sha256)
+            tmp_config = tmp_name_next_to(config_path) if write_config else None
             if tmp_config is not None:
                 tmp_paths.append(tmp_config)
-            _rename_new(stage, version_dir)
+                write_text(tmp_config, plan.config_text)
+            rename_new(stage, version_dir)
             tmp_paths.remove(stage)
             placed.append(version_dir)
             if tmp_config is not None:
@@ -499,10 +427,38 @@ def ship(engine_dir: Path, config: ShipConfig) -> Path:
             else:
                 p.unlink(missing_ok=True)
         for d in reversed(created):
-            try:
+            with contextlib.suppress(OSError):
                 d.rmdir()
-            except OSError:
-                pass
         raise
-    logger.info("shipped %s (%s, %s) to %s", source, backend, serve, version_dir)
+    return version_dir
+
+
+# Concurrent ships that pick the same next version: the loser re-reads the folder and takes the next one.
+_MAX_VERSION_RACES = 32
+
+
+def ship(engine_dir: Path, config: ShipConfig) -> Path:
+    """Copy an audited engine into a Triton model repository; returns `<repo>/<name>/<version>/`."""
+    plan = _plan(engine_dir, config)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            remove_stale_tmp(plan.repo)
+            remove_stale_tmp(plan.model_dir)
+        for _ in range(_MAX_VERSION_RACES):
+            try:
+                version_dir = _write_once(plan, config)
+                break
+            except VersionTaken as taken:
+                if config.version is not None:
+                    raise MpdeployError(
+                        f"{taken} appeared while shipping (another ship into {plan.repo}?); pass another --version"
+                    ) from None
+                logger.info("%s was taken by a concurrent ship; trying the next version", taken)
+        else:
+            raise MpdeployError(
+                f"{_MAX_VERSION_RACES} versions of {plan.model_dir} were taken by concurrent ships; run again"
+            )
+    except OSError as exc:
+        raise write_error(exc, plan.repo) from exc
+    logger.info("shipped %s (%s, %s) to %s", plan.source, plan.backend, plan.serve, version_dir)
     return version_dir

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import secrets
 import signal
 import socket
 import subprocess
@@ -37,6 +38,8 @@ from mpdeploy.errors import MpdeployError
 logger = logging.getLogger(__name__)
 
 _INSTALL_HINT = "pip install nvidia-pytriton (or mpdeploy[serve])"
+# Header that unlocks HTTP inference when it is restricted (see run_tritonserver's open_http_inference).
+HTTP_INFER_HEADER = "mpdeploy-infer-key"
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,15 @@ class ServerHandle:
     grpc_url: str
     process: subprocess.Popen
     log_path: Path
+    http_header_items: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def http_headers(self) -> dict[str, str]:
+        """Headers an HTTP inference request must carry (empty when HTTP inference is open to anyone).
+
+        A new dict each time: tritonclient.http's infer() adds its own headers to the dict it is given.
+        """
+        return dict(self.http_header_items)
 
 
 def free_port() -> int:
@@ -159,6 +171,41 @@ def _stop(process: subprocess.Popen, grace: float = 15.0) -> None:
         process.wait(timeout=5)
 
 
+def _server_command(
+    install: TritonInstall,
+    repo: Path,
+    backends: Path,
+    model_control_mode: str,
+    http_port: int,
+    grpc_port: int,
+    metrics: bool,
+    http_infer_token: str | None,
+) -> list[str]:
+    """tritonserver argv bound to 127.0.0.1 only."""
+    cmd = [
+        str(install.binary),
+        f"--model-repository={repo.resolve()}",
+        f"--backend-directory={backends}",
+        f"--model-control-mode={model_control_mode}",
+        "--http-address=127.0.0.1",
+        f"--http-port={http_port}",
+        "--grpc-address=127.0.0.1",
+        f"--grpc-port={grpc_port}",
+        "--exit-timeout-secs=5",
+    ]
+    if http_infer_token is not None:
+        # Triton 2.51's HTTP/JSON parser allocates the byte size a request *declares* before any check:
+        # one request with shape [8,1,32000000,32000000] throws std::bad_alloc and aborts the server
+        # (docs/ship.md). Binary-body HTTP and gRPC requests are checked against the config first. So
+        # HTTP inference answers only requests carrying a per-run secret header (ServerHandle.http_headers).
+        cmd.append(f"--http-restricted-api=inference:{HTTP_INFER_HEADER}={http_infer_token}")
+    if metrics:
+        cmd += ["--allow-metrics=true", "--metrics-address=127.0.0.1", f"--metrics-port={free_port()}"]
+    else:
+        cmd += ["--allow-metrics=false"]
+    return cmd
+
+
 @contextlib.contextmanager
 def run_tritonserver(
     repo: Path,
@@ -172,13 +219,16 @@ def run_tritonserver(
     log_path: Path | None = None,
     python_version: str | None = None,
     install: TritonInstall | None = None,
+    open_http_inference: bool = False,
+    extra_args: tuple[str, ...] = (),
 ) -> Iterator[ServerHandle]:
     """Run `tritonserver` on `repo` bound to 127.0.0.1 until the block exits.
 
     Waits (at most `timeout` seconds) for /v2/health/ready, which with the default strict readiness
     means every model loaded. On failure raises MpdeployError carrying the tail of the server log.
     `python_version` picks the backend stub (default: this interpreter's, which should match the
-    models' EXECUTION_ENV_PATH environment).
+    models' EXECUTION_ENV_PATH environment). HTTP inference needs `ServerHandle.http_headers` unless
+    `open_http_inference` (see `_server_command` for why); `extra_args` go to tritonserver as they are.
     """
     repo = Path(repo)
     if not repo.is_dir():
@@ -192,22 +242,10 @@ def run_tritonserver(
         tmp_path = Path(tmp)
         backends = _prepare_backend_dir(install, tmp_path, python_version)
         log_path = Path(log_path) if log_path else tmp_path / "tritonserver.log"
-        cmd = [
-            str(install.binary),
-            f"--model-repository={repo.resolve()}",
-            f"--backend-directory={backends}",
-            f"--model-control-mode={model_control_mode}",
-            "--http-address=127.0.0.1",
-            f"--http-port={http_port}",
-            "--grpc-address=127.0.0.1",
-            f"--grpc-port={grpc_port}",
-            "--exit-timeout-secs=5",
-        ]
-        if metrics:
-            cmd += ["--allow-metrics=true", "--metrics-address=127.0.0.1", f"--metrics-port={free_port()}"]
-        else:
-            cmd += ["--allow-metrics=false"]
+        token = None if open_http_inference else secrets.token_hex(16)
+        cmd = _server_command(install, repo, backends, model_control_mode, http_port, grpc_port, metrics, token)
         cmd += [f"--load-model={m}" for m in load_models]
+        cmd += list(extra_args)
 
         env = dict(os.environ)
         if install.lib_dir is not None:
@@ -216,7 +254,7 @@ def run_tritonserver(
             )
         # The backend starts stubs with this PATH; put the running interpreter's bin first.
         env["PATH"] = os.pathsep.join((str(Path(sys.prefix) / "bin"), env.get("PATH", "")))
-        logger.info("starting %s", " ".join(cmd))
+        logger.info("starting %s", " ".join(cmd).replace(token or "\0", "***"))
 
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
@@ -238,7 +276,11 @@ def run_tritonserver(
                 time.sleep(0.25)
             logger.info("tritonserver ready on 127.0.0.1:%d (pid %d)", http_port, process.pid)
             yield ServerHandle(
-                url=f"127.0.0.1:{http_port}", grpc_url=f"127.0.0.1:{grpc_port}", process=process, log_path=log_path
+                url=f"127.0.0.1:{http_port}",
+                grpc_url=f"127.0.0.1:{grpc_port}",
+                process=process,
+                log_path=log_path,
+                http_header_items=((HTTP_INFER_HEADER, token),) if token else (),
             )
         finally:
             _stop(process)

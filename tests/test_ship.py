@@ -7,7 +7,6 @@ The server test runs the `tritonserver` binary carried by nvidia-pytriton (Pytho
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import logging
@@ -26,6 +25,7 @@ ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
+from ship_engine import make_engine, sha256, write_audit  # noqa: E402
 from tritonclient.grpc import model_config_pb2 as pb2  # noqa: E402
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "mpdeploy" / "triton_python_model.py"
@@ -35,83 +35,14 @@ TEMPLATE = Path(__file__).resolve().parents[1] / "mpdeploy" / "triton_python_mod
 # fixture engine directory, built by hand per the engine contract
 
 
-class _Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = torch.nn.Linear(8, 10)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
-
-
-def _export(model, path: Path) -> None:
-    torch.onnx.export(
-        model,
-        torch.randn(1, 3, 16, 16),
-        str(path),
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        dynamo=False,
-    )
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+_sha = sha256
+_write_audit = write_audit
 
 
 @pytest.fixture(scope="module")
 def base_engine(tmp_path_factory) -> Path:
     """engines/tiny with engine-ort/{sparse,dense}.onnx, manifest and a passed audit."""
-    torch.manual_seed(0)
-    dense = _Tiny().eval()
-    sparse = _Tiny().eval()
-    sparse.load_state_dict(dense.state_dict())
-    with torch.no_grad():  # 2:4 along `in` on the Linear, so sparse and dense really differ
-        w = sparse.fc.weight.view(10, 2, 4)
-        keep = w.abs().topk(2, dim=-1).indices
-        sparse.fc.weight.copy_((w * torch.zeros_like(w).scatter_(-1, keep, 1.0)).view(10, 8))
-
-    root = tmp_path_factory.mktemp("engines") / "tiny"
-    ed = root / "engine-ort"
-    ed.mkdir(parents=True)
-    _export(sparse, ed / "sparse.onnx")
-    _export(dense, ed / "dense.onnx")
-    manifest = {
-        "schema": "mpdeploy.engine/1",
-        "kind": "engine",
-        "backend": "ort",
-        "precision": "fp32",
-        "variants": {"sparse": "sparse.onnx", "dense": "dense.onnx"},
-        "io": {
-            "inputs": [{"name": "input", "dtype": "float32", "shape": [-1, 3, 16, 16]}],
-            "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 10]}],
-        },
-        "device": {"name": "cpu", "gpu": None, "tensorrt_version": None},
-        "sources": {"onnx_sha256": "a" * 64, "pruned_manifest_sha256": "b" * 64},
-        "file_sha256": {f: _sha(ed / f) for f in ("sparse.onnx", "dense.onnx")},
-    }
-    (ed / "manifest.json").write_text(json.dumps(manifest))
-    (ed / "build_report.json").write_text("{}")
-    _write_audit(root, passed=True)
-    return root
-
-
-def _write_audit(root: Path, *, passed: bool, backend: str = "ort") -> None:
-    (root / "audit").mkdir(exist_ok=True)
-    audit = {
-        "schema": "mpdeploy.audit/1",
-        "backend": backend,
-        "passed": passed,
-        "failures": [] if passed else ["top-1 drop 4.1 pts > 1.0"],
-        "summary": {"top1_sparse": 0.91, "top1_dense": 0.92, "agreement": 0.97, "speedup_p50": {"1": 1.08}},
-    }
-    (root / "audit" / "audit.json").write_text(json.dumps(audit))
-    from mpdeploy import artifacts  # ship opens the audit through its verified artifact: give it a manifest
-
-    (root / "audit" / "manifest.json").unlink(missing_ok=True)
-    artifacts.write_manifest(root / "audit", "audit", {}, extra={"backend": backend, "passed": passed})
+    return make_engine(tmp_path_factory.mktemp("engines") / "tiny")
 
 
 @pytest.fixture
@@ -342,18 +273,18 @@ def test_failure_while_writing_leaves_repo_unchanged(engine, tmp_path, monkeypat
 
     with monkeypatch.context() as m:
         m.setattr("mpdeploy.ship.shutil.copyfile", broken_copy)
-        with pytest.raises(OSError):
+        with pytest.raises(MpdeployError, match="No space left on device"):
             ship(engine, ShipConfig(repo=repo, force=True, max_batch_size=2))  # new version and a new config
         assert _snapshot(repo) == before
         fresh = tmp_path / "fresh" / "repo"
-        with pytest.raises(OSError):
+        with pytest.raises(MpdeployError, match="No space left on device"):
             ship(engine, ShipConfig(repo=fresh))
         assert not (tmp_path / "fresh").exists()
 
     # the last step (replacing config.pbtxt) fails after the version folder was renamed into place
     with monkeypatch.context() as m:
         m.setattr("mpdeploy.ship.os.replace", broken_copy)
-        with pytest.raises(OSError):
+        with pytest.raises(MpdeployError, match="nothing was changed"):
             ship(engine, ShipConfig(repo=repo, force=True, max_batch_size=2))
     assert _snapshot(repo) == before
 
@@ -451,7 +382,7 @@ def test_served_by_real_triton(engine, tmp_path):
                 x = rng.standard_normal((batch, 3, 16, 16), dtype=np.float32)
                 inp = httpclient.InferInput("input", list(x.shape), "FP32")
                 inp.set_data_from_numpy(x)
-                got = client.infer("tiny", [inp], model_version="1").as_numpy("logits")
+                got = client.infer("tiny", [inp], model_version="1", headers=server.http_headers).as_numpy("logits")
                 want = sparse.run(["logits"], {"input": x})[0]
                 assert got.shape == (batch, 10) and got.dtype == np.float32
                 assert np.abs(got - want).max() < 1e-5
