@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mpdeploy.data_args import add_data_arguments
 from mpdeploy.errors import MpdeployError
 
 # One image of at most 64 Mi values (e.g. 3x4096x4096) and 1,024 channels: larger is a typo, and would
@@ -99,8 +100,6 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) 
                             "img_size=32 (Python literals, never evaluated as code)")
     group.add_argument("--weights", default="auto", choices=["auto", "pretrained", "random"],
                        help="timm weights: auto = pretrained when reachable, else random init (default: auto)")
-    from mpdeploy.data import add_data_arguments
-
     add_data_arguments(parser.add_argument_group("input preprocessing (ImageFolder data)"))
     group.add_argument("--trust-pickle", action="store_true",
                        help="allow files that carry code: full pickles, TorchScript, torch.export .pt2 "
