@@ -64,7 +64,8 @@ def polygraphy_runs():
 def start_polygraphy(runs: dict, model_path: Path) -> None:
     if model_path in runs or not POLYGRAPHY_CLI.exists():
         return
-    log = model_path.with_name(model_path.name + ".polygraphy.log")
+    # Beside the artifact folder, not in it: an artifact holding an unlisted file is refused.
+    log = model_path.parent.with_name(f"{model_path.parent.name}-{model_path.name}.polygraphy.log")
     with open(log, "w") as f:
         # super_verbose prints each candidate's PruneInfo(name, axis): Polygraphy's placement decision.
         proc = subprocess.Popen([str(POLYGRAPHY_CLI), "inspect", "sparsity", str(model_path), "--verbosity",

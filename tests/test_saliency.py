@@ -126,3 +126,18 @@ def test_layers_without_calibration_inputs_fall_back_to_magnitude():
     for name in ("sparsegpt", "auto"):
         choice = choose_mask(weight, NM(2, 4), name, InputStats())
         assert torch.equal(choice.mask, choose_mask(weight, NM(2, 4), "magnitude").mask)
+
+
+def test_cli_help_names_every_registered_saliency_and_budget():
+    """The CLI lists the registries' names in its help without importing them (torch-free --help)."""
+    import argparse
+
+    from mpdeploy.budgets import list_budgets
+    from mpdeploy.commands.prune import add_prune_arguments
+    from mpdeploy.saliency import list_saliencies
+
+    parser = argparse.ArgumentParser()
+    add_prune_arguments(parser)
+    helps = {a.dest: a.help for a in parser._actions}
+    assert all(name in helps["saliency"] for name in list_saliencies())
+    assert all(name in helps["budget"] for name in list_budgets())

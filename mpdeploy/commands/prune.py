@@ -28,12 +28,13 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("pruning")
     g.add_argument("--pattern", default="2:4", help="N:M pattern, e.g. 2:4 (default), 8:16")
     g.add_argument("--extra-patterns", default="", help="more patterns the mp budget may choose, e.g. 1:4,8:16")
-    from mpdeploy.budgets import list_budgets
-    from mpdeploy.saliency import DEFAULT_CALIB_SALIENCY, list_saliencies
-
-    g.add_argument("--budget", default="mp", choices=list_budgets(), help="layerwise budget (default: mp)")
-    g.add_argument("--saliency", default=None, choices=list_saliencies(),
-                   help=f"what to keep in each group (default: {DEFAULT_CALIB_SALIENCY} with --calib, else magnitude)")
+    # Names come from the budget / saliency registries, checked when the config is made: importing the
+    # registries here would pull torch into `--help`. An unknown name gets one line listing the registered ones.
+    g.add_argument("--budget", default="mp",
+                   help="layerwise budget from mpdeploy.budgets' registry: mp (default), damage, uniform")
+    g.add_argument("--saliency", default=None,
+                   help="what to keep in each group, from mpdeploy.saliency's registry: magnitude, wanda, block-cost, "
+                        "sparsegpt, auto (default: auto with --calib, else magnitude)")
     g.add_argument("--calib", default=None, help="calibration data: an ImageFolder DIR, digits, or synthetic")
     g.add_argument("--calib-batches", type=int, default=8)
     g.add_argument("--calib-batch-size", type=int, default=16)
@@ -49,9 +50,11 @@ def prune_config_from_args(args: argparse.Namespace):
     from mpdeploy.patterns import parse_pattern
     from mpdeploy.prune import PruneConfig
 
-    from mpdeploy.saliency import DEFAULT_CALIB_SALIENCY
+    from mpdeploy.budgets import get_budget
+    from mpdeploy.saliency import DEFAULT_CALIB_SALIENCY, get_saliency
 
-    saliency = args.saliency or (DEFAULT_CALIB_SALIENCY if args.calib else "magnitude")
+    saliency = get_saliency(args.saliency or (DEFAULT_CALIB_SALIENCY if args.calib else "magnitude")).name
+    get_budget(args.budget)
     extra = tuple(parse_pattern(p) for p in args.extra_patterns.split(",") if p.strip())
     return PruneConfig(
         pattern=parse_pattern(args.pattern),
