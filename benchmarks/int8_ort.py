@@ -151,6 +151,8 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="one model, few repetitions (a quick run)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result JSON (default: benchmarks/results/int8_ort[.smoke].json)")
     args = parser.parse_args()
     import torch
 
@@ -167,8 +169,8 @@ def main() -> int:
     results["cpu_seconds"] = time.process_time() - cpu0
     results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results["machine"]["loadavg_end"] = [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
-    RESULTS.mkdir(exist_ok=True)
-    target = RESULTS / ("int8_ort.smoke.json" if args.smoke else "int8_ort.json")
+    target = args.out or RESULTS / ("int8_ort.smoke.json" if args.smoke else "int8_ort.json")
+    target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({m: {"top1": r["top1"], "latency": r.get("latency")} for m, r in results["models"].items()},
                      indent=1))

@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/mpdeploy_method_table"))
     parser.add_argument("--modelopt-python", default=None, help="python of a venv with nvidia-modelopt")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result JSON; the .md lands beside it (default: benchmarks/results/method_table[_smoke].json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = args.models.split(",") if args.models else (["digits_vit", "digits_cnn"] if args.smoke else
@@ -168,10 +170,10 @@ def main() -> None:
               "eval": "top-1 (%) on the digits test split (539 images), zero fine-tuning",
               "modelopt": modelopt_status(args.modelopt_python), "models": table,
               "input_column_norms": diagnosis}
-    stem = "method_table_smoke" if args.smoke else "method_table"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
+    target = args.out or RESULTS / ("method_table_smoke.json" if args.smoke else "method_table.json")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(result, indent=2) + "\n")
+    target.with_suffix(".md").write_text(markdown(result))
 
 
 def markdown(result: dict) -> str:

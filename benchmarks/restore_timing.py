@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("--calib-images", type=int, default=None)
     parser.add_argument("--held-images", type=int, default=None)
     parser.add_argument("--models", default=None, help="comma list (default: all); results merge into the JSON")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result JSON (default: benchmarks/results/restore_timing[_smoke].json; other models' rows kept)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     models = SMOKE if args.smoke else FULL
@@ -133,7 +135,7 @@ def main() -> None:
                           "calib": "N(0,1) noise images 3x224x224"},
                "goal": "restore <= 60 s on 2 cores for resnet50 and vit_base_patch16_224; error within a few % of exact",
                "models": {}}
-    path = Path(__file__).parent / "results" / ("restore_timing_smoke.json" if args.smoke else "restore_timing.json")
+    path = args.out or Path(__file__).parent / "results" / ("restore_timing_smoke.json" if args.smoke else "restore_timing.json")
     if path.exists():  # keep the other models' measurements (each records its own machine state)
         results["models"] = json.loads(path.read_text()).get("models", {})
     for name in models:
