@@ -53,15 +53,20 @@ def test_registry_lists_builtins_and_accepts_new_criteria():
         saliency._SALIENCIES.pop("test-first-n")
 
 
-def test_cli_choices_come_from_the_registry():
+def test_cli_checks_names_against_the_registry():
+    """The CLI does not import the registries for --help (torch-free); the config step checks the names."""
     import argparse
 
-    from mpdeploy.commands.prune import add_prune_arguments
+    from mpdeploy.commands.prune import add_prune_arguments, prune_config_from_args
+    from mpdeploy.errors import MpdeployError
 
     parser = argparse.ArgumentParser()
     add_prune_arguments(parser)
-    actions = {a.dest: a for a in parser._actions}
-    assert tuple(actions["saliency"].choices) == list_saliencies()
+    assert prune_config_from_args(parser.parse_args(["--saliency", "sparsegpt", "--calib", "digits"])).saliency == "sparsegpt"
+    with pytest.raises(MpdeployError, match="unknown saliency 'nope'; choose one of .*sparsegpt"):
+        prune_config_from_args(parser.parse_args(["--saliency", "nope"]))
+    with pytest.raises(MpdeployError, match="unknown budget 'nope'; choose one of .*damage"):
+        prune_config_from_args(parser.parse_args(["--budget", "nope"]))
 
 
 def test_sparsegpt_and_auto_beat_magnitude_on_layer_output_error():
