@@ -140,15 +140,17 @@ def refine_masked_ridge(
         return start
     keep = keep.float()
     hf = h.float()
+    # H + lam I once: every step's product then needs no extra [out, K] term.
+    h_damped = hf + lam * torch.eye(hf.shape[0], dtype=hf.dtype, device=hf.device)
     v = start.float() * keep
     w = dense.float()
-    precond = keep / (torch.diagonal(hf) + lam).clamp_min(1e-12).unsqueeze(0)
-    residual = ((w - v) @ hf - lam * v) * keep  # minus half the gradient
+    precond = keep / torch.diagonal(h_damped).clamp_min(1e-12).unsqueeze(0)
+    residual = (w @ hf - v @ h_damped) * keep  # minus half the gradient
     z = residual * precond
     direction = z.clone()
     rz = (residual * z).sum(1, keepdim=True)
     for _ in range(steps):
-        a_dir = (direction @ hf + lam * direction) * keep
+        a_dir = (direction @ h_damped) * keep
         curvature = (direction * a_dir).sum(1, keepdim=True)
         alpha = torch.where(curvature > 0, rz / curvature.clamp_min(1e-30), torch.zeros_like(rz))
         v = v + alpha * direction
