@@ -24,6 +24,7 @@ from torch import nn
 from mpdeploy import spectral
 from mpdeploy.artifacts import atomic_dir, write_json, write_manifest
 from mpdeploy.errors import MpdeployError
+from mpdeploy.figures import new_figure
 from mpdeploy.layers import LayerInfo, find_layers
 
 logger = logging.getLogger(__name__)
@@ -178,18 +179,6 @@ def _safe_name(name: str) -> str:
 # --- plots (matplotlib imported lazily: the fit itself must not need it) ---------------------------
 
 
-def _figure(width: float, height: float, **margins: float):
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise MpdeployError("plots need matplotlib: pip install matplotlib, or pass --no-plots") from None
-    # A bare Figure renders through Agg without touching pyplot's global backend or state.
-    fig = Figure(figsize=(width, height), dpi=100)
-    # Fixed margins: constrained layout costs ~40% of the render time of these simple plots.
-    fig.subplots_adjust(**margins)
-    return fig
-
-
 def _plot_layer(result: _LayerResult, path: Path) -> None:
     fit, eigs, rec = result.fit, result.eigs, result.record
     assert fit is not None and eigs is not None
@@ -204,7 +193,7 @@ def _plot_layer(result: _LayerResult, path: Path) -> None:
     # Density of all p eigenvalues (like density=True, but off-axis spikes still count in the total).
     weights = np.full(shown.size, 1.0 / (eigs.size * (bins[1] - bins[0])))
 
-    fig = _figure(7, 4.2, left=0.1, right=0.97, bottom=0.12, top=0.86)
+    fig = new_figure(7, 4.2, left=0.1, right=0.97, bottom=0.12, top=0.86)
     ax = fig.add_subplot()
     counts, _ = np.histogram(shown, bins=bins, weights=weights)
     # One stairs artist instead of 60 bar patches: same picture, a fraction of the render time.
@@ -235,7 +224,7 @@ def _plot_layer(result: _LayerResult, path: Path) -> None:
 
 def _plot_summary(records: list[dict[str, Any]], path: Path) -> None:
     fitted = [(i, r) for i, r in enumerate(records) if r["fit"] is not None]
-    fig = _figure(9, 5.5, left=0.09, right=0.98, bottom=0.09, top=0.94, hspace=0.08)
+    fig = new_figure(9, 5.5, left=0.09, right=0.98, bottom=0.09, top=0.94, hspace=0.08)
     top, bottom = fig.subplots(2, 1, sharex=True)
     for kind, color, marker in (("linear", "tab:blue", "o"), ("conv", "tab:green", "s")):
         pts = [(i, r) for i, r in fitted if r["kind"] == kind]

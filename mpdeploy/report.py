@@ -20,6 +20,7 @@ import numpy as np
 from mpdeploy import artifacts
 from mpdeploy.audit.common import pattern_text, runtime_text
 from mpdeploy.errors import MpdeployError
+from mpdeploy.figures import new_figure
 from mpdeploy.kinds import AuditFolder, DistilledFolder, open_weights
 
 logger = logging.getLogger(__name__)
@@ -29,16 +30,6 @@ logger = logging.getLogger(__name__)
 class ReportConfig:
     out: Path = Path("report.md")  # the PNG lands beside it, same stem
     plots: bool = True
-
-
-def _figure(width: float, height: float, **margins: float):
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise MpdeployError("plots need matplotlib: pip install matplotlib, or pass --no-plots") from None
-    fig = Figure(figsize=(width, height), dpi=100)  # Agg, no pyplot global state
-    fig.subplots_adjust(**margins)
-    return fig
 
 
 def _weights_manifests(audit: AuditFolder) -> tuple[dict[str, Any] | None, dict[str, Any]]:
@@ -156,7 +147,7 @@ def render(rows: Sequence[Mapping[str, Any]], png_name: str | None, out_dir: Pat
 
 
 def _plot(rows: Sequence[Mapping[str, Any]], target) -> None:
-    fig = _figure(11, 4.6, left=0.07, right=0.98, bottom=0.12, top=0.9, wspace=0.28)
+    fig = new_figure(11, 4.6, left=0.07, right=0.98, bottom=0.12, top=0.9, wspace=0.28)
     left, right = fig.subplots(1, 2)
     use_top1 = all(r["top1_sparse"] is not None for r in rows)
     metric = "top1_sparse" if use_top1 else "agreement"

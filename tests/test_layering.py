@@ -32,7 +32,7 @@ def _is_stage(module: str) -> bool:
 
 
 LOWER = sorted([*(PACKAGE / "backends").glob("*.py"), PACKAGE / "atomic.py", PACKAGE / "artifacts.py", PACKAGE / "kinds.py",
-                PACKAGE / "weights.py"])
+                PACKAGE / "weights.py", PACKAGE / "figures.py"])
 
 
 @pytest.mark.parametrize("path", LOWER, ids=lambda p: p.relative_to(PACKAGE).as_posix())
@@ -45,7 +45,9 @@ def test_lower_layers_import_no_stage(path):
 
 
 MINE = ["report.py", "atomic.py", "build.py", "stages.py", "engines.py", "kinds.py", "weights.py", "artifacts.py", "cli.py",
-        "audit/stage.py", "audit/engine.py", "backends/base.py", "backends/torch_sparse.py",
+        "audit/stage.py", "audit/engine.py", "audit/config.py", "audit/subject.py", "audit/accuracy.py",
+        "audit/verdict.py", "audit/result.py", "audit/markdown.py", "audit/plots.py", "figures.py", "analyze.py",
+        "backends/base.py", "backends/torch_sparse.py",
         *[f"commands/{p.name}" for p in sorted((PACKAGE / "commands").glob("*.py"))]]
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 import platform
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -24,6 +25,15 @@ CHANCE_SIGMAS = 3.0
 FP32_REL_TOLERANCE = 1e-3
 
 Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class Findings:
+    """What the audit's steps found, in the order they found it: failures decide the verdict, warnings
+    are the report's caveats. One shared record keeps that order the same as the steps'."""
+
+    failures: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 # ---------------------------------------------------------------------------------------------------
 # device and host
@@ -70,7 +80,3 @@ def pattern_text(layers: Sequence[Mapping[str, Any]]) -> str:
     if not counts:
         return "none"
     return " + ".join(f"{p} ({n})" if len(counts) > 1 else p for p, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-
-
-# Old private names, kept for modules that still import them.
-_fmt_pct, _pattern_text, _runtime_text, _cpu_only, _loadavg = fmt_pct, pattern_text, runtime_text, cpu_only, loadavg

@@ -7,9 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-
-
-from mpdeploy.audit.common import _fmt_pct, _runtime_text
+from mpdeploy.audit.common import fmt_pct, runtime_text
 
 logger = logging.getLogger(__name__)
 
@@ -54,42 +52,55 @@ def _timing_text(method: Mapping[str, Any]) -> str:
 
 
 def render_markdown(result: Mapping[str, Any], engine_root: Path) -> str:
+    """audit.md from audit.json's record: headline and failures, then one section per measurement."""
+    plots = set(result.get("plots") or [])
+    lines = [*_headline(result, engine_root), *_setup_section(result), *_latency_section(result, plots),
+             *_accuracy_section(result, plots), *_reference_section(result), *_sensitivity_section(result, plots),
+             *_weights_section(result), *_caveats_section(result), *_thresholds_section(result)]
+    return "\n".join(lines)
+
+
+def _headline(result: Mapping[str, Any], engine_root: Path) -> list[str]:
+    """The verdict, what was compared on what, the headline numbers and the failures."""
     s, acc, lat = result["summary"], result["accuracy"], result["latency"]
     dev = result["device"]
     verdict = "PASS" if result["passed"] else "FAIL"
     lines = [f"# Audit of `{engine_root.name}`: **{verdict}**", ""]
     lines.append(
         f"Sparse engine ({s['pattern']}, budget {s['budget']}, saliency {s['saliency']}) against its dense twin, "
-        f"both on **{_runtime_text(result['backend'], dev['runtime'], dev['host'])}**, "
+        f"both on **{runtime_text(result['backend'], dev['runtime'], dev['host'])}**, "
         f"{result['data']['images']} {result['data']['kind']} images."
     )
     lines.append("")
     if acc is not None:
         if acc.get("top1_dense") is not None:
             err = f" ± {100 * acc['top1_drop_stderr']:.2f}" if acc.get("top1_drop_stderr") is not None else ""
-            lines.append(f"- **Top-1**: dense {_fmt_pct(acc['top1_dense'], 2)} -> sparse {_fmt_pct(acc['top1_sparse'], 2)} "
+            lines.append(f"- **Top-1**: dense {fmt_pct(acc['top1_dense'], 2)} -> sparse {fmt_pct(acc['top1_sparse'], 2)} "
                          f"(drop {100 * acc['top1_drop']:.2f}{err} pts; gate: at most "
                          f"{100 * result['thresholds']['max_top1_drop']:.2f} pts)")
         else:
             lines.append(f"- **Top-1**: not measured: {acc.get('labels_note')}; gate: top-1 disagreement with dense at "
                          f"most {100 * result['thresholds']['max_top1_drop']:.2f} pts")
-        lines.append(f"- **Agreement with dense**: {_fmt_pct(acc['agreement'], 2)} ({acc['disagreements']} of "
-                     f"{acc['images']} images change their top-1); **certified**: {_fmt_pct(acc['certified_fraction'], 1)}")
+        lines.append(f"- **Agreement with dense**: {fmt_pct(acc['agreement'], 2)} ({acc['disagreements']} of "
+                     f"{acc['images']} images change their top-1); **certified**: {fmt_pct(acc['certified_fraction'], 1)}")
     if lat:
         speed = ", ".join(f"batch {b}: {v['ratio_p50']:.2f}x" for b, v in lat.items())
         gate = result["thresholds"]["min_speedup"]
         lines.append(f"- **Speedup** (dense p50 / sparse p50): {speed} "
                      f"({'gate: at least ' + format(gate, 'g') + 'x at the largest batch' if gate else 'no speed gate'})")
     if s.get("mac_reduction") is not None:
-        lines.append(f"- **MAC reduction**: {_fmt_pct(s['mac_reduction'])} (runs sparse on 2:4 hardware: "
-                     f"{_fmt_pct(s['sparse_execution_mac_reduction'])})")
+        lines.append(f"- **MAC reduction**: {fmt_pct(s['mac_reduction'])} (runs sparse on 2:4 hardware: "
+                     f"{fmt_pct(s['sparse_execution_mac_reduction'])})")
     lines.append("")
     if result["failures"]:
         lines += ["**Failures:**", ""] + [f"- {f}" for f in result["failures"]] + [""]
-    plots = set(result.get("plots") or [])
+    return lines
 
-    lines += ["## What was measured, where", "", "| | |", "|---|---|"]
-    host = dev["host"]
+
+def _setup_section(result: Mapping[str, Any]) -> list[str]:
+    """Engine files, backend, runtime, host, load, data, timing method, when."""
+    dev, host = result["device"], result["device"]["host"]
+    lines = ["## What was measured, where", "", "| | |", "|---|---|"]
     rows = [
         ("engine folder", f"`{result['engine']['folder']}/` ({result['engine']['files']['sparse']}, "
                           f"{result['engine']['files']['dense']}), precision {result['engine']['precision']}"),
@@ -102,88 +113,111 @@ def render_markdown(result: Mapping[str, Any], engine_root: Path) -> str:
         ("timing", _timing_text(result["latency_method"])),
         ("when", f"{result['started']} ({result['seconds']} s)"),
     ]
-    lines += [f"| {k} | {v} |" for k, v in rows] + [""]
+    return lines + [f"| {k} | {v} |" for k, v in rows] + [""]
 
-    if lat:
-        lines += ["## Latency", "",
-                  "| batch | dense p50 / p90 / p99 ms | sparse p50 / p90 / p99 ms | dense img/s | sparse img/s | "
-                  "speedup p50 | per-round p10-p90 | 95% interval | rounds x calls (stopped on) |",
-                  "|---:|---|---|---:|---:|---:|---|---|---|"]
-        for b, v in lat.items():
-            d, sp, r = v["dense"], v["sparse"], v["ratio_spread"]
-            lines.append(f"| {b} | {_ms(d['p50'])} / {_ms(d['p90'])} / {_ms(d['p99'])} | {_ms(sp['p50'])} / "
-                         f"{_ms(sp['p90'])} / {_ms(sp['p99'])} | {d['throughput_img_s']:.0f} | "
-                         f"{sp['throughput_img_s']:.0f} | **{v['ratio_p50']:.3f}x** | {r['p10']:.3f}-{r['p90']:.3f} | "
-                         f"{_interval_text(v.get('ratio_interval'))} | {r['rounds']} x {v.get('calls_per_round', '?')} calls "
-                         f"({v.get('stopped', 'fixed')}) |")
-        lines += ["", "Each p-value is over the rounds' calls of that batch size (rounds x calls per round); "
-                  "throughput is batch / mean call time; speedup > 1 means the sparse engine is faster. The interval "
-                  "is a t-interval on the log of the per-round ratios; rounds stop on the tolerance, the time "
-                  "budget, or the maximum.", ""]
-        if "latency.png" in plots:
-            lines += ["![latency: dense vs sparse per batch size](latency.png)", ""]
 
-    if acc is not None:
-        lines += ["## Accuracy", "", "| metric | dense | sparse | difference |", "|---|---:|---:|---:|"]
-        for k in (1, 5):
-            if acc.get(f"top{k}_dense") is not None:
-                lines.append(f"| top-{k} | {_fmt_pct(acc[f'top{k}_dense'], 2)} | {_fmt_pct(acc[f'top{k}_sparse'], 2)} | "
-                             f"{-100 * acc[f'top{k}_drop']:+.2f} pts |")
-        lines.append(f"| top-1 agreement with dense | | {_fmt_pct(acc['agreement'], 2)} | {acc['disagreements']} images differ |")
-        lines.append(f"| certified (m > 2d) | | {_fmt_pct(acc['certified_fraction'], 2)} | {acc['certified']} of {acc['images']} |")
-        lines.append(f"| logit error max / mean abs | | {acc['max_logit_error']:.4g} / {acc['mean_logit_error']:.4g} | "
-                     f"dense mean abs logit {acc['dense_logit_scale']:.3g} |")
-        lines.append("")
-        if "accuracy.png" in plots:
-            lines += ["![accuracy and agreement](accuracy.png)", ""]
-        lines += ["### Certified fraction", "",
-                  "For each image, m is the dense engine's top-1 margin (largest minus second-largest logit) and "
-                  "d = max |z_sparse - z_dense| over the logits. A perturbation of size d can shrink the margin by at "
-                  "most 2d, so an image with m > 2d provably keeps its dense prediction. The certified fraction is a "
-                  "lower bound on agreement that does not depend on labels. Median margin "
-                  f"{acc['margin_quantiles']['p50']:.3g}, median d {acc['perturbation_quantiles']['p50']:.3g}.", ""]
-        if "certified.png" in plots:
-            lines += ["![certified fraction: margins vs perturbations](certified.png)", ""]
+def _latency_section(result: Mapping[str, Any], plots: set[str]) -> list[str]:
+    lat = result["latency"]
+    if not lat:
+        return []
+    lines = ["## Latency", "",
+             "| batch | dense p50 / p90 / p99 ms | sparse p50 / p90 / p99 ms | dense img/s | sparse img/s | "
+             "speedup p50 | per-round p10-p90 | 95% interval | rounds x calls (stopped on) |",
+             "|---:|---|---|---:|---:|---:|---|---|---|"]
+    for b, v in lat.items():
+        d, sp, r = v["dense"], v["sparse"], v["ratio_spread"]
+        lines.append(f"| {b} | {_ms(d['p50'])} / {_ms(d['p90'])} / {_ms(d['p99'])} | {_ms(sp['p50'])} / "
+                     f"{_ms(sp['p90'])} / {_ms(sp['p99'])} | {d['throughput_img_s']:.0f} | "
+                     f"{sp['throughput_img_s']:.0f} | **{v['ratio_p50']:.3f}x** | {r['p10']:.3f}-{r['p90']:.3f} | "
+                     f"{_interval_text(v.get('ratio_interval'))} | {r['rounds']} x {v.get('calls_per_round', '?')} calls "
+                     f"({v.get('stopped', 'fixed')}) |")
+    lines += ["", "Each p-value is over the rounds' calls of that batch size (rounds x calls per round); "
+              "throughput is batch / mean call time; speedup > 1 means the sparse engine is faster. The interval "
+              "is a t-interval on the log of the per-round ratios; rounds stop on the tolerance, the time "
+              "budget, or the maximum.", ""]
+    if "latency.png" in plots:
+        lines += ["![latency: dense vs sparse per batch size](latency.png)", ""]
+    return lines
 
+
+def _accuracy_section(result: Mapping[str, Any], plots: set[str]) -> list[str]:
+    """Top-1 / top-5 / agreement / certified / logit error, and what the certified fraction means."""
+    acc = result["accuracy"]
+    if acc is None:
+        return []
+    lines = ["## Accuracy", "", "| metric | dense | sparse | difference |", "|---|---:|---:|---:|"]
+    for k in (1, 5):
+        if acc.get(f"top{k}_dense") is not None:
+            lines.append(f"| top-{k} | {fmt_pct(acc[f'top{k}_dense'], 2)} | {fmt_pct(acc[f'top{k}_sparse'], 2)} | "
+                         f"{-100 * acc[f'top{k}_drop']:+.2f} pts |")
+    lines.append(f"| top-1 agreement with dense | | {fmt_pct(acc['agreement'], 2)} | {acc['disagreements']} images differ |")
+    lines.append(f"| certified (m > 2d) | | {fmt_pct(acc['certified_fraction'], 2)} | {acc['certified']} of {acc['images']} |")
+    lines.append(f"| logit error max / mean abs | | {acc['max_logit_error']:.4g} / {acc['mean_logit_error']:.4g} | "
+                 f"dense mean abs logit {acc['dense_logit_scale']:.3g} |")
+    lines.append("")
+    if "accuracy.png" in plots:
+        lines += ["![accuracy and agreement](accuracy.png)", ""]
+    lines += ["### Certified fraction", "",
+              "For each image, m is the dense engine's top-1 margin (largest minus second-largest logit) and "
+              "d = max |z_sparse - z_dense| over the logits. A perturbation of size d can shrink the margin by at "
+              "most 2d, so an image with m > 2d provably keeps its dense prediction. The certified fraction is a "
+              "lower bound on agreement that does not depend on labels. Median margin "
+              f"{acc['margin_quantiles']['p50']:.3g}, median d {acc['perturbation_quantiles']['p50']:.3g}.", ""]
+    if "certified.png" in plots:
+        lines += ["![certified fraction: margins vs perturbations](certified.png)", ""]
+    return lines
+
+
+def _reference_section(result: Mapping[str, Any]) -> list[str]:
     ref = result.get("engine_vs_pytorch")
-    if ref:
-        lines += ["### Engines vs the pruned PyTorch model", "",
-                  f"On {ref['images']} images: sparse engine max |diff| {ref['sparse']['max_abs_diff']:.3g} "
-                  f"(relative {ref['sparse']['relative']:.2g}), dense engine {ref['dense']['max_abs_diff']:.3g} "
-                  f"(relative {ref['dense']['relative']:.2g}). Small values mean the engines compute the pruned "
-                  "artifact's functions; reduced precision (fp16/int8) legitimately raises them.", ""]
+    if not ref:
+        return []
+    return ["### Engines vs the pruned PyTorch model", "",
+            f"On {ref['images']} images: sparse engine max |diff| {ref['sparse']['max_abs_diff']:.3g} "
+            f"(relative {ref['sparse']['relative']:.2g}), dense engine {ref['dense']['max_abs_diff']:.3g} "
+            f"(relative {ref['dense']['relative']:.2g}). Small values mean the engines compute the pruned "
+            "artifact's functions; reduced precision (fp16/int8) legitimately raises them.", ""]
 
+
+def _sensitivity_section(result: Mapping[str, Any], plots: set[str]) -> list[str]:
+    """How the per-layer map was measured, then the 12 most sensitive layers."""
     sens = result.get("sensitivity_summary")
-    if sens and result["sensitivity"]:
-        lines += ["## Per-layer sensitivity", "",
-                  f"The dense model in PyTorch with only one layer's mask applied, on {sens['images']} images"
-                  + (f" ({sens['layers_measured']} of {sens['layers_pruned']} pruned layers, spread over the depth; "
-                     f"stopped on: {sens['stopped']})" if sens.get("layers_pruned", 0) > sens.get("layers_measured", 0)
-                     else "") + ". "
-                  "Effect = mean over images of max |z - z_dense| (the certificate's d, for that layer alone); "
-                  "relative L2 = mean ||z - z_dense|| / ||z_dense||; flips = share of images whose top-1 changes. "
-                  "The MP signal is the layer's bulk fraction from the pruned manifest (higher = more noise-like, "
-                  "expected to be safer to prune; a negative Spearman correlation means the signal ranks layers "
-                  "the way the logits do). "
-                  f"Spearman(signal, effect) = {'n/a' if sens['spearman_signal_vs_effect'] is None else format(sens['spearman_signal_vs_effect'], '+.2f')}; "
-                  f"all masks together: effect {sens['all_layers']['logit_effect']:.3g}, flips "
-                  f"{_fmt_pct(sens['all_layers']['flips'])} (sum of single effects {sens['sum_of_single_effects']:.3g}).",
-                  "", "| layer | pattern | MP signal | z | effect | relative L2 | flips |", "|---|---|---:|---:|---:|---:|---:|"]
-        ranked = sorted(result["sensitivity"], key=lambda r: -r["logit_effect"])
-        for r in ranked[:12]:
-            sig = "n/a" if r["signal"] is None else f"{r['signal']:.3f}"
-            # The uniform budget standardizes nothing: its z of 0 would read as "average".
-            z = "n/a" if r["z"] is None or s.get("budget") != "mp" else f"{r['z']:+.2f}"
-            lines.append(f"| `{r['layer']}` | {r['pattern']} | {sig} | {z} | {r['logit_effect']:.3g} | "
-                         f"{r['relative_l2']:.3g} | {_fmt_pct(r['flips'])} |")
-        if len(ranked) > 12:
-            lines.append(f"| ... {len(ranked) - 12} more in audit.json | | | | | | |")
-        lines.append("")
-        if "sensitivity.png" in plots:
-            lines += ["![per-layer sensitivity vs MP signal](sensitivity.png)", ""]
+    if not (sens and result["sensitivity"]):
+        return []
+    rho = sens["spearman_signal_vs_effect"]
+    lines = ["## Per-layer sensitivity", "",
+             f"The dense model in PyTorch with only one layer's mask applied, on {sens['images']} images"
+             + (f" ({sens['layers_measured']} of {sens['layers_pruned']} pruned layers, spread over the depth; "
+                f"stopped on: {sens['stopped']})" if sens.get("layers_pruned", 0) > sens.get("layers_measured", 0)
+                else "") + ". "
+             "Effect = mean over images of max |z - z_dense| (the certificate's d, for that layer alone); "
+             "relative L2 = mean ||z - z_dense|| / ||z_dense||; flips = share of images whose top-1 changes. "
+             "The MP signal is the layer's bulk fraction from the pruned manifest (higher = more noise-like, "
+             "expected to be safer to prune; a negative Spearman correlation means the signal ranks layers "
+             "the way the logits do). "
+             f"Spearman(signal, effect) = {'n/a' if rho is None else format(rho, '+.2f')}; "
+             f"all masks together: effect {sens['all_layers']['logit_effect']:.3g}, flips "
+             f"{fmt_pct(sens['all_layers']['flips'])} (sum of single effects {sens['sum_of_single_effects']:.3g}).",
+             "", "| layer | pattern | MP signal | z | effect | relative L2 | flips |", "|---|---|---:|---:|---:|---:|---:|"]
+    ranked = sorted(result["sensitivity"], key=lambda r: -r["logit_effect"])
+    budget = result["summary"].get("budget")
+    for r in ranked[:12]:
+        sig = "n/a" if r["signal"] is None else f"{r['signal']:.3f}"
+        # The uniform budget standardizes nothing: its z of 0 would read as "average".
+        z = "n/a" if r["z"] is None or budget != "mp" else f"{r['z']:+.2f}"
+        lines.append(f"| `{r['layer']}` | {r['pattern']} | {sig} | {z} | {r['logit_effect']:.3g} | "
+                     f"{r['relative_l2']:.3g} | {fmt_pct(r['flips'])} |")
+    if len(ranked) > 12:
+        lines.append(f"| ... {len(ranked) - 12} more in audit.json | | | | | | |")
+    lines.append("")
+    if "sensitivity.png" in plots:
+        lines += ["![per-layer sensitivity vs MP signal](sensitivity.png)", ""]
+    return lines
 
+
+def _weights_section(result: Mapping[str, Any]) -> list[str]:
     w = result.get("weights")
-    lines += ["## Sparse weights in the engine", ""]
+    lines = ["## Sparse weights in the engine", ""]
     if w:
         lines.append(f"Checked {w['checked']} pruned layers in `{Path(w['source']).name}` ({w['note']}): "
                      f"{w['ok']} are N:M along their reduction axis"
@@ -195,13 +229,22 @@ def render_markdown(result: Mapping[str, Any], engine_root: Path) -> str:
     else:
         lines.append("Not checked (see caveats).")
     lines.append("")
-    if result["warnings"]:
-        lines += ["## Caveats", ""] + [f"- {x}" for x in result["warnings"]] + [""]
+    return lines
+
+
+def _caveats_section(result: Mapping[str, Any]) -> list[str]:
+    if not result["warnings"]:
+        return []
+    return ["## Caveats", ""] + [f"- {x}" for x in result["warnings"]] + [""]
+
+
+def _thresholds_section(result: Mapping[str, Any]) -> list[str]:
     t = result["thresholds"]
-    lines += ["## Thresholds", "",
-              f"- accuracy gate: {t['accuracy_gate']['metric']} at most {100 * t['max_top1_drop']:.2f} pts "
-              "(top-1 drop when the labels fit the model, else top-1 disagreement with dense)",
-              f"- speed gate: {'none' if t['min_speedup'] is None else format(t['min_speedup'], 'g') + 'x dense p50 / sparse p50 at the largest batch'}",
-              "- always: every pruned layer N:M in the engine weights; outputs of the right shape, finite",
-              "", "Machine-readable: `audit.json` (schema mpdeploy.audit/1).", ""]
-    return "\n".join(lines)
+    speed = ("none" if t["min_speedup"] is None
+             else format(t["min_speedup"], "g") + "x dense p50 / sparse p50 at the largest batch")
+    return ["## Thresholds", "",
+            f"- accuracy gate: {t['accuracy_gate']['metric']} at most {100 * t['max_top1_drop']:.2f} pts "
+            "(top-1 drop when the labels fit the model, else top-1 disagreement with dense)",
+            f"- speed gate: {speed}",
+            "- always: every pruned layer N:M in the engine weights; outputs of the right shape, finite",
+            "", "Machine-readable: `audit.json` (schema mpdeploy.audit/1).", ""]

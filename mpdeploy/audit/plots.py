@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from mpdeploy.errors import MpdeployError
+from mpdeploy.figures import new_figure
 
-from mpdeploy.audit.common import _runtime_text
+from mpdeploy.audit.common import runtime_text
 from mpdeploy.audit.metrics import dense_margins, logit_distance
 
 logger = logging.getLogger(__name__)
@@ -19,15 +19,6 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------------
 # plots
 
-
-def _figure(width: float, height: float, **margins: float):
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise MpdeployError("plots need matplotlib: pip install matplotlib, or pass --no-plots") from None
-    fig = Figure(figsize=(width, height), dpi=100)  # Agg, no pyplot global state
-    fig.subplots_adjust(**margins)
-    return fig
 
 SCATTER_POINTS = 10_000
 
@@ -59,7 +50,7 @@ def _plot_latency(result: Mapping[str, Any], path: Path) -> None:
     lat = result["latency"]
     batches = list(lat)
     xs = np.arange(len(batches))
-    fig = _figure(10, 4.2, left=0.07, right=0.98, bottom=0.14, top=0.86, wspace=0.25)
+    fig = new_figure(10, 4.2, left=0.07, right=0.98, bottom=0.14, top=0.86, wspace=0.25)
     left, right = fig.subplots(1, 2)
     width = 0.38
     for offset, name, color in ((-width / 2, "dense", "tab:gray"), (width / 2, "sparse", "tab:blue")):
@@ -90,14 +81,14 @@ def _plot_latency(result: Mapping[str, Any], path: Path) -> None:
     right.set_title("sparse speedup")
     right.legend(fontsize=8, loc="best")
     right.grid(axis="y", alpha=0.3)
-    dev = _runtime_text(result["backend"], result["device"]["runtime"], result["device"]["host"])
+    dev = runtime_text(result["backend"], result["device"]["runtime"], result["device"]["host"])
     fig.suptitle(f"{result['summary']['model']}: dense vs sparse on {dev}", fontsize=10)
     fig.savefig(path)
 
 
 def _plot_accuracy(result: Mapping[str, Any], path: Path) -> None:
     acc = result["accuracy"]
-    fig = _figure(8, 4.2, left=0.09, right=0.98, bottom=0.14, top=0.88)
+    fig = new_figure(8, 4.2, left=0.09, right=0.98, bottom=0.14, top=0.88)
     ax = fig.add_subplot()
     names, dense, sparse = [], [], []
     for k in (1, 5):
@@ -143,7 +134,7 @@ def _plot_certified(samples: Mapping[str, np.ndarray], path: Path) -> None:
     floor = 1e-6
     m, t = np.maximum(margins, floor), np.maximum(two_d, floor)
     certified = margins > two_d
-    fig = _figure(10, 4.2, left=0.07, right=0.98, bottom=0.13, top=0.86, wspace=0.25)
+    fig = new_figure(10, 4.2, left=0.07, right=0.98, bottom=0.13, top=0.86, wspace=0.25)
     left, right = fig.subplots(1, 2)
     lo = min(m.min(), t.min())
     hi = max(m.max(), t.max())
@@ -184,7 +175,7 @@ def _short(name: str) -> str:
 
 def _plot_sensitivity(result: Mapping[str, Any], path: Path) -> None:
     recs = result["sensitivity"]
-    fig = _figure(9, 5, left=0.12, right=0.98, bottom=0.11, top=0.9)
+    fig = new_figure(9, 5, left=0.12, right=0.98, bottom=0.11, top=0.9)
     ax = fig.add_subplot()
     with_signal = [r for r in recs if r["signal"] is not None]
     positive = [r["logit_effect"] for r in with_signal if r["logit_effect"] > 0]
