@@ -10,7 +10,10 @@ batches held out). Rows (all through `mpdeploy.prune.prune_model`, seed 0):
 - uniform 2:4 with each registered saliency (magnitude, wanda, block-cost, sparsegpt, auto);
 - the budgets (mp, damage) at 90% of uniform 2:4's sparse-execution MAC reduction, patterns 2:4 + 1:4
   (uniform 2:4 is already the largest sparse-execution cut: 1:4 runs at 2:4 speed);
-- + restore (the OBS refit) on the default saliency.
+- the budgets also on the measured per-layer logit effect (`sensitivity`, `mp-sensitivity`);
+- + restore (the OBS refit) on the default saliency;
+- after `--distill-epochs` (default 3) of distillation on the digits training split: uniform magnitude,
+  uniform with the default saliency, and mp with the default saliency (what `build --sparse --calib` runs).
 
 ModelOpt (`nvidia-modelopt`) rows: only if it imports in the benchmark's own venv (--modelopt-python);
 otherwise the result says "not measured here" and why. Writes benchmarks/results/method_table[_smoke].json/.md.
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +40,9 @@ from mpdeploy.saliency import DEFAULT_CALIB_SALIENCY, list_saliencies  # noqa: E
 from mpdeploy.zoo import digits_top1, load_zoo_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# mp / damage: weight-space damage (with / without the MP signal); sensitivity / mp-sensitivity: the same
+# walks on the measured per-layer logit effect.
+BUDGETS = ("mp", "damage", "sensitivity", "mp-sensitivity")
 EXTRA = {
     "vit6x128": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "in_chans": 1, "num_classes": 10,
                                           "depth": 6, "embed_dim": 128, "num_heads": 4}, 2e-3, 0.05, 30),
@@ -84,6 +91,37 @@ def run_row(loaded_fn, config: PruneConfig) -> dict:
             "auto_choices": {c: chosen.count(c) for c in sorted(set(chosen))} or None}
 
 
+def distill_rows(base: PruneConfig, target: float) -> list[tuple[str, PruneConfig]]:
+    """The rows distilled after pruning: the magnitude baseline, the default saliency, and `build
+    --sparse --calib`'s default (mp budget + default saliency) at the budgets' target."""
+    return [("uniform magnitude", base),
+            (f"uniform {DEFAULT_CALIB_SALIENCY}", replace(base, saliency=DEFAULT_CALIB_SALIENCY)),
+            (f"mp {DEFAULT_CALIB_SALIENCY} (2:4+1:4, target {100 * target:.1f}% sparse-exec)",
+             replace(base, budget="mp", saliency=DEFAULT_CALIB_SALIENCY, extra_patterns=("1:4",),
+                     target_mac_reduction=target))]
+
+
+def distill_row(loaded_fn, config: PruneConfig, epochs: int, work: Path) -> dict:
+    """Prune to an artifact, distill it `epochs` epochs on the digits training split (the default
+    DistillConfig otherwise), and read top-1 before / after from the distilled manifest."""
+    from mpdeploy import artifacts
+    from mpdeploy.distill import DistillConfig, distill
+    from mpdeploy.prune import prune
+
+    loaded = loaded_fn()
+    work.mkdir(parents=True, exist_ok=True)
+    slug = f"{config.budget}-{config.saliency}-{len(list(work.iterdir()))}"
+    pruned = prune(loaded, config, work / f"{slug}-pruned")
+    t0 = time.perf_counter()
+    out = distill(pruned, DistillConfig(epochs=epochs), work / f"{slug}-distilled")
+    record = artifacts.read_manifest(out, "distilled")["distill"]
+    totals = artifacts.read_manifest(pruned, "pruned")["totals"]
+    return {"top1": round(record["top1_after"], 2), "top1_before_distill": round(record["top1_before"], 2),
+            "sparse_execution_mac_reduction": round(totals["sparse_execution_mac_reduction"], 4),
+            "distill_wall_s": round(time.perf_counter() - t0, 1),
+            "distill_settings": {k: record["config"]["resolved"][k] for k in ("optimizer", "lr", "batch_size")}}
+
+
 def column_norm_diagnosis(loaded: LoadedModel) -> dict:
     """Why Wanda can lose: per prunable layer, how uneven the input column norms ||X_j|| are (max /
     median, share of the squared norm in the top 2% of columns) and how correlated the input columns
@@ -127,15 +165,20 @@ def main() -> None:
     parser.add_argument("--models", default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/mpdeploy_method_table"))
+    parser.add_argument("--distill-epochs", type=int, default=None,
+                        help="distillation epochs for the distilled rows (default 3; 1 with --smoke; 0: none)")
     parser.add_argument("--modelopt-python", default=None, help="python of a venv with nvidia-modelopt")
     parser.add_argument("--out", type=Path, default=None,
                         help="result JSON; the .md lands beside it (default: benchmarks/results/method_table[_smoke].json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.distill_epochs is None:
+        args.distill_epochs = 1 if args.smoke else 3
     models = args.models.split(",") if args.models else (["digits_vit", "digits_cnn"] if args.smoke else
                                                           ["digits_vit", "digits_cnn", "vit6x128", "resnet18_1ch"])
     saliencies = [s for s in list_saliencies() if not (args.smoke and s == "block-cost")]
     base = PruneConfig(calib="digits", budget="uniform", saliency="magnitude")
+    work = Path(tempfile.mkdtemp(prefix="method_table-"))
     table: dict[str, dict] = {}
     diagnosis: dict[str, dict] = {}
     for name in models:
@@ -153,12 +196,16 @@ def main() -> None:
         # Under sparse-execution accounting uniform 2:4 is already the largest cut (1:4 runs at 2:4 speed),
         # so budgets are compared at 90% of it: which tenth of the prunable MACs stays dense.
         target = round(0.9 * rows["uniform magnitude"]["sparse_execution_mac_reduction"], 4)
-        for budget in ("mp", "damage"):
+        for budget in BUDGETS:
             for sal in ("magnitude", DEFAULT_CALIB_SALIENCY):
                 cfg = replace(base, budget=budget, saliency=sal, extra_patterns=("1:4",), target_mac_reduction=target)
                 rows[f"{budget} {sal} (2:4+1:4, target {100 * target:.1f}% sparse-exec)"] = run_row(fresh, cfg)
                 print(name, budget, sal, rows[f"{budget} {sal} (2:4+1:4, target {100 * target:.1f}% sparse-exec)"], flush=True)
         rows[f"uniform {DEFAULT_CALIB_SALIENCY} + restore"] = run_row(fresh, replace(base, saliency=DEFAULT_CALIB_SALIENCY, restore=True))
+        if args.distill_epochs:
+            for label, cfg in distill_rows(base, target):
+                rows[f"{label}, {args.distill_epochs} distill epochs"] = distill_row(fresh, cfg, args.distill_epochs, work / name)
+                print(name, label, rows[f"{label}, {args.distill_epochs} distill epochs"], flush=True)
         table[name] = rows
         diagnosis[name] = column_norm_diagnosis(fresh())
         print(name, json.dumps(rows, indent=1), flush=True)

@@ -9,6 +9,9 @@ from `list_budgets()`. Built in:
   damage is the share of squared saliency the mask removes. Starting from all-dense, the cheapest
   MAC saving per unit cost is taken greedily until the global MAC-reduction target is met.
 - `damage`: the same greedy walk with every w_l = 1 (damage alone, no MP signal).
+- `sensitivity` / `mp-sensitivity`: the `damage` / `mp` walks with each option's damage measured on
+  the outputs instead (relative squared logit error with that layer alone pruned, on calibration
+  images; mpdeploy.logit_damage).
 
 The target is a sparse-execution MAC reduction when any allowed pattern runs on 2:4 sparse tensor
 cores (a layer is then either dense or 2:4-speed: 1:4 saves no more time than 2:4, so it is chosen
@@ -167,17 +170,23 @@ class BudgetSpec:
     name: str
     fn: BudgetFn  # (candidates, total MACs, target or None, main pattern) -> (assignments, target used)
     help: str
+    # "weights": option damage = the saliency's removed share; "logits": measured on the outputs
+    # (mpdeploy.logit_damage), which needs calibration data.
+    damage: str = "weights"
 
 
 _BUDGETS: dict[str, BudgetSpec] = {}
 
 
-def register_budget(name: str, help: str = ""):
+def register_budget(name: str, help: str = "", damage: str = "weights"):
     """Decorator: register fn(candidates, total_macs, target, pattern) -> (assignments, target)."""
+    if damage not in ("weights", "logits"):
+        raise ValueError(f"budget damage must be 'weights' or 'logits', not {damage!r}")
+
     def decorate(fn: BudgetFn) -> BudgetFn:
         if name in _BUDGETS:
             raise ValueError(f"budget {name!r} is already registered")
-        _BUDGETS[name] = BudgetSpec(name, fn, help or (fn.__doc__ or "").strip())
+        _BUDGETS[name] = BudgetSpec(name, fn, help or (fn.__doc__ or "").strip(), damage)
         return fn
     return decorate
 
@@ -205,3 +214,15 @@ def budget_mp(candidates, total_macs, target, pattern):
 @register_budget("damage", help="greedy damage per MAC saved, to the MAC target (no MP signal)")
 def budget_damage(candidates, total_macs, target, pattern):
     return assign_mp(candidates, total_macs, target, use_signal=False)
+
+
+@register_budget("sensitivity", damage="logits",
+                 help="greedy measured logit effect per MAC saved, to the MAC target (needs --calib)")
+def budget_sensitivity(candidates, total_macs, target, pattern):
+    return assign_mp(candidates, total_macs, target, use_signal=False)
+
+
+@register_budget("mp-sensitivity", damage="logits",
+                 help="greedy measured logit effect / MP-signal weight per MAC saved (needs --calib)")
+def budget_mp_sensitivity(candidates, total_macs, target, pattern):
+    return assign_mp(candidates, total_macs, target)

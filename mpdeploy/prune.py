@@ -56,9 +56,10 @@ class PruneConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", parse_pattern(self.pattern))
         object.__setattr__(self, "extra_patterns", tuple(parse_pattern(p) for p in self.extra_patterns))
-        get_budget(self.budget)
-        if (get_saliency(self.saliency).needs_calib or self.restore) and not self.calib:
-            need = "--restore" if self.restore else f"saliency {self.saliency!r}"
+        measured = get_budget(self.budget).damage == "logits"
+        if (get_saliency(self.saliency).needs_calib or self.restore or measured) and not self.calib:
+            need = ("--restore" if self.restore else f"budget {self.budget!r}" if measured
+                    else f"saliency {self.saliency!r}")
             raise MpdeployError(f"{need} needs calibration data; pass --calib DIR|digits|synthetic")
         if self.calib_batches < 1 or self.calib_batch_size < 1:
             raise MpdeployError("--calib-batches and --calib-batch-size must be at least 1")

@@ -55,3 +55,46 @@ def test_damage_budget_ignores_the_signal():
     total = sum(c.macs for c in cands)
     damage, _ = get_budget("damage").fn(cands, total, 0.3, NM(2, 4))
     assert all(a.weight == 1.0 and a.z == 0.0 for a in damage.values())
+
+
+def _two_layer_net():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16, bias=False), nn.ReLU(), nn.Linear(16, 16, bias=False)).eval()
+
+
+def test_logit_damage_is_the_measured_output_error_of_each_option_alone():
+    import torch
+
+    from mpdeploy.logit_damage import logit_damage
+    from mpdeploy.saliency import MaskChoice, compute_mask
+
+    net = _two_layer_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    choices = {(f"{i}", NM(2, 4)): MaskChoice(compute_mask(net[i].weight, NM(2, 4), "magnitude")) for i in (0, 2)}
+    cands = [Candidate(f"{i}", 256, None, ((NM(2, 4), 0.5),)) for i in (0, 2)]
+    measured = logit_damage(net, cands, choices, [x[:16], x[16:]])
+    # Known answer: prune one layer by hand, relative squared logit error.
+    with torch.no_grad():
+        ref = net(x)
+        for i, cand in zip((0, 2), measured, strict=True):
+            w = net[i].weight.clone()
+            net[i].weight.mul_(choices[(f"{i}", NM(2, 4))].mask)
+            expected = float(((net(x) - ref) ** 2).sum() / (ref ** 2).sum())
+            net[i].weight.copy_(w)
+            assert cand.options[0][1] == pytest.approx(expected, rel=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the model is left as it was
+    with pytest.raises(MpdeployError, match="need calibration data"):
+        logit_damage(net, cands, choices, [])
+
+
+def test_sensitivity_budgets_are_registered_as_measured_and_need_calibration():
+    from mpdeploy.prune import PruneConfig
+
+    assert get_budget("sensitivity").damage == "logits" and get_budget("mp-sensitivity").damage == "logits"
+    assert get_budget("mp").damage == "weights"
+    with pytest.raises(MpdeployError, match="--calib"):
+        PruneConfig(budget="sensitivity")

@@ -31,7 +31,8 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     # Names come from the budget / saliency registries, checked when the config is made: importing the
     # registries here would pull torch into `--help`. An unknown name gets one line listing the registered ones.
     g.add_argument("--budget", default="mp",
-                   help="layerwise budget from mpdeploy.budgets' registry: mp (default), damage, uniform")
+                   help="layerwise budget from mpdeploy.budgets' registry: mp (default), damage, uniform, "
+                        "sensitivity, mp-sensitivity (these two measure each layer's effect on the outputs: need --calib)")
     g.add_argument("--saliency", default=None,
                    help="what to keep in each group, from mpdeploy.saliency's registry: magnitude, wanda, block-cost, "
                         "sparsegpt, auto (default: auto with --calib, else magnitude)")
