@@ -140,6 +140,40 @@ def prune_model(loaded: LoadedModel, config: PruneConfig, progress: Progress | N
     model = loaded.module.eval()
     step = progress or (lambda stage, done, total: None)
     dense_macs = count_macs(model, loaded.input_shape)
+    extra = _merge_tokens(model, config)
+    macs = count_macs(model, loaded.input_shape)
+    layers, eligible, reasons = _prunable_layers(model, loaded.name, config)
+    fits = _fit_signals(model, layers, step)
+    calib, held, calib_info, stats, permutation_report = _calibrate_and_permute(model, loaded, config, eligible, step)
+    dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    candidates, layer_masks = _candidates(model, eligible, config, stats, macs, fits, step)
+    total = sum(macs.values())
+    assignment, target = get_budget(config.budget).fn(candidates, total, config.target_mac_reduction, config.pattern)
+    stats.clear()  # full covariances can be large: free them before restore
+    masks, chosen_by = _apply_assignment(model, eligible, assignment, layer_masks, reasons)
+
+    restore_report: dict[str, Any] = {}
+    if config.restore:
+        from mpdeploy.restore import restore_layers
+
+        restore_report = restore_layers(model, masks, calib, held, dense_state=dense_state)
+        step("restore", 1, 1)
+    _check_patterns(model, eligible, masks, assignment)
+
+    records = [
+        _layer_record(layer, assignment.get(layer.name), fits[layer.name], macs.get(layer.name, 0), reasons[layer.name],
+                      _options(candidates, layer.name), chosen_by.get(layer.name),
+                      permutation_report.get(layer.name), restore_report.get(layer.name))
+        for layer in layers
+    ]
+    totals = _totals(records, macs, dense_macs, target)
+    extra.update({"calibration": calib_info, "budget_target": target})
+    return PruneResult(model, masks, records, totals, {**extra, "dense_state": dense_state})
+
+
+def _merge_tokens(model: nn.Module, config: PruneConfig) -> dict[str, Any]:
+    """Apply the ToMe schedule, if any; returns the manifest's `tome` entry ({} without merging)."""
     tome = _tome_schedule(config.tome)
     extra: dict[str, Any] = {}
     if _has_tome(tome):
@@ -147,24 +181,40 @@ def prune_model(loaded: LoadedModel, config: PruneConfig, progress: Progress | N
 
         apply_tome(model, tome)
         extra["tome"] = {"r": list(getattr(model, "_tome_r", [])) or tome}
-    macs = count_macs(model, loaded.input_shape)
+    return extra
 
+
+def _prunable_layers(model: nn.Module, model_name: str,
+                     config: PruneConfig) -> tuple[list[LayerInfo], list[LayerInfo], dict[str, str | None]]:
+    """(all layers, those that can take the pattern, {name: why skipped or None}); refuses a model with none."""
     layers = find_layers(model)
     if not layers:
         raise MpdeployError(
-            f"{loaded.name} has no nn.Linear / nn.Conv2d layers to prune (in TorchScript / .pt2 programs, only "
+            f"{model_name} has no nn.Linear / nn.Conv2d layers to prune (in TorchScript / .pt2 programs, only "
             "aten.linear / aten.conv2d on a weight are); pass a timm name or a state_dict with --arch"
         )
     reasons = {layer.name: skip_reason(layer, config.pattern, config.include_head) for layer in layers}
     eligible = [layer for layer in layers if reasons[layer.name] is None]
     if not eligible:
-        raise MpdeployError(f"no layer of {loaded.name} can take pattern {config.pattern}; see `mpdeploy analyze`")
+        raise MpdeployError(f"no layer of {model_name} can take pattern {config.pattern}; see `mpdeploy analyze`")
+    return layers, eligible, reasons
 
+
+def _fit_signals(model: nn.Module, layers: list[LayerInfo],
+                 step: Progress) -> dict[str, tuple[dict | None, float | None]]:
+    """{layer: (MP fit record, budget signal)} for every layer, eligible or not (all are reported)."""
     fits: dict[str, tuple[dict | None, float | None]] = {}
     for i, layer in enumerate(layers):
         fits[layer.name] = _fit_signal(model.get_submodule(layer.name).weight, layer)
         step("fit", i + 1, len(layers))
+    return fits
 
+
+def _calibrate_and_permute(model: nn.Module, loaded: LoadedModel, config: PruneConfig, eligible: list[LayerInfo],
+                           step: Progress):
+    """(calibration batches, held-out batches, calibration record, input stats, permutation report).
+
+    With --permute the channels are permuted in place, and the stats re-collected on the permuted model."""
     calib, held, calib_info = _calibration(config, loaded)
     names = [layer.name for layer in eligible]
     stats = _collect_stats(model, names, calib, held, config) if calib else {}
@@ -181,9 +231,12 @@ def prune_model(loaded: LoadedModel, config: PruneConfig, progress: Progress | N
         if calib:  # the permuted layers see permuted inputs: refresh their statistics
             stats = _collect_stats(model, names, calib, held, config)
         step("permute", 1, 1)
+    return calib, held, calib_info, stats, permutation_report
 
-    dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
+def _candidates(model: nn.Module, eligible: list[LayerInfo], config: PruneConfig, stats: dict[str, InputStats],
+                macs: dict[str, int], fits: dict[str, tuple[dict | None, float | None]], step: Progress):
+    """(budget candidates, {(layer, pattern): mask choice}): every pattern a layer can take, with its damage."""
     candidates, layer_masks = [], {}
     for i, layer in enumerate(eligible):
         weight = model.get_submodule(layer.name).weight
@@ -199,11 +252,14 @@ def prune_model(loaded: LoadedModel, config: PruneConfig, progress: Progress | N
         candidates.append(Candidate(layer.name, macs.get(layer.name, 0), signal, tuple(options),
                                     is_mlp=".mlp." in f".{layer.name}."))
         step("mask", i + 1, len(eligible))
+    return candidates, layer_masks
 
-    total = sum(macs.values())
-    assignment, target = get_budget(config.budget).fn(candidates, total, config.target_mac_reduction, config.pattern)
-    stats.clear()  # full covariances can be large: free them before restore
 
+def _apply_assignment(model: nn.Module, eligible: list[LayerInfo], assignment, layer_masks,
+                      reasons: dict[str, str | None]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Mask each layer with the pattern the budget gave it: ({param: keep-mask}, {layer: saliency chosen}).
+
+    Layers the budget kept dense get their skip reason in `reasons`."""
     masks: dict[str, torch.Tensor] = {}
     chosen_by: dict[str, str] = {}
     with torch.no_grad():
@@ -221,14 +277,11 @@ def prune_model(loaded: LoadedModel, config: PruneConfig, progress: Progress | N
             masks[layer.param_name] = mask.bool()
             if choice.chosen:
                 chosen_by[layer.name] = choice.chosen
+    return masks, chosen_by
 
-    restore_report: dict[str, Any] = {}
-    if config.restore:
-        from mpdeploy.restore import restore_layers
 
-        restore_report = restore_layers(model, masks, calib, held, dense_state=dense_state)
-        step("restore", 1, 1)
-
+def _check_patterns(model: nn.Module, eligible: list[LayerInfo], masks: dict[str, torch.Tensor], assignment) -> None:
+    """Every masked layer is still exactly its pattern, zeros where the mask says (restore must keep them)."""
     for layer in eligible:
         if layer.param_name in masks:
             pattern = assignment[layer.name].pattern
@@ -236,36 +289,33 @@ def prune_model(loaded: LoadedModel, config: PruneConfig, progress: Progress | N
             if not is_nm_compliant(weight, pattern) or bool((weight.detach()[~masks[layer.param_name]] != 0).any()):
                 raise RuntimeError(f"internal error: {layer.name} is not {pattern} after pruning")
 
-    records = []
-    for layer in layers:
-        a = assignment.get(layer.name)
-        pattern = a.pattern if a else None
-        fit, signal = fits[layer.name]
-        m = macs.get(layer.name, 0)
-        records.append({
-            "name": layer.name,
-            "param": layer.param_name,
-            "kind": layer.kind,
-            "weight_shape": list(layer.weight_shape),
-            "groups": layer.groups,
-            "pattern": str(pattern) if pattern else None,
-            "runs_sparse": bool(pattern and pattern.runs_sparse),
-            "skipped": None if pattern else reasons[layer.name],
-            "macs": m,
-            "macs_kept": int(m * (pattern.density if pattern else 1.0)),
-            "macs_executed": int(m * (pattern.execution_density if pattern else 1.0)),
-            "signal": signal,
-            "z": a.z if a else None,
-            "budget_weight": a.weight if a else None,
-            "damage": next((d for p, d in _options(candidates, layer.name) if p == pattern), None),
-            "saliency_chosen": chosen_by.get(layer.name),
-            "fit": fit,
-            "permutation": permutation_report.get(layer.name),
-            "restore": restore_report.get(layer.name),
-        })
-    totals = _totals(records, macs, dense_macs, target)
-    extra.update({"calibration": calib_info, "budget_target": target})
-    return PruneResult(model, masks, records, totals, {**extra, "dense_state": dense_state})
+
+def _layer_record(layer: LayerInfo, assigned, fit_signal, macs: int, reason: str | None, options,
+                  saliency_chosen: str | None, permutation: Any, restore: Any) -> dict[str, Any]:
+    """One layer's entry in the manifest's `layers` (`assigned`: its budget assignment, None if not eligible)."""
+    pattern = assigned.pattern if assigned else None
+    fit, signal = fit_signal
+    return {
+        "name": layer.name,
+        "param": layer.param_name,
+        "kind": layer.kind,
+        "weight_shape": list(layer.weight_shape),
+        "groups": layer.groups,
+        "pattern": str(pattern) if pattern else None,
+        "runs_sparse": bool(pattern and pattern.runs_sparse),
+        "skipped": None if pattern else reason,
+        "macs": macs,
+        "macs_kept": int(macs * (pattern.density if pattern else 1.0)),
+        "macs_executed": int(macs * (pattern.execution_density if pattern else 1.0)),
+        "signal": signal,
+        "z": assigned.z if assigned else None,
+        "budget_weight": assigned.weight if assigned else None,
+        "damage": next((d for p, d in options if p == pattern), None),
+        "saliency_chosen": saliency_chosen,
+        "fit": fit,
+        "permutation": permutation,
+        "restore": restore,
+    }
 
 
 def _options(candidates: list[Candidate], name: str):

@@ -10,7 +10,8 @@
 
 The config is built through Triton's own model-config protobuf, so what we write is what Triton parses.
 Nothing in the repository changes unless the whole ship succeeds: files are written under temp names
-next to their targets and renamed into place.
+next to their targets and renamed into place. What is read from the engine directory (which engine,
+its manifest and file, its audit) is verified in `ship_inputs.py` first.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from typing import Any
 
 from mpdeploy.artifacts import sha256_file
 from mpdeploy.errors import MpdeployError
+from mpdeploy.ship_inputs import ENGINE_BACKENDS, ENGINE_SCHEMA  # noqa: F401 - re-exported
+from mpdeploy.ship_inputs import check_audit, engine_file, pick_engine_backend, read_audit, read_engine_manifest
 from mpdeploy.triton_config import build_model_config, config_to_text, parse_config  # noqa: F401 - re-exported
 from mpdeploy.triton_repo import (
     VersionTaken,
@@ -43,10 +46,8 @@ from mpdeploy.triton_repo import (
 
 logger = logging.getLogger(__name__)
 
-ENGINE_SCHEMA = "mpdeploy.engine/1"
 AUDIT_SCHEMA = "mpdeploy.audit/1"
 PROVENANCE_SCHEMA = "mpdeploy.ship/1"
-ENGINE_BACKENDS = ("trt", "torch", "ort")
 VARIANTS = ("sparse", "dense")
 SERVE_BACKENDS = ("auto", "python")
 KINDS = ("KIND_GPU", "KIND_CPU")
@@ -72,104 +73,6 @@ class ShipConfig:
     force: bool = False  # ship an unaudited / failed engine, replace a different config.pbtxt
     engine_backend: str | None = None  # which engine-<backend>/; default: the audited one, else the only one
     python_env: Path | None = None  # EXECUTION_ENV_PATH for the python backend; default sys.prefix
-
-
-# ---------------------------------------------------------------------------------------------------
-# reading the engine directory
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MpdeployError(f"cannot read {what} {path}: {exc}; rebuild it") from exc
-    if not isinstance(data, dict):
-        raise MpdeployError(f"{what} {path} is not a JSON object; rebuild it")
-    return data
-
-
-def _read_audit(engine_dir: Path) -> dict[str, Any] | None:
-    """The audit, opened through its verified artifact: every file hashed, and the engine and weights it
-    audited unchanged since; a forged or stale audit is refused (exit 2), --force or not."""
-    from mpdeploy.kinds import AuditFolder
-
-    folder = engine_dir / "audit"
-    if not folder.exists():
-        return None
-    return AuditFolder.open(folder).result()
-
-
-def _pick_engine_backend(engine_dir: Path, config: ShipConfig, audit: dict[str, Any] | None) -> str:
-    present = sorted(b for b in ENGINE_BACKENDS if (engine_dir / f"engine-{b}").is_dir())
-    if config.engine_backend is not None:
-        if config.engine_backend not in ENGINE_BACKENDS:
-            raise MpdeployError(
-                f"engine backend {config.engine_backend!r} unknown; use one of {', '.join(ENGINE_BACKENDS)}"
-            )
-        if config.engine_backend not in present:
-            raise MpdeployError(
-                f"{engine_dir} has no engine-{config.engine_backend}/ (present: {', '.join(present) or 'none'}); "
-                f"build it or pick another engine backend"
-            )
-        return config.engine_backend
-    if audit is not None and audit.get("backend") in present:
-        return audit["backend"]
-    if len(present) == 1:
-        return present[0]
-    if not present:
-        raise MpdeployError(f"{engine_dir} holds no engine-<backend>/ folder; run mpdeploy build first")
-    raise MpdeployError(
-        f"{engine_dir} holds several engines ({', '.join(present)}) and no audit names one; "
-        f"pick one with --engine-backend"
-    )
-
-
-def _check_audit(audit: dict[str, Any] | None, backend: str, engine_dir: Path, force: bool) -> None:
-    if audit is None:
-        problem = f"{engine_dir} has no audit/audit.json"
-    elif audit.get("backend") != backend:
-        problem = f"the audit in {engine_dir} is for engine-{audit.get('backend')}, not engine-{backend}"
-    elif audit.get("passed") is not True:
-        failures = "; ".join(str(f) for f in audit.get("failures") or []) or "no reason given"
-        problem = f"the audit of {engine_dir} failed ({failures})"
-    else:
-        return
-    if not force:
-        raise MpdeployError(f"{problem}; run mpdeploy audit and fix the engine, or pass --force to ship it anyway")
-    logger.warning("%s; shipping anyway because of --force", problem)
-
-
-def _read_manifest(engine_dir: Path, backend: str) -> dict[str, Any]:
-    path = engine_dir / f"engine-{backend}" / "manifest.json"
-    manifest = _read_json(path, "engine manifest")
-    if manifest.get("schema") != ENGINE_SCHEMA or manifest.get("kind") != "engine":
-        raise MpdeployError(
-            f"{path} is not an engine manifest (schema {manifest.get('schema')!r}, expected {ENGINE_SCHEMA!r}); "
-            f"rebuild with mpdeploy build"
-        )
-    if manifest.get("backend") != backend:
-        raise MpdeployError(
-            f"{path} says backend {manifest.get('backend')!r} but sits in engine-{backend}/; rebuild it"
-        )
-    io = manifest.get("io")
-    if not isinstance(io, dict) or not io.get("inputs") or not io.get("outputs"):
-        raise MpdeployError(f"{path} has no io.inputs/io.outputs; rebuild with mpdeploy build")
-    return manifest
-
-
-def _engine_file(engine_dir: Path, backend: str, manifest: dict[str, Any], variant: str) -> Path:
-    files = manifest.get("variants") or {}
-    if variant not in files:
-        have = ", ".join(sorted(files)) or "none"
-        raise MpdeployError(f"engine-{backend} has no {variant} engine (has: {have}); pass --variant with one of those")
-    rel = files[variant]
-    path = engine_dir / f"engine-{backend}" / rel
-    if Path(rel).is_absolute() or ".." in Path(rel).parts or not path.is_file():
-        raise MpdeployError(f"engine file {path} named by the manifest is missing; rebuild with mpdeploy build")
-    expected = (manifest.get("file_sha256") or {}).get(rel)
-    if expected is not None and sha256_file(path) != expected:
-        raise MpdeployError(f"{path} does not match the sha256 in its manifest (changed since the build); rebuild it")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -270,8 +173,52 @@ class _Plan:
 
 
 def _plan(engine_dir: Path, config: ShipConfig) -> _Plan:
+    """Read and check everything shipping needs; refuses (exit 2) before the repository is touched."""
     _validate(config)
-    engine_dir = Path(engine_dir)
+    engine_dir, repo, name = _check_places(Path(engine_dir), config)
+    audit = read_audit(engine_dir)
+    backend = pick_engine_backend(engine_dir, config.engine_backend, audit)
+    check_audit(audit, backend, engine_dir, config.force)
+    serve, kind, model_files = _resolve_serving(backend, config)
+    manifest = read_engine_manifest(engine_dir, backend)
+    source = engine_file(engine_dir, backend, manifest, config.variant)
+    python_env = Path(config.python_env or sys.prefix).resolve() if serve == "python" else None
+    if python_env is not None and not python_env.exists():
+        raise MpdeployError(
+            f"python environment {python_env} does not exist; pass --python-env with a venv, conda env or tarball"
+        )
+    model_cfg = build_model_config(
+        name,
+        manifest,
+        serve=serve,
+        max_batch_size=config.max_batch_size,
+        kind=kind,
+        instance_count=config.instance_count,
+        python_env=python_env,
+    )
+    provenance = _provenance(name, engine_dir, backend, serve, source, manifest, audit, config)
+    if serve == "tensorrt_plan":
+        device = manifest.get("device") or {}
+        gpu, trt_version = device.get("gpu"), device.get("tensorrt_version")
+        logger.info("plan built for GPU %s, TensorRT %s: serve it on the same", gpu, trt_version)
+    return _Plan(
+        engine_dir=engine_dir,
+        repo=repo,
+        name=name,
+        backend=backend,
+        serve=serve,
+        model_files=model_files,
+        source=source,
+        expected_sha256=(manifest.get("file_sha256") or {}).get(manifest["variants"][config.variant]),
+        model_cfg=model_cfg,
+        config_text=config_to_text(model_cfg),
+        provenance=provenance,
+    )
+
+
+def _check_places(engine_dir: Path, config: ShipConfig) -> tuple[Path, Path, str]:
+    """(engine dir, repository, model name) once the engine dir exists, the repository is no file and
+    the name is one Triton takes."""
     try:
         engine_found = engine_dir.is_dir()
     except OSError as exc:  # e.g. a name too long for the file system
@@ -290,29 +237,14 @@ def _plan(engine_dir: Path, config: ShipConfig) -> _Plan:
     name = config.name or engine_dir.resolve().name
     if not _NAME_RE.match(name):
         raise MpdeployError(f"model name {name!r} is not usable by Triton; pass --name with letters, digits, _ . -")
+    return engine_dir, repo, name
 
-    audit = _read_audit(engine_dir)
-    backend = _pick_engine_backend(engine_dir, config, audit)
-    _check_audit(audit, backend, engine_dir, config.force)
-    serve, kind, model_files = _resolve_serving(backend, config)
-    manifest = _read_manifest(engine_dir, backend)
-    source = _engine_file(engine_dir, backend, manifest, config.variant)
-    python_env = Path(config.python_env or sys.prefix).resolve() if serve == "python" else None
-    if python_env is not None and not python_env.exists():
-        raise MpdeployError(
-            f"python environment {python_env} does not exist; pass --python-env with a venv, conda env or tarball"
-        )
-    model_cfg = build_model_config(
-        name,
-        manifest,
-        serve=serve,
-        max_batch_size=config.max_batch_size,
-        kind=kind,
-        instance_count=config.instance_count,
-        python_env=python_env,
-    )
+
+def _provenance(name: str, engine_dir: Path, backend: str, serve: str, source: Path, manifest: dict[str, Any],
+                audit: dict[str, Any] | None, config: ShipConfig) -> dict[str, Any]:
+    """provenance.json of a version, without version and config_sha256 (filled per attempt)."""
     device = manifest.get("device") or {}
-    provenance = {
+    return {
         "schema": PROVENANCE_SCHEMA,
         "model": name,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -334,22 +266,6 @@ def _plan(engine_dir: Path, config: ShipConfig) -> _Plan:
         },
         "engine_manifest": manifest,
     }
-    if serve == "tensorrt_plan":
-        gpu, trt_version = device.get("gpu"), device.get("tensorrt_version")
-        logger.info("plan built for GPU %s, TensorRT %s: serve it on the same", gpu, trt_version)
-    return _Plan(
-        engine_dir=engine_dir,
-        repo=repo,
-        name=name,
-        backend=backend,
-        serve=serve,
-        model_files=model_files,
-        source=source,
-        expected_sha256=(manifest.get("file_sha256") or {}).get(manifest["variants"][config.variant]),
-        model_cfg=model_cfg,
-        config_text=config_to_text(model_cfg),
-        provenance=provenance,
-    )
 
 
 def _config_action(plan: _Plan, force: bool) -> bool:

@@ -27,6 +27,7 @@ pytest.importorskip("timm")
 torch = pytest.importorskip("torch")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from sparsity_helpers import ours, polygraphy_check  # noqa: E402
 
 from mpdeploy import cli  # noqa: E402
 from mpdeploy import export as export_mod  # noqa: E402
@@ -119,27 +120,6 @@ def workspace(tmp_path_factory, polygraphy_runs):
 
 # ---------------------------------------------------------------------------------------------------
 # helpers
-
-
-def polygraphy_check(model_proto) -> tuple[dict[str, int], set[str]]:
-    """Polygraphy's `inspect sparsity`, through its Python API: exactly `SparsityPruner.process(check=True)`
-    (its placement walk, then `process_tensor` per candidate), returning {tensor: axis} checked and the
-    set it reports sparse."""
-    from polygraphy.logger import G_LOGGER
-    from polygraphy.tools.sparse import SparsityPruner, process_tensor
-
-    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
-        pruner = SparsityPruner(model_proto)
-        infos = pruner._walk_nodes()
-        inits = {t.name: t for t in model_proto.graph.initializer}
-        sparse = {i.name for i in infos if process_tensor(i, inits[i.name], True)}
-    return {i.name: i.axis for i in infos}, sparse
-
-
-def ours(model_proto) -> tuple[dict[str, int], set[str]]:
-    report = check_trt_sparsity(model_proto)
-    eligible = {k: v["axis"] for k, v in report.items() if v["eligible"]}
-    return eligible, {k for k in eligible if report[k]["is_2_4"]}
 
 
 def sparse_layers(pruned_dir: Path) -> dict[str, dict]:

@@ -21,6 +21,7 @@ pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from sparsity_helpers import ours, polygraphy_check  # noqa: E402
 
 from mpdeploy.backends.base import BuildConfig, BuildInputs, create_backend  # noqa: E402
 from mpdeploy.backends.trt_plan import TRT10, TRT11, TrtCapabilities, plan_trt_build  # noqa: E402
@@ -61,25 +62,6 @@ def exported(tmp_path_factory):
         return pruned, cache[(model, precision)]
 
     return get
-
-
-def polygraphy_check(model_proto) -> tuple[dict[str, int], set[str]]:
-    """Polygraphy's `inspect sparsity` walk and verdicts through its Python API (as in test_export)."""
-    from polygraphy.logger import G_LOGGER
-    from polygraphy.tools.sparse import SparsityPruner, process_tensor
-
-    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
-        pruner = SparsityPruner(model_proto)
-        infos = pruner._walk_nodes()
-        inits = {t.name: t for t in model_proto.graph.initializer}
-        sparse = {i.name for i in infos if process_tensor(i, inits[i.name], True)}
-    return {i.name: i.axis for i in infos}, sparse
-
-
-def ours(model_proto) -> tuple[dict[str, int], set[str]]:
-    report = check_trt_sparsity(model_proto)
-    eligible = {k: v["axis"] for k, v in report.items() if v["eligible"]}
-    return eligible, {k for k in eligible if report[k]["is_2_4"]}
 
 
 def _pruned_tensors(record: dict) -> list[dict]:
