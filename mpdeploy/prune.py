@@ -148,8 +148,13 @@ def prune_model(loaded: LoadedModel, config: PruneConfig, progress: Progress | N
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     candidates, layer_masks = _candidates(model, eligible, config, stats, macs, fits, step)
+    budget = get_budget(config.budget)
+    if budget.damage == "logits":  # each option's damage measured on the outputs instead of in weight space
+        from mpdeploy.logit_damage import logit_damage
+
+        candidates = logit_damage(model, candidates, layer_masks, calib, step)
     total = sum(macs.values())
-    assignment, target = get_budget(config.budget).fn(candidates, total, config.target_mac_reduction, config.pattern)
+    assignment, target = budget.fn(candidates, total, config.target_mac_reduction, config.pattern)
     stats.clear()  # full covariances can be large: free them before restore
     masks, chosen_by = _apply_assignment(model, eligible, assignment, layer_masks, reasons)
 
@@ -266,7 +271,7 @@ def _apply_assignment(model: nn.Module, eligible: list[LayerInfo], assignment, l
         for layer in eligible:
             chosen = assignment[layer.name].pattern
             if chosen is None:
-                reasons[layer.name] = "kept dense by the mp budget (strong signal / high damage for its MACs)"
+                reasons[layer.name] = "kept dense by the budget (high damage for the MACs it saves)"
                 continue
             choice = layer_masks[(layer.name, chosen)]
             mask = choice.mask

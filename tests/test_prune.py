@@ -124,9 +124,34 @@ def test_mp_budget_meets_its_target_and_prefers_bulk_like_layers():
     result = prune_model(loaded, PruneConfig(budget="mp", target_mac_reduction=target))
     by_name = {r["name"]: r for r in result.layers}
     assert by_name["0"]["pattern"] == "2:4"  # noise layer pruned
-    assert by_name["2"]["pattern"] is None and "mp budget" in by_name["2"]["skipped"]
+    assert by_name["2"]["pattern"] is None and "budget" in by_name["2"]["skipped"]
     assert by_name["0"]["signal"] > by_name["2"]["signal"]  # bulk fraction: noise is all bulk
     assert result.totals["mac_reduction"] >= target - 1e-9
+
+
+class _QuietBranch(nn.Module):
+    """`a` reaches the logits only through a 1e-3 residual branch, `b` directly: in weight space 2:4
+    removes about the same share of each, on the outputs pruning `a` costs far less."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.head(torch.relu(self.b(x + 1e-3 * self.a(x))))
+
+
+def test_sensitivity_budget_prunes_the_layer_the_outputs_barely_feel():
+    torch.manual_seed(0)
+    loaded = LoadedModel(_QuietBranch().eval(), input_shape=(1, 8, 8), name="quiet", source={"kind": "custom"})
+    target = 0.5 * 64 * 64 / (2 * 64 * 64 + 64 * 10) * 0.99  # one layer's worth of 2:4 savings
+    result = prune_model(loaded, PruneConfig(budget="sensitivity", calib="synthetic", calib_batches=2,
+                                             target_mac_reduction=target))
+    by_name = {r["name"]: r for r in result.layers}
+    assert by_name["a"]["pattern"] == "2:4" and by_name["b"]["pattern"] is None
+    # The recorded damage is the measured relative logit error: tiny for the quiet branch.
+    assert by_name["a"]["damage"] < 1e-4
 
 
 def test_mp_target_too_high_is_a_clear_error():
