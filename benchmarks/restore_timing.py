@@ -114,6 +114,9 @@ def main() -> None:
     parser.add_argument("--models", default=None, help="comma list (default: all); results merge into the JSON")
     parser.add_argument("--out", type=Path, default=None,
                         help="result JSON (default: benchmarks/results/restore_timing[_smoke].json; other models' rows kept)")
+    parser.add_argument("--note", default="2-core machine; each model records its load average: wall seconds grow "
+                        "with other work, CPU seconds (process_time, all threads) are the steadier number",
+                        help="what else ran on the machine (goes into the JSON)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     models = SMOKE if args.smoke else FULL
@@ -129,8 +132,7 @@ def main() -> None:
 
     results = {"machine": {**machine(), "torch": torch.__version__},
                "command": "python benchmarks/restore_timing.py" + (" --smoke" if args.smoke else ""),
-               "note": "shared 2-core machine: 6 helper sessions ran at the same time, so wall seconds are "
-                       "inflated; CPU seconds (process_time, all threads) are the steadier number",
+               "note": args.note,
                "config": {"pattern": "2:4", "saliency": "magnitude", "budget": "uniform", "init": "timm random",
                           "calib": "N(0,1) noise images 3x224x224"},
                "goal": "restore <= 60 s on 2 cores for resnet50 and vit_base_patch16_224; error within a few % of exact",

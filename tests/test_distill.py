@@ -27,6 +27,7 @@ from safetensors.torch import load_file  # noqa: E402
 import mpdeploy.distill as distill_mod  # noqa: E402
 import mpdeploy.distill.train as distill_train  # noqa: E402
 from mpdeploy import artifacts  # noqa: E402
+from mpdeploy.errors import MpdeployError  # noqa: E402
 from mpdeploy.distill import DistillConfig, _state_hash, distill, kd_loss  # noqa: E402
 from mpdeploy.models import LoadedModel  # noqa: E402
 from mpdeploy.patterns import NM, is_nm_compliant  # noqa: E402
@@ -299,3 +300,43 @@ def test_cli_writes_distilled_beside_the_input(pruned, tmp_path, monkeypatch, ca
     assert (tmp_path / "distilled" / "model.safetensors").read_bytes() != (pruned / "model.safetensors").read_bytes()
     assert (art / "manifest.json").read_bytes() == input_manifest  # the input is never rewritten
     assert sorted(p.name for p in tmp_path.iterdir()) == ["distilled", "pruned"]  # no temp or checkpoint left
+
+
+def _npz(path: Path, split: str, labels: bool = True) -> Path:
+    """The user's own pre-processed tensors (digits at 1x8x8 here) in an .npz."""
+    import numpy as np
+
+    from mpdeploy.data import digits_tensors
+
+    x, y = digits_tensors((1, 8, 8), split)
+    arrays = {"images": x.numpy()[:200]}
+    if labels:
+        arrays["labels"] = y.numpy()[:200]
+    np.savez(path, **arrays)
+    return path
+
+
+def test_top1_before_and_after_on_the_users_labelled_data(pruned, tmp_path):
+    """Known answer: the recorded top-1 after distillation equals the saved model's top-1 on --eval-data,
+    recomputed here by hand; without --eval-data the record says the images are a training sample."""
+    import numpy as np
+
+    train, held = _npz(tmp_path / "train.npz", "train"), _npz(tmp_path / "held.npz", "test")
+    out = distill(pruned, DistillConfig(data=str(train), eval_data=str(held), epochs=1, lr=1e-3),
+                  tmp_path / "distilled", progress=_quiet)
+    record = load_pruned(out).manifest["distill"]
+    with np.load(held) as f:
+        x, y = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"])
+    with torch.no_grad():
+        by_hand = 100.0 * float((load_pruned(out).model.eval()(x).argmax(-1) == y).float().mean())
+    assert record["top1_after"] == pytest.approx(by_hand, abs=1e-6)
+    assert record["top1_before"] is not None and "held.npz" in record["top1_split"]
+
+    out2 = distill(pruned, DistillConfig(data=str(train), epochs=1, lr=1e-3), tmp_path / "d2", progress=_quiet)
+    split = load_pruned(out2).manifest["distill"]["top1_split"]
+    assert "sample of the training data" in split and "not held out" in split
+
+    with pytest.raises(MpdeployError, match="has no labels"):
+        distill(pruned, DistillConfig(data=str(train), eval_data=str(_npz(tmp_path / "nolab.npz", "test", False)),
+                                      epochs=1), tmp_path / "d3", progress=_quiet)
+    assert not (tmp_path / "d3").exists()

@@ -130,7 +130,9 @@ def configs_from_args(args: argparse.Namespace):
     if epochs:
         from mpdeploy.distill import DistillConfig
 
-        distill_config = DistillConfig(data=args.distill_data or "digits", epochs=epochs)
+        # The audit's labelled images score the distillation too (digits: its test split, the default).
+        eval_data = args.eval_data if args.eval_data not in ("digits", "synthetic") else None
+        distill_config = DistillConfig(data=args.distill_data or "digits", epochs=epochs, eval_data=eval_data)
     return prune_config, export_config, build_config, stage, distill_config, audit_config
 
 

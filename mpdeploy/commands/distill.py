@@ -18,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", default=None,
                         help="teacher model (timm:NAME, zoo:NAME or a file); default: the artifact's dense twin")
     parser.add_argument("--data", default="digits", help="training images: an ImageFolder DIR or digits (default)")
+    parser.add_argument("--eval-data", default=None,
+                        help="labelled images top-1 is measured on before and after: an ImageFolder DIR, an .npz / "
+                             ".safetensors with labels, or digits (default: digits' test split when training on "
+                             "digits, else a sample of the training data, which the record says is not held out)")
     parser.add_argument("--epochs", type=int, default=3, help="distillation epochs (default: 3)")
     parser.add_argument("--lr", type=float, default=None,
                         help="learning rate (default: the paper's, scaled up for short runs; see docs/distill.md)")
@@ -53,6 +57,7 @@ def main(args: argparse.Namespace) -> int:
         amp=args.amp,
         seed=args.seed,
         teacher=args.teacher,
+        eval_data=args.eval_data,
         resume=not args.no_resume,
         device=args.device,
     )

@@ -44,6 +44,9 @@ class DistillConfig:
     amp: bool | None = None  # None -> on for CUDA, off for CPU
     seed: int = 0
     teacher: str | None = None  # None -> the artifact's dense.safetensors; else a model source
+    # Labelled images top-1 is measured on before and after; None -> digits' test split for `digits`,
+    # else a fixed sample of the training data (said so in the record).
+    eval_data: str | None = None
     resume: bool = True
     device: str | None = None
 

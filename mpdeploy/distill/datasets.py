@@ -1,4 +1,5 @@
-"""The images a run trains on and is scored on: the training split, and top-1 on the digits test split."""
+"""The images a run trains on and is scored on: the training data, and the labelled images top-1 is
+measured on before and after (`--eval-data`; digits' test split; else a sample of the training data)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,37 @@ def train_data(config: DistillConfig, manifest: dict[str, Any], num_outputs: int
             f"{data.description} has {data.num_classes} classes but the model has {num_outputs} outputs; "
             "pass --data DIR, an ImageFolder of the model's own training classes"
         )
-    test = load_images("digits", shape, split="test") if config.data == "digits" else None
-    return data, test
+    return data, _eval_images(config, manifest, num_outputs, data)
+
+
+EVAL_SAMPLE = 1024  # training images scored when no --eval-data is given
+
+
+def _eval_images(config: DistillConfig, manifest: dict[str, Any], num_outputs: int, train):
+    """The labelled ImageData top-1 is measured on, its `description` saying what it is; None for a
+    synthetic smoke run without --eval-data."""
+    from mpdeploy.data import load_images
+
+    shape = tuple(manifest["model"]["input_shape"])
+    data_config = manifest["model"].get("data_config") or {}
+    if config.eval_data:
+        data = load_images(config.eval_data, shape, split="test", data_config=data_config, seed=config.seed)
+        if data.num_classes is None or data.synthetic:
+            raise MpdeployError(f"--eval-data {config.eval_data!r} has no labels; top-1 needs labelled images "
+                                "(an ImageFolder, digits, or a tensor file with `labels`)")
+        if data.num_classes > num_outputs:
+            raise MpdeployError(f"--eval-data {data.description} has {data.num_classes} classes but the model has "
+                                f"{num_outputs} outputs; pass images of the model's own classes")
+        return data
+    if config.data == "digits":
+        return load_images("digits", shape, split="test")
+    if train.synthetic:
+        return None
+    data = load_images(config.data, shape, split="train", data_config=data_config, limit=EVAL_SAMPLE,
+                       seed=config.seed + 1)
+    data.description = (f"a sample of the training data ({len(data)} images; not held out: pass --eval-data "
+                        "for held-out images)")
+    return data
 
 
 @torch.no_grad()

@@ -86,13 +86,13 @@ def _distill(pruned_dir: Path, target: Path, art: PrunedArtifact, config: Distil
             "top1_before": before.get("student"),
             "top1_after": after.get("student"),
             "top1_teacher": before.get("teacher"),
-            "top1_split": "digits test" if test is not None else None,
+            "top1_split": test.description if test is not None else None,
             "input_manifest_sha256": artifacts.manifest_hash(pruned_dir),
         }
         write_artifact(pruned_dir, target, art.manifest, state, result, config)
         shutil.rmtree(ckpt, ignore_errors=True)
         if test is not None:
-            logger.info("top-1 on the digits test split: %.2f%% -> %.2f%% (teacher %.2f%%)",
+            logger.info("top-1 on %s: %.2f%% -> %.2f%% (teacher %.2f%%)", test.description,
                         before["student"], after["student"], before["teacher"])
     dist.barrier()
     return target
