@@ -56,3 +56,18 @@ def test_no_private_names_cross_modules(rel):
     private = [(m, n) for m, names in _imports(PACKAGE / rel) for n in names if n.startswith("_") and not n.startswith("__")
                and not (m.startswith("mpdeploy.commands") and rel.startswith("commands/"))]
     assert not private, f"{rel} imports private names {private}; make them public where they are defined"
+
+
+def test_no_god_modules_or_functions():
+    """Small modules and functions (about 400 and 80 lines; the limits leave a little slack): a file or
+    function over them is split, not waved through."""
+    root = Path(__file__).resolve().parents[1] / "mpdeploy"
+    too_long = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > 450:
+            too_long.append(f"{path.relative_to(root)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 90:
+                too_long.append(f"{path.relative_to(root)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, too_long
