@@ -65,22 +65,34 @@ def main() -> None:
     from mpdeploy.data import digits_tensors
     from mpdeploy.zoo import _entry, load_zoo_model
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from method_table import EXTRA, train_extra  # the benchmark's own trained models, same cache
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modelopt-python", required=True)
-    parser.add_argument("--models", default="digits_vit,digits_cnn")
+    parser.add_argument("--models", default="digits_vit,digits_cnn,vit6x128,resnet18_1ch")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/mpdeploy_method_table"),
+                        help="where method_table.py keeps the models it trains (trained here if absent)")
+    parser.add_argument("--note", default="CPU, 1 thread, 2-core machine; calibration 128 digits images")
     args = parser.parse_args()
+    path = Path(__file__).resolve().parent / "results" / "modelopt_rows.json"
     results = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "loadavg_1m": round(os.getloadavg()[0], 2),
-               "note": "CPU, 1 thread, shared 2-core machine (6 helper sessions); calibration 128 digits images",
-               "models": {}}
+               "note": args.note, "models": {}}
+    if path.exists():  # keep the other models' rows (each records when it ran)
+        results["models"] = json.loads(path.read_text()).get("models", {})
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            loaded = load_zoo_model(name)
-            entry = _entry(name)
+            if name in EXTRA:
+                loaded = train_extra(name, args.cache)
+                arch, kwargs = EXTRA[name][0], EXTRA[name][1]
+            else:
+                loaded = load_zoo_model(name)
+                arch, kwargs = _entry(name).arch, _entry(name).kwargs
             x, y = digits_tensors(loaded.input_shape, "test")
             calib, _ = digits_tensors(loaded.input_shape, "calib")
             torch.save({"test_x": x, "test_y": y, "calib": calib[:128]}, f"{tmp}/{name}.pt")
             save_file({k: v.contiguous() for k, v in loaded.module.state_dict().items()}, f"{tmp}/{name}.safetensors")
-            spec = {"arch": entry.arch, "kwargs": dict(entry.kwargs), "weights": f"{tmp}/{name}.safetensors",
+            spec = {"arch": arch, "kwargs": dict(kwargs), "weights": f"{tmp}/{name}.safetensors",
                     "data": f"{tmp}/{name}.pt"}
             Path(f"{tmp}/{name}.json").write_text(json.dumps(spec))
             Path(f"{tmp}/child.py").write_text(CHILD)
@@ -89,8 +101,8 @@ def main() -> None:
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             results["models"][name] = (json.loads(line[7:]) if line else
                                        {"error": f"not measured here: exit {proc.returncode}: {proc.stderr[-500:]}"})
+            results["models"][name]["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             print(name, results["models"][name], flush=True)
-    path = Path(__file__).resolve().parent / "results" / "modelopt_rows.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
 
 
