@@ -150,12 +150,32 @@ def assign_mp(candidates: list[Candidate], total_macs: int, target: float | None
             break
         level[best[1]] = best[3]
         saved += best[2]
+    _trim_overshoot(candidates, weights, level, saved, needed, kind)
     out = {}
     for c, w, zi in zip(candidates, weights, z):
         i = level[c.name]
         pattern, damage = (None, 0.0) if i < 0 else c.options[i]
         out[c.name] = Assignment(pattern, w, float(zi), damage / w)
     return out, float(target)
+
+
+def _trim_overshoot(candidates: list[Candidate], weights: list[float], level: dict[str, int], saved: float,
+                    needed: float, kind: str) -> None:
+    """The walk stops on the step that crosses the target, which can overshoot it by up to one layer's
+    saving (so budgets compared "at the same target" were not): hand back whole layers, the costliest
+    per MAC saved first, whose saving the target does not need (in place on `level`)."""
+    chosen = []
+    for c, w in zip(candidates, weights):
+        if level[c.name] < 0:
+            continue
+        pattern, damage = c.options[level[c.name]]
+        saving = c.macs * (1 - _density(pattern, kind))
+        if saving > 0:
+            chosen.append(((damage / w) / saving, saving, c.name))
+    for _, saving, name in sorted(chosen, reverse=True):
+        if saved - saving >= needed - 1e-6:
+            level[name] = -1
+            saved -= saving
 
 
 # ----------------------------------------------------------------------------------------------

@@ -98,3 +98,13 @@ def test_sensitivity_budgets_are_registered_as_measured_and_need_calibration():
     assert get_budget("mp").damage == "weights"
     with pytest.raises(MpdeployError, match="--calib"):
         PruneConfig(budget="sensitivity")
+
+
+def test_overshoot_is_handed_back():
+    """Known answer: the walk takes C (5 saved), A (50), then B (50) to cross 63 of 210; C is then not
+    needed (100 >= 63) and goes back to dense. Before, all three stayed pruned (50% for a 30% target)."""
+    cands = [Candidate("A", 100, None, ((NM(2, 4), 0.1),)), Candidate("B", 100, None, ((NM(2, 4), 0.2),)),
+             Candidate("C", 10, None, ((NM(2, 4), 0.001),))]
+    assignment, _ = get_budget("damage").fn(cands, 210, 0.3, NM(2, 4))
+    assert {n: a.pattern for n, a in assignment.items()} == {"A": NM(2, 4), "B": NM(2, 4), "C": None}
+    assert executed_saving(assignment, cands) == 100
