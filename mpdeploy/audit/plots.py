@@ -214,5 +214,10 @@ def _plot_sensitivity(result: Mapping[str, Any], path: Path) -> None:
     ax.set_title(f"per-layer sensitivity on {sens['images']} images; Spearman(signal, effect) = {rho_text}; "
                  f"all layers together {sens['all_layers']['logit_effect']:.3g}", fontsize=10)
     ax.grid(alpha=0.3, which="major")
-    ax.legend(fontsize=8, loc="best")
+    if with_signal:
+        ax.legend(fontsize=8, loc="best")
+    else:  # small models: every matrix is under the MP fit's size floor, so no layer has a signal to plot
+        ax.text(0.5, 0.5, f"no pruned layer carries an MP signal ({len(recs)} layers measured; matrices under\n"
+                "64 rows or columns get none): see the sensitivity table in audit.md",
+                transform=ax.transAxes, ha="center", va="center", fontsize=10)
     fig.savefig(path)
