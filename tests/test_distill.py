@@ -117,7 +117,10 @@ def test_default_lr_and_optimizer():
     assert lr == pytest.approx(1e-5)  # a paper-length run gets the paper's lr
     assert distill_mod.default_lr("sgd", 10)[0] == pytest.approx(1e-3 * distill_mod.MAX_LR_SCALE)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **KWARGS)
-    assert distill_mod.is_vit(vit) and not distill_mod.is_vit(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3)))
+    resnet = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=10)
+    own_vit = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 4, stride=4), torch.nn.Flatten(2), torch.nn.LayerNorm(4))
+    assert distill_mod.default_optimizer(vit)[0] == "adamw" and distill_mod.default_optimizer(own_vit)[0] == "adamw"
+    assert distill_mod.default_optimizer(resnet)[0] == "sgd"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -142,3 +142,55 @@ def test_own_model_sweep(tmp_path, arch, channels, fmt, data):
 def test_is_nm_compliant_sanity():
     # The compliance check above must be able to fail: a dense weight is not 2:4.
     assert not is_nm_compliant(torch.ones(4, 8), NM(2, 4))
+
+
+def _users_digits(folder) -> tuple[str, str, str]:
+    """A user's own preprocessing of their data: digits upsampled to 16x16, scaled (x/16 - 0.5) / 0.25,
+    saved as .npz tensors with labels (train / calibration / held-out evaluation)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    images = np.kron(x.reshape(-1, 1, 8, 8) / 16.0, np.ones((1, 1, 2, 2)))
+    images = ((images - 0.5) / 0.25).astype(np.float32)
+    order = np.random.default_rng(0).permutation(len(y))
+    train, held = order[:1400], order[1400:]
+    paths = (str(folder / "train.npz"), str(folder / "calib.npz"), str(folder / "eval.npz"))
+    np.savez(paths[0], images=images[train], labels=y[train])
+    np.savez(paths[1], images=images[train[:256]], labels=y[train[:256]])
+    np.savez(paths[2], images=images[held], labels=y[held])
+    return paths
+
+
+def test_trained_own_model_passes_every_default_gate(tmp_path):
+    """A model trained elsewhere (here: SmallViT, 25 epochs on the user's own tensors, ~96% held-out
+    top-1), saved as a full pickle, goes through build --sparse with a distillation epoch on the user's
+    data and an audit on their held-out images, with the default gates (top-1 drop <= 2 points): exit 0,
+    and shipped."""
+    train, calib, held = _users_digits(tmp_path)
+    torch.manual_seed(0)
+    model = SmallViT(in_chans=1, dim=64)
+    with np.load(train) as f:
+        x, y = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"]).long()
+    epochs, batches = 25, (len(y) + 63) // 64
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, total_steps=epochs * batches)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y)).split(64):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+            schedule.step()
+    model.eval()
+    torch.save(model, tmp_path / "model.pt")
+    out = tmp_path / "engine"
+    code = cli_main(["build", str(tmp_path / "model.pt"), "--trust-pickle", "--input-shape", "1,16,16", "--sparse",
+                     "--backend", "ort", "--calib", calib, "--distill-epochs", "1", "--distill-data", train,
+                     "--eval-data", held, "--batch-sizes", "1,8", "--out", str(out)])
+    assert code == 0
+    audit = json.loads((out / "audit" / "audit.json").read_text())
+    accuracy = audit["accuracy"]
+    assert audit["passed"] is True and accuracy["top1_dense"] > 0.9, accuracy
+    assert accuracy["top1_sparse"] >= accuracy["top1_dense"] - 0.02
+    assert (out / "distilled" / "manifest.json").is_file()
+    assert "eval.npz" in json.loads((out / "distilled" / "manifest.json").read_text())["distill"]["top1_split"]
+    assert cli_main(["ship", str(out), "--repo", str(tmp_path / "repo"), "--name", "own"]) == 0

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="global batch, split across processes (default: 64 on CPU, 256 on GPU)")
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default=None,
-                        help="default: adamw for ViTs, sgd (momentum 0.9) otherwise")
+                        help="default: sgd (momentum 0.9) for models with BatchNorm, adamw otherwise (ViTs, ConvNeXts)")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the KD term against CE (default: 0.5)")
     parser.add_argument("--temperature", type=float, default=2.0, help="KD softmax temperature (default: 2)")
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="CE label smoothing (default: 0.1)")

@@ -32,7 +32,7 @@ from mpdeploy.distill.config import (
     DistillConfig,
     default_lr,
     default_out,
-    is_vit,
+    default_optimizer,
     reuse_config,
 )
 from mpdeploy.distill.datasets import evaluate
@@ -49,6 +49,6 @@ _zero_masked_grads = zero_masked_grads
 __all__ = [
     "DEFAULT_OUT", "DUMP_ENV", "KIND", "MAX_LR_SCALE", "OPTIMIZERS", "PAPER_LR", "PAPER_STEPS", "RUN_ONLY_FIELDS",
     "SGD_MOMENTUM", "WEIGHT_DECAY", "DistillConfig", "Progress", "checkpoint_dir", "default_lr", "default_out",
-    "distill", "evaluate", "is_vit", "kd_loss", "load_checkpoint", "reuse_config", "save_checkpoint", "state_hash",
+    "distill", "evaluate", "default_optimizer", "kd_loss", "load_checkpoint", "reuse_config", "save_checkpoint", "state_hash",
     "verify_masks", "write_artifact", "zero_masked_grads",
 ]
