@@ -37,13 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KWARGS = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, depth=2, embed_dim=32, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The 2 CPU cores are shared: two OpenMP threads fighting other jobs run ~20x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

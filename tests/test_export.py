@@ -41,13 +41,7 @@ BIG = ["vit_base_patch16_224", "resnet50", "convnextv2_base"]
 POLYGRAPHY_CLI = Path(sys.executable).with_name("polygraphy")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two OpenMP threads on two cores shared with other jobs spin-wait; one thread is ~10x faster here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -33,12 +33,7 @@ from mpdeploy.onnx_sparsity import check_trt_sparsity, nm_compliant_along, tenso
 from mpdeploy.patterns import NM  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -88,14 +88,19 @@ def test_conv_rows_follow_the_weight_layout():
         assert torch.allclose(pred, y, atol=1e-5)
 
 
-def test_conv_refit_keeps_the_nm_mask_and_matches_reference():
+def _conv_pair_and_batches():
+    """Two 3x3 convs (float64) and 4 input batches correlated across channels and pixels (smoothed
+    noise): with iid inputs the kept weights are already optimal and there is nothing to restore."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1)).double()
     g = torch.Generator().manual_seed(1)
-    # Correlated across channels and pixels (smoothed noise): with iid inputs the kept weights are
-    # already optimal and there is nothing to restore.
     smooth = torch.randn(8, 8, 3, 3, generator=g).double()
     batches = [nn.functional.conv2d(torch.randn(4, 8, 12, 12, generator=g).double(), smooth) for _ in range(4)]
+    return model, batches
+
+
+def test_conv_refit_keeps_the_nm_mask_and_matches_reference():
+    model, batches = _conv_pair_and_batches()
     masks, dense = prune_in_place(model)
     report = restore_layers(model, masks, batches[:3], batches[3:], dense_state=dense, solver="exact")
     assert set(report) == {"0", "2"}
@@ -269,11 +274,7 @@ def test_obs_nm_selection_is_compliant_and_beats_magnitude():
 
 
 def test_one_pass_obs_restore_keeps_masks_and_lowers_error():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1)).double()
-    g = torch.Generator().manual_seed(1)
-    smooth = torch.randn(8, 8, 3, 3, generator=g).double()
-    batches = [nn.functional.conv2d(torch.randn(4, 8, 12, 12, generator=g).double(), smooth) for _ in range(4)]
+    model, batches = _conv_pair_and_batches()
     masks, dense = prune_in_place(model)
     exact_model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1)).double()
     exact_model.load_state_dict(model.state_dict())
