@@ -248,9 +248,12 @@ def read_manifest(folder: Path, kind: str, verify: bool = True) -> dict[str, Any
 
 
 def verify_self(folder: Path, manifest: Mapping[str, Any]) -> None:
-    """An edited manifest.json (a field changed by hand) no longer matches its own hash. Manifests
-    written before the hash existed carry none and are checked by their files and sources only."""
-    if SELF_HASH in manifest and manifest[SELF_HASH] != _self_hash(manifest):
+    """An edited manifest.json (a field changed by hand) no longer matches its own hash. A manifest
+    without one is refused too: accepting it would let an edit pass by deleting the hash."""
+    if SELF_HASH not in manifest:
+        raise MpdeployError(f"{folder}/manifest.json carries no content hash (written by an older mpdeploy, or "
+                            "edited); re-create the artifact")
+    if manifest[SELF_HASH] != _self_hash(manifest):
         raise MpdeployError(f"{folder}/manifest.json was edited after it was written (its content hash does not "
                             "match); re-create the artifact")
 

@@ -86,8 +86,12 @@ def _tamper(folder: Path, how: str) -> None:
             f.write(b"\0")
     elif how == "extra file":
         (folder / "notes.txt").write_text("not listed")
-    else:  # edited manifest: a field changed, every file hash still right
+    elif how == "edited manifest":  # a field changed, every file hash still right
         manifest["config"] = {"forged": True}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    else:  # the same edit, and the manifest's own hash deleted (as if written before it existed)
+        manifest["config"] = {"forged": True}
+        del manifest[artifacts.SELF_HASH]
         (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -103,7 +107,7 @@ def _next_stage(root: Path, kind_dir: str, tmp_path: Path) -> list[str]:
     }[kind_dir]
 
 
-@pytest.mark.parametrize("how", ["edited file", "extra file", "edited manifest"])
+@pytest.mark.parametrize("how", ["edited file", "extra file", "edited manifest", "self hash deleted"])
 @pytest.mark.parametrize("kind_dir", ["pruned", "distilled", "onnx", "engine-ort", "audit"])
 def test_tampered_artifact_is_refused_by_the_next_stage(chain_root, tmp_path, capsys, kind_dir, how):
     root = _copy(chain_root, tmp_path)
