@@ -43,6 +43,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # mp / damage: weight-space damage (with / without the MP signal); sensitivity / mp-sensitivity: the same
 # walks on the measured per-layer logit effect.
 BUDGETS = ("mp", "damage", "sensitivity", "mp-sensitivity")
+BUDGET_ROW = "(2:4+1:4, target 90% of uniform's sparse-exec cut)"
+MODELOPT_ROWS = RESULTS / "modelopt_rows.json"
 EXTRA = {
     "vit6x128": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "in_chans": 1, "num_classes": 10,
                                           "depth": 6, "embed_dim": 128, "num_heads": 4}, 2e-3, 0.05, 30),
@@ -96,7 +98,7 @@ def distill_rows(base: PruneConfig, target: float) -> list[tuple[str, PruneConfi
     --sparse --calib`'s default (mp budget + default saliency) at the budgets' target."""
     return [("uniform magnitude", base),
             (f"uniform {DEFAULT_CALIB_SALIENCY}", replace(base, saliency=DEFAULT_CALIB_SALIENCY)),
-            (f"mp {DEFAULT_CALIB_SALIENCY} (2:4+1:4, target {100 * target:.1f}% sparse-exec)",
+            (f"mp {DEFAULT_CALIB_SALIENCY} {BUDGET_ROW}",
              replace(base, budget="mp", saliency=DEFAULT_CALIB_SALIENCY, extra_patterns=("1:4",),
                      target_mac_reduction=target))]
 
@@ -168,9 +170,16 @@ def main() -> None:
     parser.add_argument("--distill-epochs", type=int, default=None,
                         help="distillation epochs for the distilled rows (default 3; 1 with --smoke; 0: none)")
     parser.add_argument("--modelopt-python", default=None, help="python of a venv with nvidia-modelopt")
+    parser.add_argument("--note", default="2-core machine, nothing else running",
+                        help="what else ran on the machine (wall times depend on it)")
+    parser.add_argument("--render", type=Path, default=None,
+                        help="only write the .md of an existing result JSON (with ModelOpt's rows, if measured)")
     parser.add_argument("--out", type=Path, default=None,
                         help="result JSON; the .md lands beside it (default: benchmarks/results/method_table[_smoke].json)")
     args = parser.parse_args()
+    if args.render:
+        args.render.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))
+        return
     torch.set_num_threads(args.threads)
     if args.distill_epochs is None:
         args.distill_epochs = 1 if args.smoke else 3
@@ -199,8 +208,9 @@ def main() -> None:
         for budget in BUDGETS:
             for sal in ("magnitude", DEFAULT_CALIB_SALIENCY):
                 cfg = replace(base, budget=budget, saliency=sal, extra_patterns=("1:4",), target_mac_reduction=target)
-                rows[f"{budget} {sal} (2:4+1:4, target {100 * target:.1f}% sparse-exec)"] = run_row(fresh, cfg)
-                print(name, budget, sal, rows[f"{budget} {sal} (2:4+1:4, target {100 * target:.1f}% sparse-exec)"], flush=True)
+                row = f"{budget} {sal} {BUDGET_ROW}"
+                rows[row] = {**run_row(fresh, cfg), "target_sparse_execution_mac_reduction": target}
+                print(name, row, rows[row], flush=True)
         rows[f"uniform {DEFAULT_CALIB_SALIENCY} + restore"] = run_row(fresh, replace(base, saliency=DEFAULT_CALIB_SALIENCY, restore=True))
         if args.distill_epochs:
             for label, cfg in distill_rows(base, target):
@@ -212,7 +222,7 @@ def main() -> None:
     result = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                           "threads": args.threads, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                           "loadavg_1m": round(os.getloadavg()[0], 2),
-                          "note": "shared 2-core machine, 6 helper sessions at once: wall times inflated"},
+                          "note": args.note},
               "command": "python benchmarks/method_table.py" + (" --smoke" if args.smoke else ""),
               "eval": "top-1 (%) on the digits test split (539 images), zero fine-tuning",
               "modelopt": modelopt_status(args.modelopt_python), "models": table,
@@ -223,11 +233,26 @@ def main() -> None:
     target.with_suffix(".md").write_text(markdown(result))
 
 
+def modelopt_rows(names: list[str]) -> dict[str, dict[str, str]]:
+    """ModelOpt's rows from benchmarks/modelopt_rows.py's result (run in ModelOpt's own venv), as cells."""
+    if not MODELOPT_ROWS.exists():
+        return {}
+    measured = json.loads(MODELOPT_ROWS.read_text()).get("models", {})
+    rows: dict[str, dict[str, str]] = {}
+    for mode in ("sparse_magnitude", "sparsegpt"):
+        for name in names:
+            entry = measured.get(name, {}).get(mode)
+            if entry is not None:
+                cell = f"{100 * entry['top1']:.2f}" if "top1" in entry else "crashes: " + entry["error"].split(":")[0]
+                rows.setdefault(f"ModelOpt {mode} (uniform 2:4, own venv)", {})[name] = cell
+    return rows
+
+
 def markdown(result: dict) -> str:
     names = list(result["models"])
     rows = list(dict.fromkeys(r for m in names for r in result["models"][m]))
     lines = [f"# method table ({result['command']})", "", f"{result['eval']}; {result['machine']['date']}, "
-             f"{result['machine']['cpu']}, {result['machine']['note']}. ModelOpt: {result['modelopt']}.", "",
+             f"{result['machine']['cpu']}, {result['machine']['note']}.", "",
              "| row | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for r in rows:
         cells = []
@@ -240,7 +265,11 @@ def markdown(result: dict) -> str:
             else:
                 cells.append(f"{e['top1']:.2f}")
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
-    lines += ["", "Cells: top-1 (sparse-execution MAC reduction)."]
+    for label, cells in modelopt_rows(names).items():
+        lines.append(f"| {label} | " + " | ".join(cells.get(m, "") for m in names) + " |")
+    lines += ["", "Cells: top-1 (sparse-execution MAC reduction). ModelOpt rows: `benchmarks/modelopt_rows.py` "
+              "(`modelopt_rows.json`), same models and test split, 128 calibration images; ModelOpt also sparsifies "
+              "the layers mpdeploy keeps dense (the 1-channel stem, the head), so its cut is slightly larger."]
     return "\n".join(lines) + "\n"
 
 

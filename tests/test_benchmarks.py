@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py"))
 # Run by another script inside a peer's own environment, never on its own: no smoke mode of its own.
-DRIVEN = {"modelopt_rows.py": "method_table.py runs it inside ModelOpt's venv (--modelopt-python)"}
+DRIVEN = {"modelopt_rows.py": "needs ModelOpt's own venv (--modelopt-python); method_table.py shows its rows"}
 # Smoke runs that train or build several models: minutes on 2 cores, so under `make test-slow`.
 SLOW = {"method_table.py", "restore_timing.py", "build_e2e.py", "audit_imagefolder.py"}
 # Where each script writes with --out (a folder for some, a file for others).
