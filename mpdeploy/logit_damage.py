@@ -59,8 +59,10 @@ def logit_damage(
                 choice = choices[(cand.name, pattern)]
                 pruned = choice.weight if choice.weight is not None else original
                 weight.copy_((pruned.to(weight.dtype) * choice.mask.to(weight.dtype)))
-                effect = float(((_logits(model, images) - reference) ** 2).sum()) / scale
-                weight.copy_(original)
+                try:
+                    effect = float(((_logits(model, images) - reference) ** 2).sum()) / scale
+                finally:  # the model is the caller's: never leave a layer pruned behind
+                    weight.copy_(original)
                 options.append((pattern, effect))
                 done += 1
                 if step:

@@ -16,7 +16,7 @@ logger = logging.getLogger(__package__)  # the stage's logger: the CLI prints it
 
 
 def train_data(config: DistillConfig, manifest: dict[str, Any], num_outputs: int):
-    """(training ImageData, test ImageData or None): a test split exists only for `digits`."""
+    """(training ImageData, the labelled ImageData top-1 is measured on, or None for a synthetic run)."""
     from mpdeploy.data import load_images
 
     shape = tuple(manifest["model"]["input_shape"])
