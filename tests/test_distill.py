@@ -28,7 +28,7 @@ import mpdeploy.distill as distill_mod  # noqa: E402
 import mpdeploy.distill.train as distill_train  # noqa: E402
 from mpdeploy import artifacts  # noqa: E402
 from mpdeploy.errors import MpdeployError  # noqa: E402
-from mpdeploy.distill import DistillConfig, _state_hash, distill, kd_loss  # noqa: E402
+from mpdeploy.distill import DistillConfig, distill, kd_loss, state_hash  # noqa: E402
 from mpdeploy.models import LoadedModel  # noqa: E402
 from mpdeploy.patterns import NM, is_nm_compliant  # noqa: E402
 from mpdeploy.prune import PruneConfig, load_pruned, prune  # noqa: E402
@@ -193,13 +193,13 @@ def test_checkpoint_of_other_config_is_ignored(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    distill_mod._save_checkpoint(tmp_path / "ckpt", "key-a", model, opt, sched, scaler, 1, [{"epoch": 1}])
-    state, records = distill_mod._load_checkpoint(tmp_path / "ckpt", "key-a")
+    distill_mod.save_checkpoint(tmp_path / "ckpt", "key-a", model, opt, sched, scaler, 1, [{"epoch": 1}])
+    state, records = distill_mod.load_checkpoint(tmp_path / "ckpt", "key-a")
     assert state["epochs_done"] == 1 and records == [{"epoch": 1}]
     assert torch.equal(state["model"]["weight"], model.weight.detach())
-    assert distill_mod._load_checkpoint(tmp_path / "ckpt", "key-b") is None  # other config / input
+    assert distill_mod.load_checkpoint(tmp_path / "ckpt", "key-b") is None  # other config / input
     (tmp_path / "ckpt" / "state.pt").write_bytes(b"garbage")
-    assert distill_mod._load_checkpoint(tmp_path / "ckpt", "key-a") is None  # damaged: start over
+    assert distill_mod.load_checkpoint(tmp_path / "ckpt", "key-a") is None  # damaged: start over
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ def test_torchrun_two_processes_identical_weights(pruned_cnn, tmp_path):
     assert ranks[0]["state_sha256"] == ranks[1]["state_sha256"]
     distilled = tmp_path / "distilled"  # no --out: distilled/ beside the input, never the input itself
     out = load_pruned(distilled)  # hashes and the chain back to the input verified
-    assert _state_hash(out.model.state_dict()) == ranks[1]["state_sha256"]  # BatchNorm buffers included
+    assert state_hash(out.model.state_dict()) == ranks[1]["state_sha256"]  # BatchNorm buffers included
     record = out.manifest["distill"]
     resolved = record["config"]["resolved"]
     assert resolved["world_size"] == 2 and resolved["batch_per_process"] == 32 and resolved["optimizer"] == "sgd"

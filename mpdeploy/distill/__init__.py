@@ -40,12 +40,6 @@ from mpdeploy.distill.masks import verify_masks, zero_masked_grads
 from mpdeploy.distill.stage import distill
 from mpdeploy.distill.train import Progress, kd_loss
 
-# The names these had when distill was one module (tests and callers import them).
-_state_hash = state_hash
-_save_checkpoint = save_checkpoint
-_load_checkpoint = load_checkpoint
-_zero_masked_grads = zero_masked_grads
-
 __all__ = [
     "DEFAULT_OUT", "DUMP_ENV", "KIND", "MAX_LR_SCALE", "OPTIMIZERS", "PAPER_LR", "PAPER_STEPS", "RUN_ONLY_FIELDS",
     "SGD_MOMENTUM", "WEIGHT_DECAY", "DistillConfig", "Progress", "checkpoint_dir", "default_lr", "default_out",
