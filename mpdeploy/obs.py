@@ -16,32 +16,17 @@ Two uses:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
 from mpdeploy.errors import MpdeployError
 from mpdeploy.patterns import NM
+from mpdeploy.threads import single_thread
 
 BLOCK = 128  # columns per lazy-update block (a multiple of every M used in practice)
 # Below this many multiply-adds per [out, K] x [K, K] product a layer's refit runs on one thread: the
 # per-column updates are small element-wise ops, and on a loaded machine waking a second OpenMP thread
 # for each costs more than the op (measured: ViT-Tiny restore 28 CPU s with 2 threads, 2.7 s with 1).
 SINGLE_THREAD_WORK = 5e7
-
-
-@contextlib.contextmanager
-def single_thread(enabled: bool = True) -> Iterator[None]:
-    """Run torch on one intra-op thread inside the block (restored after)."""
-    before = torch.get_num_threads()
-    if enabled and before > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 def upper_inverse_factor(h: torch.Tensor, lam: float) -> torch.Tensor:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from mpdeploy.errors import MpdeployError
 from mpdeploy.onnx_sparsity import tensor_array
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -196,7 +196,7 @@ def weight_quantization(model_proto) -> dict[str, dict[str, Any]]:
     """Per initializer reaching a QuantizeLinear: its scale shape, axis and zero-point (zero means symmetric)."""
     from onnx import numpy_helper
 
-    from mpdeploy.onnx_sparsity import _attr
+    from mpdeploy.onnx_sparsity import node_attribute
 
     inits = {t.name: t for t in model_proto.graph.initializer}
     out = {}
@@ -207,7 +207,7 @@ def weight_quantization(model_proto) -> dict[str, dict[str, Any]]:
         zp = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] in inits else None
         out[node.input[0]] = {
             "channels": int(scale.size) if scale is not None else None,
-            "axis": _attr(node, "axis", 1),
+            "axis": node_attribute(node, "axis", 1),
             "zero_point_dtype": str(zp.dtype) if zp is not None else None,
             "symmetric": bool(zp is None or not np.any(zp)),
         }
@@ -218,7 +218,7 @@ def quantized_weight(model_proto, name: str) -> np.ndarray:
     """The INT8 values TensorRT will fold out of `name` -> QuantizeLinear (round half to even, saturate)."""
     from onnx import numpy_helper
 
-    from mpdeploy.onnx_sparsity import _attr
+    from mpdeploy.onnx_sparsity import node_attribute
 
     inits = {t.name: t for t in model_proto.graph.initializer}
     node = next(n for n in model_proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == name)
@@ -226,7 +226,7 @@ def quantized_weight(model_proto, name: str) -> np.ndarray:
     scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
     if scale.size > 1:
         shape = [1] * w.ndim
-        shape[_attr(node, "axis", 1) % w.ndim] = scale.size
+        shape[node_attribute(node, "axis", 1) % w.ndim] = scale.size
         scale = scale.reshape(shape)
     return np.clip(np.rint(w / scale), -128, 127).astype(np.int8)
 

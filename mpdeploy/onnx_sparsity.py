@@ -67,7 +67,7 @@ def nm_compliant_along(array: np.ndarray, axis: int, pattern: NM) -> bool:
     return bool((groups <= pattern.n).all())
 
 
-def _attr(node, name: str, default=None):
+def node_attribute(node, name: str, default=None):
     for a in node.attribute:
         if a.name == name:
             import onnx
@@ -96,7 +96,7 @@ def _trace_weight(name: str, axis: int, inits: dict, producers: dict) -> tuple[s
         if blocked is None and op in SEE_THROUGH_OPS:
             name = node.input[0]
         elif blocked is None and op == "Transpose":
-            perm = _attr(node, "perm")
+            perm = node_attribute(node, "perm")
             # Output axis i is input axis perm[i]; no perm means reversed axes.
             axis = list(perm)[axis] if perm is not None else -1 - axis
             name = node.input[0]
@@ -119,7 +119,7 @@ def _weight_inputs(node) -> list[tuple[int, int, str]]:
     if node.op_type == "MatMul":
         return [(1, 0, "B"), (0, 1, "A")]
     if node.op_type == "Gemm":
-        trans_a, trans_b = int(_attr(node, "transA", 0)), int(_attr(node, "transB", 0))
+        trans_a, trans_b = int(node_attribute(node, "transA", 0)), int(node_attribute(node, "transB", 0))
         return [(1, 1 if trans_b else 0, "B"), (0, 0 if trans_a else 1, "A")]
     return []
 

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpdeploy.errors import MpdeployError
-from mpdeploy.obs import SINGLE_THREAD_WORK, obs_sweep, single_thread, reduction_order, refine_masked_ridge, upper_inverse_factor
+from mpdeploy.obs import SINGLE_THREAD_WORK, obs_sweep, reduction_order, refine_masked_ridge, upper_inverse_factor
+from mpdeploy.threads import single_thread
 
 logger = logging.getLogger(__name__)
 

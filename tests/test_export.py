@@ -579,6 +579,17 @@ def test_name_map_folded_batchnorm():
                                     {"conv.weight": "conv"})
 
 
+def test_name_map_by_name_only_warns(caplog):
+    """An initializer whose values differ from the parameter (the exporter rewrote it some other way)
+    but whose name and shape match is taken by name, with a warning (this path used to raise NameError)."""
+    p = np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32)
+    m = _model([], {"conv.weight": p + 1}, [("x", [1])])
+    with caplog.at_level("WARNING", logger="mpdeploy.onnx_map"):
+        mapped = export_mod.map_initializers(m, {"conv.weight": p}, {})
+    assert mapped["conv.weight"].initializer == "conv.weight" and mapped["conv.weight"].method == "name"
+    assert "matched by name only" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------------
 # the real Polygraphy command on the small models (last: its background runs overlap the tests above)
 

@@ -346,12 +346,12 @@ class TorchSparseBackend(Backend):
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
             info.update(name="cuda:0", gpu=torch.cuda.get_device_name(0), compute_capability=f"{props.major}.{props.minor}",
-                        memory_gib=round(props.total_memory / 2**30, 1), driver=_driver_version())
+                        memory_gib=round(props.total_memory / 2**30, 1), driver=driver_version())
         info["fingerprint"] = {k: info.get(k) for k in ("gpu", "torch_version", "cuda_version", "cusparselt_version")}
         return info
 
 
-def _driver_version() -> str | None:
+def driver_version() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=10)

@@ -372,9 +372,9 @@ class TrtBackend(Backend):
                             cuda_version=torch.version.cuda)
         except Exception:  # noqa: BLE001
             pass
-        from mpdeploy.backends.torch_sparse import _driver_version
+        from mpdeploy.backends.torch_sparse import driver_version
 
-        info["driver"] = _driver_version()
+        info["driver"] = driver_version()
         # A plan runs only on the GPU model and TensorRT version that built it.
         info["fingerprint"] = {"gpu": info["gpu"], "tensorrt_version": info["tensorrt_version"]}
         return info

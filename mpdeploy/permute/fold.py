@@ -13,8 +13,9 @@ from torch import nn
 
 from mpdeploy.layers import LayerInfo
 from mpdeploy.patterns import NM
+from mpdeploy.threads import single_thread
 
-from mpdeploy.permute.search import SINGLE_THREAD_ELEMENTS, UNSTRUCTURED_KIND, _single_thread, kept_saliency, search_permutation, unstructured_kept
+from mpdeploy.permute.search import SINGLE_THREAD_ELEMENTS, UNSTRUCTURED_KIND, kept_saliency, search_permutation, unstructured_kept
 
 logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------
@@ -329,7 +330,7 @@ def permute_model(
                    seconds_per_layer, seed)
     report: dict[str, dict] = {}
     for layer in eligible:
-        with _single_thread(math.prod(layer.weight_shape) * pattern.m < SINGLE_THREAD_ELEMENTS):
+        with single_thread(math.prod(layer.weight_shape) * pattern.m < SINGLE_THREAD_ELEMENTS):
             report[layer.name] = _permute_layer(ctx, layer)
     return report
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
@@ -13,6 +12,7 @@ import torch
 
 from mpdeploy.errors import MpdeployError
 from mpdeploy.patterns import NM
+from mpdeploy.threads import single_thread
 
 logger = logging.getLogger(__name__)
 
@@ -325,22 +325,10 @@ def search_permutation(
     identity = torch.arange(k)
     if k // pattern.m < 2 or not bool(torch.isfinite(s).all()) or float(s.sum()) == 0:
         return identity, before, before
-    with _single_thread(rows * k * pattern.m < SINGLE_THREAD_ELEMENTS):
+    with single_thread(rows * k * pattern.m < SINGLE_THREAD_ELEMENTS):
         return _search(s, pattern, seconds, seed, before)
 
 
-@contextlib.contextmanager
-def _single_thread(active: bool):
-    """The search is many small tensor ops: on few, shared cores intra-op threads cost more than
-    they bring (3-5x slower measured with 2 threads on 2 busy cores)."""
-    previous = torch.get_num_threads()
-    if active and previous > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != previous:
-            torch.set_num_threads(previous)
 
 
 def _search(s: torch.Tensor, pattern: NM, seconds: float | None, seed: int, before: float):
