@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from mpdeploy import __version__
@@ -81,6 +82,7 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    whole_process = argv is None  # the console script / `python -m mpdeploy`, not an in-process caller
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(only=_command_in(argv) or "")
     args = parser.parse_args(argv)
@@ -95,6 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"mpdeploy {args.command}: interrupted; no partial artifact was kept", file=sys.stderr)
+        if whole_process:
+            # The stage has cleaned up (atomic folders) by now. Leave at once: under load, interpreter
+            # shutdown after an interrupted export sometimes ended by the signal itself (exit -2, not
+            # 130; seen in test_faults_chain), past any handler of ours.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            logging.shutdown()
+            os._exit(130)
         return 130
     except OSError as exc:  # a full disk or an over-long path anywhere: one line, not a traceback
         from mpdeploy.artifacts import os_error_message
