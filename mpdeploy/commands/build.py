@@ -16,7 +16,7 @@ from mpdeploy.commands.audit import add_audit_options, audit_config_from_args
 from mpdeploy.commands.prune import add_prune_arguments
 
 DEFAULT_MODEL = "zoo:digits_vit"
-# With no MODEL the demo runs the whole method on the default: Wanda on digits calibration, then
+# With no MODEL the demo runs the whole method on the default: the calibrated default saliency (auto) on digits, then
 # 3 epochs of distillation (the paper's recovery), so the audit shows what a real deployment sees.
 DEFAULT_CALIB = "digits"
 DEFAULT_DISTILL_EPOCHS = 3
