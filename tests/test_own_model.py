@@ -1,4 +1,5 @@
-"""A user's own model (not in timm), saved in every format, with their own data, through `mpdeploy build` and `mpdeploy ship`.
+"""A user's own model (not in timm), saved in every format, with their own data, through `mpdeploy build`
+and `mpdeploy ship`.
 
 Each case: save a small CNN (BatchNorm, residual add) or ViT-like model (LayerNorm, attention, MLP)
 as a full pickle, state dict / safetensors (+ `--arch own_archs:Class --model-kwargs`), TorchScript

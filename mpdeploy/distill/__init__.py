@@ -43,6 +43,7 @@ from mpdeploy.distill.train import Progress, kd_loss
 __all__ = [
     "DEFAULT_OUT", "DUMP_ENV", "KIND", "MAX_LR_SCALE", "OPTIMIZERS", "PAPER_LR", "PAPER_STEPS", "RUN_ONLY_FIELDS",
     "SGD_MOMENTUM", "WEIGHT_DECAY", "DistillConfig", "Progress", "checkpoint_dir", "default_lr", "default_out",
-    "distill", "evaluate", "default_optimizer", "kd_loss", "load_checkpoint", "reuse_config", "save_checkpoint", "state_hash",
+    "distill", "evaluate", "default_optimizer", "kd_loss",
+    "load_checkpoint", "reuse_config", "save_checkpoint", "state_hash",
     "verify_masks", "write_artifact", "zero_masked_grads",
 ]
