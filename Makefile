@@ -12,7 +12,7 @@ $(BIN)/mpdeploy: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PINS)
-	$(BIN)/python -m pip install -q -e ".[dev,serve]"
+	$(BIN)/python -m pip install -q -e ".[dev,serve,sweep]"
 	touch $(BIN)/mpdeploy
 
 setup: $(BIN)/mpdeploy

@@ -8,8 +8,8 @@ images there are. The images are small generated JPEGs (written under /tmp, neve
 engine is timm:test_resnet (random init, 1,000 outputs) built with --no-audit at 64x64, so the run
 measures the streaming path (decode, DataLoader workers, both engines, per-image metrics), not a big
 network. Peak memory is sampled every 50 ms over the audit process and all its DataLoader workers
-(PSS from /proc/PID/smaps_rollup, summed), beside the largest single process (RUSAGE_CHILDREN
-ru_maxrss). The audit runs with --time-budget 0, so every image is evaluated.
+(PSS from /proc/PID/smaps_rollup, summed), beside the audit process's own peak RSS (os.wait4's
+rusage of that one process: its largest reaped worker counts, the earlier build does not). The audit runs with --time-budget 0, so every image is evaluated.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "audit_imagefolder.json"
@@ -77,7 +78,6 @@ def _tree_pss_mib(pid: int) -> float:
 def run_sampled(argv: list[str], log: Path, timeout_s: float) -> dict:
     """Run a command, sampling its process tree's RSS every 50 ms."""
     peak = [0.0]
-    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, env=ENV, stdout=out, stderr=subprocess.STDOUT)
@@ -90,18 +90,24 @@ def run_sampled(argv: list[str], log: Path, timeout_s: float) -> dict:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        try:
-            rc: int | str = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            rc = "timeout"
+        deadline = time.monotonic() + timeout_s
+        rc: int | str = "timeout"
+        while True:  # os.wait4: the rusage of this one process (and its reaped workers), not a running max
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                rc = proc.returncode = os.waitstatus_to_exitcode(status)
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                _, _, usage = os.wait4(proc.pid, 0)
+                proc.returncode = -9
+                break
+            time.sleep(0.05)
         done.set()
         sampler.join()
-    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"returncode": rc, "wall_s": round(time.perf_counter() - t0, 1),
-            "cpu_s": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1),
-            "peak_pss_mib_tree_sampled": round(peak[0]), "peak_rss_mib_largest_process": round(cpu1.ru_maxrss / 1024)}
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_pss_mib_tree_sampled": round(peak[0]), "peak_rss_mib_audit_process": round(usage.ru_maxrss / 1024)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     images, classes = (200, 10) if args.smoke else (args.images, CLASSES)
     out_json = args.out or (Path(tempfile.mkdtemp(prefix="audit_if_")) / "audit_imagefolder.json" if args.smoke else RESULTS)
+    prov = provenance.begin(__file__, argv)
     with tempfile.TemporaryDirectory(prefix="audit_imagefolder_") as tmp:
         tmp = Path(tmp)
         gen_s = make_image_folder(tmp / "images", images, classes)
@@ -129,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         load0 = [round(v, 2) for v in os.getloadavg()]
         run = run_sampled(audit, tmp / "audit.log", args.timeout)
         log_lines = (tmp / "audit.log").read_text(errors="replace").splitlines()
+        prov.model("timm:test_resnet", provenance.build_model_sha256(engine))
         report_path = engine / "audit" / "audit.json"
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     record = {
@@ -144,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "progress_lines": sum("ETA" in line or "done in" in line for line in log_lines),
         "log_tail": log_lines[-5:],
     }
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(record, indent=2) + "\n")
+    record = provenance.write_results(out_json, record, prov)
     print(json.dumps({k: record[k] for k in ("images", "audit", "evaluated_images")}))
     print(f"wrote {out_json}")
     return 0 if run["returncode"] in (0, 1) else 1

@@ -4,8 +4,9 @@ Run: .venv/bin/python benchmarks/build_e2e.py [--models resnet50,vit_base_patch1
   ->  benchmarks/results/build_e2e.json (--smoke: a tiny model at 32x32, result under /tmp unless --out)
 
 Goal (issue 17): at most 5 minutes per model on the 2-core machine. Each build runs in a fresh
-subprocess (random init: no weights download here); CPU seconds and peak RSS are the child's
-(resource.RUSAGE_CHILDREN), the load average is sampled before and after: wall time on a shared
+subprocess (random init: no weights download here); CPU seconds and peak RSS are that child's own
+(provenance.run_child: os.wait4's rusage of the one build, not a running maximum), the load
+average is sampled before and after: wall time on a shared
 machine is inflated by whatever else runs, CPU seconds much less so. The build's stderr (its log)
 is kept to count the progress lines a non-terminal run prints.
 """
@@ -15,13 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "build_e2e.json"
@@ -29,41 +28,18 @@ MODELS = ("resnet50", "vit_base_patch16_224")
 GOAL_S = 300.0
 
 
-def machine() -> dict:
-    from mpdeploy.machine import cpu_model
-
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "shared": "2-core machine shared with other jobs at the time: wall time is inflated, see loadavg"}
-
-
-def _children_usage() -> tuple[float, float]:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime, r.ru_maxrss / 1024.0
-
-
-def run_build(model: str, out: Path, extra: list[str], timeout_s: float) -> dict:
+def run_build(model: str, out: Path, extra: list[str], timeout_s: float, prov: provenance.Provenance) -> dict:
     """One build in a subprocess; wall, CPU, load and the audit's own timings."""
     argv = [sys.executable, "-m", "mpdeploy", "build", f"timm:{model}", "--sparse", "--backend", "ort",
             "--weights", "random", "--out", str(out), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     log_path = out.parent / f"{out.name}.log"
-    cpu0, _ = _children_usage()
-    load0 = [round(v, 2) for v in os.getloadavg()]
-    t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        try:
-            proc = subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=out.parent)
-            rc: int | str = proc.returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-    wall = time.perf_counter() - t0
-    cpu1, peak = _children_usage()
+        run = provenance.run_child(argv, timeout_s=timeout_s, stdout=log, env=env, cwd=out.parent)
+    prov.model(f"timm:{model}", provenance.build_model_sha256(out))
     text = log_path.read_text(errors="replace")
-    record = {"model": model, "command": " ".join(["mpdeploy", *argv[3:]]), "returncode": rc,
-              "wall_s": round(wall, 1), "cpu_s": round(cpu1 - cpu0, 1), "peak_rss_mib_any_child": round(peak),
-              "loadavg_before": load0, "loadavg_after": [round(v, 2) for v in os.getloadavg()],
-              "within_goal_wall": wall <= GOAL_S,
+    record = {"model": model, "command": " ".join(["mpdeploy", *argv[3:]]), **run.record(),
+              "within_goal_wall": run.wall_s <= GOAL_S,
               "progress_lines": sum("ETA" in line or "done in" in line for line in text.splitlines()),
               "log_tail": text.splitlines()[-6:]}
     audit_json = out / "audit" / "audit.json"
@@ -94,18 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     models = ["test_resnet"] if args.smoke else args.models.split(",")
     extra = ["--input-shape", "3,32,32", "--batch-sizes", "1,4"] if args.smoke else []
     out_json = args.out or (Path(tempfile.mkdtemp(prefix="build_e2e_")) / "build_e2e.json" if args.smoke else RESULTS)
-    import torch
-
-    results = {"machine": {**machine(), "torch": torch.__version__},
+    prov = provenance.begin(__file__, argv)
+    results = {"shared": "2-core machine shared with other jobs: wall time is inflated by them, see the load averages",
                "command": "python benchmarks/build_e2e.py" + (" --smoke" if args.smoke else ""),
                "goal_s_per_model": GOAL_S, "builds": []}
     with tempfile.TemporaryDirectory(prefix="build_e2e_") as tmp:
         for model in models:
-            record = run_build(model, Path(tmp) / model, extra, args.timeout)
+            record = run_build(model, Path(tmp) / model, extra, args.timeout, prov)
             results["builds"].append(record)
             print(json.dumps({k: record[k] for k in ("model", "returncode", "wall_s", "cpu_s")}), flush=True)
-            out_json.parent.mkdir(parents=True, exist_ok=True)
-            out_json.write_text(json.dumps(results, indent=2) + "\n")
+            provenance.write_results(out_json, results, prov)  # after every build: a partial run keeps its rows
     print(f"wrote {out_json}")
     return 0 if all(r["returncode"] == 0 or r["returncode"] == 1 for r in results["builds"]) else 1
 

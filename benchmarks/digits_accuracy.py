@@ -45,7 +45,8 @@ from mpdeploy.errors import MpdeployError  # noqa: E402
 from mpdeploy.patterns import NM  # noqa: E402
 from mpdeploy.prune import PruneConfig, load_pruned, prune  # noqa: E402
 from mpdeploy.zoo import load_zoo_model  # noqa: E402
-from mpdeploy.machine import cpu_model
+from mpdeploy.machine import cpu_model  # noqa: E402
+import provenance  # noqa: E402  (benchmarks/provenance.py, beside this script)
 
 logger = logging.getLogger("digits_accuracy")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("mpdeploy").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    prov = provenance.begin(__file__, argv)
     results = {"command": "python " + " ".join([f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]),
                "machine": machine_info(), "models": {}}
     with tempfile.TemporaryDirectory(prefix="digits_accuracy-") as tmp:
@@ -269,8 +271,10 @@ def main(argv: list[str] | None = None) -> None:
             bench = Bench(model, Path(tmp), args.distill_epochs)
             (run_smoke if args.smoke else run_model)(bench)
             results["test_images"] = int(len(bench.y))
+            prov.zoo(model)
             results["models"][model] = {"input_shape": list(bench.shape), "rows": bench.rows,
-                                        "seconds": round(time.perf_counter() - t_model, 1)}
+                                        "seconds": round(time.perf_counter() - t_model, 1),
+                                        "model_sha256": prov.models[f"zoo:{model}"]["sha256"]}
     results["seconds"] = round(time.perf_counter() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     previous = args.out / "digits_accuracy.json"
@@ -279,12 +283,13 @@ def main(argv: list[str] | None = None) -> None:
         for model, block in old.get("models", {}).items():
             if model not in results["models"]:
                 block.setdefault("machine", old.get("machine"))
+                block.setdefault("provenance", old.get("provenance"))  # measured by another run
                 block.setdefault("command", old.get("command"))
                 results["models"][model] = block
     for block in results["models"].values():
         block.setdefault("machine", results["machine"])
         block.setdefault("command", results["command"])
-    (args.out / "digits_accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
+    results = provenance.write_results(args.out / "digits_accuracy.json", results, prov)
     (args.out / "digits_accuracy.md").write_text(render(results) + "\n")
     logger.info("wrote %s (%.0f s)", args.out / "digits_accuracy.json", results["seconds"])
 

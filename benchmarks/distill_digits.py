@@ -30,7 +30,8 @@ from mpdeploy import artifacts  # noqa: E402
 from mpdeploy.data import load_images  # noqa: E402
 from mpdeploy.distill import PAPER_LR, DistillConfig, distill, evaluate  # noqa: E402
 from mpdeploy.prune import PruneConfig, load_pruned, prune  # noqa: E402
-from mpdeploy.zoo import load_zoo_model, zoo_root  # noqa: E402
+from mpdeploy.zoo import load_zoo_model, zoo_sha256  # noqa: E402
+import provenance  # noqa: E402  (benchmarks/provenance.py, beside this script)
 
 logger = logging.getLogger("distill_digits")
 
@@ -82,10 +83,9 @@ def run_model(name: str, work: Path, epochs: int, lr: float | None, sweep: list[
         r = artifacts.read_manifest(swept, "pruned", verify=False)["distill"]
         lr_sweep.append({"paper_lr_x": scale, "lr": swept_lr, "distilled_top1": round(r["top1_after"], 2),
                          "final_loss": round(r["epochs"][-1]["loss"], 4), "seconds": round(time.perf_counter() - t1, 1)})
-    zoo_manifest = zoo_root() / name / artifacts.MANIFEST
     return {
         "model": name,
-        "zoo_manifest_sha256": artifacts.sha256_file(zoo_manifest) if zoo_manifest.is_file() else None,
+        "zoo_weights_sha256": zoo_sha256(name),
         "params": sum(p.numel() for p in loaded.module.parameters()),
         "pattern": "2:4",
         "budget": "uniform",
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    prov = provenance.begin(__file__, argv)
     result = {
         "benchmark": "distill_digits",
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
@@ -170,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             r = run_model(name, work, args.epochs, args.lr, [float(v) for v in args.sweep.split(",") if v])
             logger.info("%s: dense %.2f, pruned %.2f, distilled %.2f", name, r["dense_top1"], r["pruned_top1"],
                         r["distilled_top1"])
-            result["results"].append(r)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    artifacts.write_json(args.out, result)
+            prov.zoo(name)
+            result["results"].append({**r, "model_sha256": prov.models[f"zoo:{name}"]["sha256"]})
+    result = provenance.write_results(args.out, result, prov)
     artifacts.atomic_write_text(args.out.with_suffix(".md"), markdown(result))
     return 0 if args.smoke or all(r["within_1pt"] for r in result["results"]) else 1
 

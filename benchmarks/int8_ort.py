@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import provenance  # noqa: E402  (benchmarks/provenance.py, beside this script)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
@@ -160,18 +161,19 @@ def main() -> int:
     models = ["zoo:digits_cnn"] if args.smoke else ["zoo:digits_vit", "zoo:digits_cnn"]
     reps = 5 if args.smoke else args.reps
     batches = [1] if args.smoke else [1, 32]
+    prov = provenance.begin(__file__)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     results = {"machine": machine(args.threads), "smoke": args.smoke, "reps": reps, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
             results["models"][model] = run_model(model.split(":", 1)[1], Path(tmp), args.threads, reps, batches)
+            prov.zoo(model.split(":", 1)[1])
     results["wall_seconds"] = time.perf_counter() - wall0
     results["cpu_seconds"] = time.process_time() - cpu0
     results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results["machine"]["loadavg_end"] = [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
     target = args.out or RESULTS / ("int8_ort.smoke.json" if args.smoke else "int8_ort.json")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(results, indent=2) + "\n")
+    provenance.write_results(target, results, prov)
     print(json.dumps({m: {"top1": r["top1"], "latency": r.get("latency")} for m, r in results["models"].items()},
                      indent=1))
     return 0

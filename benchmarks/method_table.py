@@ -37,7 +37,8 @@ from mpdeploy.machine import cpu_model  # noqa: E402
 from mpdeploy.models import LoadedModel  # noqa: E402
 from mpdeploy.prune import PruneConfig, prune_model  # noqa: E402
 from mpdeploy.saliency import DEFAULT_CALIB_SALIENCY, list_saliencies  # noqa: E402
-from mpdeploy.zoo import digits_top1, load_zoo_model  # noqa: E402
+from mpdeploy.zoo import digits_top1, list_zoo_models, load_zoo_model  # noqa: E402
+import provenance  # noqa: E402  (benchmarks/provenance.py, beside this script)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # mp / damage: weight-space damage (with / without the MP signal); sensitivity / mp-sensitivity: the same
@@ -188,10 +189,15 @@ def main() -> None:
     saliencies = [s for s in list_saliencies() if not (args.smoke and s == "block-cost")]
     base = PruneConfig(calib="digits", budget="uniform", saliency="magnitude")
     work = Path(tempfile.mkdtemp(prefix="method_table-"))
+    prov = provenance.begin(__file__)
     table: dict[str, dict] = {}
     diagnosis: dict[str, dict] = {}
     for name in models:
         loaded = load(name, args.cache)
+        if name in list_zoo_models():
+            prov.zoo(name)
+        else:
+            prov.module(name, loaded.module, "trained inside this benchmark: sha256 of its state dict")
         rows = {"dense": {"top1": round(100 * digits_top1(loaded.module, loaded.input_shape), 2)}}
         state = {k: v.clone() for k, v in loaded.module.state_dict().items()}
 
@@ -228,8 +234,7 @@ def main() -> None:
               "modelopt": modelopt_status(args.modelopt_python), "models": table,
               "input_column_norms": diagnosis}
     target = args.out or RESULTS / ("method_table_smoke.json" if args.smoke else "method_table.json")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(result, indent=2) + "\n")
+    result = provenance.write_results(target, result, prov)
     target.with_suffix(".md").write_text(markdown(result))
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import provenance  # noqa: E402  (benchmarks/provenance.py, beside this script)
 
 CHILD = r'''
 import json, sys, time, copy, torch, timm
@@ -59,6 +60,14 @@ print("RESULT " + json.dumps(out))
 '''
 
 
+def modelopt_versions(python: str) -> dict:
+    """ModelOpt's, torch's and timm's versions inside ModelOpt's own venv (the ones that made the rows)."""
+    code = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
+            "('nvidia-modelopt', 'torch', 'timm')}))")
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    return json.loads(proc.stdout) if proc.returncode == 0 else {"error": proc.stderr.strip()[-300:]}
+
+
 def main() -> None:
     from safetensors.torch import save_file
 
@@ -76,8 +85,10 @@ def main() -> None:
     parser.add_argument("--note", default="CPU, 1 thread, 2-core machine; calibration 128 digits images")
     args = parser.parse_args()
     path = Path(__file__).resolve().parent / "results" / "modelopt_rows.json"
+    prov = provenance.begin(__file__)
+    venv = {"python": args.modelopt_python, "versions": modelopt_versions(args.modelopt_python)}
     results = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "loadavg_1m": round(os.getloadavg()[0], 2),
-               "note": args.note, "models": {}}
+               "note": args.note, "modelopt_venv": venv, "models": {}}
     if path.exists():  # keep the other models' rows (each records when it ran)
         results["models"] = json.loads(path.read_text()).get("models", {})
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,9 +96,11 @@ def main() -> None:
             if name in EXTRA:
                 loaded = train_extra(name, args.cache)
                 arch, kwargs = EXTRA[name][0], EXTRA[name][1]
+                prov.module(name, loaded.module, "trained by method_table.py: sha256 of its state dict")
             else:
                 loaded = load_zoo_model(name)
                 arch, kwargs = _entry(name).arch, _entry(name).kwargs
+                prov.zoo(name)
             x, y = digits_tensors(loaded.input_shape, "test")
             calib, _ = digits_tensors(loaded.input_shape, "calib")
             torch.save({"test_x": x, "test_y": y, "calib": calib[:128]}, f"{tmp}/{name}.pt")
@@ -102,8 +115,10 @@ def main() -> None:
             results["models"][name] = (json.loads(line[7:]) if line else
                                        {"error": f"not measured here: exit {proc.returncode}: {proc.stderr[-500:]}"})
             results["models"][name]["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            results["models"][name]["modelopt_venv"] = venv
+            results["models"][name]["model_sha256"] = prov.models[name if name in EXTRA else f"zoo:{name}"]["sha256"]
             print(name, results["models"][name], flush=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    provenance.write_results(path, results, prov)
 
 
 if __name__ == "__main__":

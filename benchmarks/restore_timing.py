@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+import provenance
 
 FULL = {"resnet50": ["layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv1", "layer4.0.conv1"],
         "vit_base_patch16_224": ["blocks.0.attn.qkv", "blocks.5.attn.proj"]}
@@ -43,6 +42,7 @@ def run_one(name: str, layers: list[str], calib_images: int, held_images: int, t
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
+    model_sha256 = provenance.state_dict_sha256(model)
     g = torch.Generator().manual_seed(1)
     images = torch.randn(calib_images + held_images, 3, 224, 224, generator=g)
     calib, held = list(images[:calib_images].split(8)), list(images[calib_images:].split(8))
@@ -94,15 +94,7 @@ def run_one(name: str, layers: list[str], calib_images: int, held_images: int, t
     return {"restore_wall_s": round(wall, 2), "restore_cpu_s": round(cpu, 2), "layers": len(report),
             "layers_improved": improved, "slowest_layers_wall_s": [[n, round(s, 2)] for s, n in slowest],
             "calib_images": calib_images, "held_out_images": held_images, "torch_threads": threads,
-            "layer_error_comparison": compare,
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
-
-
-def machine() -> dict:
-    from mpdeploy.machine import cpu_model
-
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "loadavg_1m_at_start": round(os.getloadavg()[0], 2)}
+            "layer_error_comparison": compare, "model_sha256": model_sha256}
 
 
 def main() -> None:
@@ -128,31 +120,32 @@ def main() -> None:
         name = args.child[0]
         print("RESULT " + json.dumps(run_one(name, models[name], calib_images, held_images, args.threads)))
         return
-    import torch
-
-    results = {"machine": {**machine(), "torch": torch.__version__},
-               "command": "python benchmarks/restore_timing.py" + (" --smoke" if args.smoke else ""),
+    prov = provenance.begin(__file__)
+    results = {"command": "python benchmarks/restore_timing.py" + (" --smoke" if args.smoke else ""),
                "note": args.note,
                "config": {"pattern": "2:4", "saliency": "magnitude", "budget": "uniform", "init": "timm random",
                           "calib": "N(0,1) noise images 3x224x224"},
                "goal": "restore <= 60 s on 2 cores for resnet50 and vit_base_patch16_224; error within a few % of exact",
                "models": {}}
     path = args.out or Path(__file__).parent / "results" / ("restore_timing_smoke.json" if args.smoke else "restore_timing.json")
-    if path.exists():  # keep the other models' measurements (each records its own machine state)
-        results["models"] = json.loads(path.read_text()).get("models", {})
+    if path.exists():  # keep the other models' measurements (each records its own provenance)
+        old = json.loads(path.read_text())
+        results["models"] = {n: {"provenance": old.get("provenance", old.get("machine")), **r}
+                             for n, r in old.get("models", {}).items() if n not in models}
     for name in models:
         cmd = [sys.executable, __file__, "--child", name, "x", "--threads", str(args.threads),
                "--calib-images", str(calib_images), "--held-images", str(held_images)]
         if args.smoke:
             cmd.append("--smoke")
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        print(out.stdout)
-        line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
-        results["models"][name] = {**json.loads(line[len("RESULT "):]), "date": machine()["date"],
-                                   "loadavg_1m_at_end": round(os.getloadavg()[0], 2)}
-    results["machine"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+        run = provenance.run_child(cmd)  # peak RSS of this child alone
+        if run.returncode != 0:
+            raise SystemExit(f"restore of {name} failed ({run.returncode}):\n{run.stderr[-3000:]}")
+        print(run.stdout)
+        line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))
+        record = json.loads(line[len("RESULT "):])
+        prov.model(f"timm:{name}", record.pop("model_sha256"), "sha256 of the random-init state dict (seed 0)")
+        results["models"][name] = {**record, **run.record()}
+    provenance.write_results(path, results, prov)
     print(json.dumps({n: {k: v for k, v in r.items() if k != "layer_error_comparison"} for n, r in results["models"].items()}, indent=1))
 
 

@@ -33,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mpdeploy.tome import apply_tome, tome_mac_ratio, tome_token_counts  # noqa: E402
-from mpdeploy.machine import cpu_model
+from mpdeploy.machine import cpu_model  # noqa: E402
+import provenance  # noqa: E402  (benchmarks/provenance.py, beside this script)
 
 logger = logging.getLogger("tome_ort_latency")
 RESULTS = Path(__file__).resolve().parent / "results" / "tome_ort_latency.json"
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.model, args.r, args.batches, args.warmup, args.reps, args.reps_large = "vit_tiny_patch16_224", [8], [1], 1, 2, 1
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    prov = provenance.begin(__file__, argv)
     torch.manual_seed(0)
     variants = [("dense", 0)] + [(f"tome_r{r}", r) for r in args.r]
     input_shape = (1, 3, 224, 224)
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name, r in variants:
             torch.manual_seed(0)  # same weights for every variant
             model = timm.create_model(args.model, pretrained=False).eval()
+            if not r:
+                prov.module(f"timm:{args.model}", model, "sha256 of the random-init state dict (seed 0)")
             ratio = tome_mac_ratio(model, r, input_shape)
             counts = tome_token_counts(model, r)
             if r:
@@ -186,8 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
         "goal": "fraction_of_mac_ratio >= 0.85",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    report = provenance.write_results(args.out, report, prov)
     logger.info("wrote %s", args.out)
     return report
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import provenance  # noqa: E402  (benchmarks/provenance.py, beside this script)
 
 logger = logging.getLogger("torch_sparse_speed")
 RESULTS = Path(__file__).resolve().parent / "results" / "torch_sparse_speed.json"
@@ -106,6 +107,7 @@ def bench_model(name: str, shape, args, work: Path) -> dict:
     model, shape = art.model, art.input_shape
     plans = {k: plan_conversion(model, k, args.precision, args.conv1x1) for k in args.kernels}
     entry: dict = {
+        "model_sha256": provenance.file_sha256(pruned / "dense.safetensors"),
         "input_shape": list(shape),
         "precision": args.precision,
         "conv1x1": args.conv1x1,
@@ -183,15 +185,17 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2)
 
     names = [m for m in args.models.split(",") if m]
+    prov = provenance.begin(__file__, argv)
     result = {"schema": "mpdeploy.bench.torch_sparse_speed/1", "dry_run": args.dry_run, "machine": machine_info(),
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "models": {}}
     with tempfile.TemporaryDirectory(prefix="torch_sparse_bench_") as tmp:
         for name in names:
             result["models"][name] = bench_model(name, MODELS.get(name), args, Path(tmp))
+            prov.model(f"timm:{name}", result["models"][name]["model_sha256"],
+                       "sha256 of pruned/dense.safetensors (random init, seed 0)")
     out = args.out or (None if args.dry_run else RESULTS)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        result = provenance.write_results(out, result, prov)
         logger.info("wrote %s", out)
     else:
         print(json.dumps({n: {k: len(v["converted"]) for k, v in m["conversion"].items()}

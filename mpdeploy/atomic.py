@@ -76,6 +76,9 @@ def os_error_message(exc: OSError, path: Path | str) -> str | None:
         return f"disk full while writing {path}; free space there or choose another --out (nothing was kept)"
     if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
         return f"path too long: {str(path)[:80]}...; choose a shorter --out (each name under 255 bytes)"
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM):
+        return (f"permission denied: {exc.filename or path}; check that you may read it (an input) or write "
+                "there (choose another --out)")
     return None
 
 

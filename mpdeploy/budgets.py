@@ -4,7 +4,7 @@ Budgets live in a registry (`register_budget`, timm `register_model` style); the
 from `list_budgets()`. Built in:
 
 - `uniform`: the one pattern on every eligible layer (the baseline `mp` must beat).
-- `mp` (Spectral Edge Budgeting, method.md section 2): each layer's Marchenko-Pastur signal gives a
+- `mp` (Spectral Edge Budgeting, docs/method.md section 2): each layer's Marchenko-Pastur signal gives a
   weight w_l = max(0.1, 1 + beta * d(s) * z_l); a layer/pattern choice costs damage / w_l, where
   damage is the share of squared saliency the mask removes. Starting from all-dense, the cheapest
   MAC saving per unit cost is taken greedily until the global MAC-reduction target is met.
@@ -41,7 +41,7 @@ DEFAULT_MP_TARGET_FRACTION = 0.9
 
 
 def seb_schedule(sparsity: float) -> tuple[float, float]:
-    """(beta, s_d) for overall sparsity s, from the paper's sweep (method.md section 2)."""
+    """(beta, s_d) for overall sparsity s, from the paper's sweep (docs/method.md section 2)."""
     if sparsity <= 0.4:
         return 1.0, 0.5
     if sparsity <= 0.55:

@@ -5,7 +5,12 @@
     engines/<name>/onnx/              export artifact (source: distilled/ or pruned/)
     engines/<name>/engine-<backend>/  the two engines (sources: onnx/ and the same weights)
     engines/<name>/audit/             the audit (sources: the engine and the weights it was built from)
+    engines/<name>/densified/         with --sparse on trt / torch: pruned/ (the layers the engine ran dense,
+                                      dense again; sources: the weights and the engine), onnx/, engine-<backend>/,
+                                      audit/ -- one densify round, on by default (`densify=False` turns it off)
     engines/<name>/build_summary.json what the last run did per stage (built / reused / skipped, seconds)
+
+Pruning is for the backend (`PruneConfig.backend`): only the layers it can run sparse.
 
 Each stage runs through `mpdeploy.stages.run_stage`: one reuse rule (config hash + input manifest
 hashes + every file's hash, the chain behind it verified), and writes through `artifacts.atomic_dir`,
@@ -29,19 +34,30 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mpdeploy import artifacts
 from mpdeploy.artifacts import clean_stale_temps  # noqa: F401  (old import path)
 from mpdeploy.backends.base import REGISTRY, BuildConfig, create_backend, resolve_backend
 from mpdeploy.engines import ENGINE_KIND, build_engines, options_for  # noqa: F401
 from mpdeploy.errors import MpdeployError
-from mpdeploy.stages import StageResult, audit_stage, distill_stage, export_stage, prune_stage
+from mpdeploy.stages import (
+    StageResult,
+    audit_stage,
+    densify_stage,
+    distill_stage,
+    export_stage,
+    prune_stage,
+    sparse_use_check,
+)
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[..., None]
 SUMMARY_SCHEMA = "mpdeploy.build_summary/1"
 SUMMARY_FILE = "build_summary.json"
+DENSIFIED = "densified"  # the densify round's sub-root: pruned/, onnx/, engine-<backend>/, audit/
+SPARSE_BACKENDS = ("trt", "torch")  # backends whose reports say, per layer, what ran sparse
 _NAME_RE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -56,6 +72,8 @@ class BuildStageConfig:
     out: Path | None = None  # the engine folder itself (overrides out_root / name)
     force: bool = False
     audit: bool = True
+    densify: bool = True  # with sparse: give the layers the engine ran dense back once, rebuild, audit
+    slow_layers: Path | None = None  # layers whose sparse kernel timed slower on the GPU (densify gives them back)
 
     def __post_init__(self) -> None:
         if self.backend != "auto" and self.backend not in REGISTRY:
@@ -126,7 +144,7 @@ def _check_root(root: Path) -> None:
         raise MpdeployError(f"--out {root} is a file; pass a folder (e.g. engines/<name>)")
     if not root.is_dir():
         return
-    ours = {"pruned", "distilled", "onnx", "audit", "analyze", SUMMARY_FILE}
+    ours = {"pruned", "distilled", "onnx", "audit", "analyze", DENSIFIED, SUMMARY_FILE}
     foreign = [p.name for p in root.iterdir() if not p.name.startswith(".") and p.name not in ours
                and not p.name.startswith("engine-")]
     if foreign:
@@ -141,6 +159,73 @@ def _audit_config(audit_config, backend_name: str, build_config: BuildConfig):
         # The engines serve exactly these batch sizes (a TensorRT profile ends at the largest).
         return AuditConfig(backend=backend_name, batch_sizes=tuple(build_config.batch_sizes))
     return dataclasses.replace(audit_config, backend=backend_name)
+
+
+def prune_for(prune_config, backend_name: str, precision: str, build_config: BuildConfig):
+    """Prune only what `backend_name` runs sparse (unless the config names a backend already). Dense-only builds
+    too: their prune is the one a later --sparse build of the same backend reuses."""
+    if prune_config.backend is not None:
+        return prune_config
+    options = tuple((k, v) for k, v in build_config.backend_options if k in ("kernel", "conv1x1"))
+    return dataclasses.replace(prune_config, backend=backend_name, backend_precision=precision, backend_options=options)
+
+
+def _audit(engine_dir: Path, audit_config, build_config: BuildConfig, stage: BuildStageConfig, progress,
+           name: str = "audit") -> StageResult:
+    if audit_config is None:
+        return StageResult(name, "skipped", 0.0, None, {"reason": "--no-audit"})
+    if "sparse" not in stage.variants:
+        logger.info("audit skipped: a dense-only build has no sparse engine to compare")
+        return StageResult(name, "skipped", 0.0, None, {"reason": "dense-only build (no --sparse)"})
+    result = audit_stage(engine_dir, audit_config, build_config, stage.force, progress)
+    result.stage = name
+    return result
+
+
+def _densify_round(root: Path, engine: StageResult, first_audit: StageResult, backend_name: str, backend_reason: str,
+                   export_config, build_config: BuildConfig, audit_config, stage: BuildStageConfig,
+                   progress) -> list[StageResult]:
+    """Once: give back the layers the engine ran dense, export, rebuild, audit; compare with the first round."""
+    if not stage.sparse:
+        return []
+    if not stage.densify:
+        return [StageResult("densify", "skipped", 0.0, None, {"reason": "--no-densify"})]
+    if backend_name not in SPARSE_BACKENDS:
+        return [StageResult("densify", "skipped", 0.0, None, {
+            "reason": f"{backend_name}: no per-layer report of sparse use (ONNX Runtime on CPU has no sparse kernels; "
+                      "the model was pruned for TensorRT's rules, for a later GPU build)"})]
+    from mpdeploy.densify.stage import DensifyConfig
+
+    sub = root / DENSIFIED
+    config = DensifyConfig(slow_layers=str(stage.slow_layers) if stage.slow_layers else None)
+    densified = densify_stage(engine.path, sub / "pruned", config, stage.force, progress)
+    if densified.status == "skipped":
+        return [densified]
+    out = [densified]
+    exported = export_stage(export_config, sub / "pruned", sub / "onnx", stage.force, progress)
+    exported.stage = "export:densified"
+    rebuilt = build_engines(sub / "onnx", backend_name, build_config, variants=stage.variants, force=stage.force,
+                            progress=progress, backend_reason=backend_reason)
+    rebuilt.stage = "build:densified"
+    audited = _audit(rebuilt.path, audit_config, build_config, stage, progress, "audit:densified")
+    out += [exported, rebuilt, audited]
+    densified.details["check"] = sparse_use_check(engine.path, rebuilt.path, densified.details)
+    densified.details["before_after"] = before_after(first_audit, audited)
+    return out
+
+
+def before_after(first: StageResult, second: StageResult) -> dict[str, list]:
+    """Top-1 and speed of the first engine and the densified one, from their audits ([before, after])."""
+    def numbers(audit: StageResult) -> dict[str, Any]:
+        summary = audit.details.get("summary") or {}
+        speed = {int(k): v for k, v in (summary.get("speedup_p50") or {}).items() if isinstance(v, (int, float))}
+        return {"passed": audit.details.get("passed"), "top1_sparse": summary.get("top1_sparse"),
+                "top1_dense": summary.get("top1_dense"), "agreement": summary.get("agreement"),
+                "speedup_p50_largest_batch": speed[max(speed)] if speed else None,
+                "largest_batch": max(speed) if speed else None}
+
+    a, b = numbers(first), numbers(second)
+    return {k: [a[k], b[k]] for k in a}
 
 
 def run_build(model, prune_config, export_config, build_config: BuildConfig, stage: BuildStageConfig,
@@ -160,6 +245,7 @@ def run_build(model, prune_config, export_config, build_config: BuildConfig, sta
                                             calib=export_config.calib or build_config.calib)
         logger.info("%s + %s: exporting model.%s.onnx beside the FP32 files", backend_name, precision, precision)
     logger.info("backend %s", backend_reason)
+    prune_config = prune_for(prune_config, backend_name, precision, build_config)
     audit_config = _audit_config(audit_config, backend_name, build_config) if stage.audit else None
     if stage.out is not None:
         _check_root(Path(stage.out))
@@ -185,13 +271,9 @@ def run_build(model, prune_config, export_config, build_config: BuildConfig, sta
     engine = build_engines(root / "onnx", backend_name, build_config, variants=stage.variants, force=stage.force,
                            progress=progress, backend_reason=backend_reason)
     stages.append(engine)
-    if audit_config is None:
-        stages.append(StageResult("audit", "skipped", 0.0, None, {"reason": "--no-audit"}))
-    elif "sparse" not in stage.variants:
-        logger.info("audit skipped: a dense-only build has no sparse engine to compare")
-        stages.append(StageResult("audit", "skipped", 0.0, None, {"reason": "dense-only build (no --sparse)"}))
-    else:
-        stages.append(audit_stage(engine.path, audit_config, build_config, stage.force, progress))
+    stages.append(_audit(engine.path, audit_config, build_config, stage, progress))
+    stages += _densify_round(root, engine, stages[-1], backend_name, backend_reason, export_config, build_config,
+                             audit_config, stage, progress)
     result = BuildResult(root, backend_name, backend_reason, stages)
     artifacts.write_json(root / SUMMARY_FILE, {
         "schema": SUMMARY_SCHEMA,

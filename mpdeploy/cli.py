@@ -11,10 +11,12 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 
 from mpdeploy import __version__
 from mpdeploy.errors import MpdeployError
+from mpdeploy.trust import granted_by
 
 COMMANDS = {
     "analyze": "fit the Marchenko-Pastur bulk of every layer; write spectra.json and plots",
@@ -25,7 +27,9 @@ COMMANDS = {
     "audit": "measure latency and accuracy of the sparse engine against its dense twin",
     "report": "compare several audits side by side",
     "distill": "short recovery: distill the dense teacher into the pruned student, masks frozen",
+    "densify": "give the layers an engine ran dense their dense weights back (a new pruned artifact)",
     "ship": "write a Triton Inference Server model repository entry for an audited engine",
+    "sweep": "run many build chains on Ray; the fastest engine within an accuracy budget, and the frontier",
 }
 
 
@@ -82,8 +86,14 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    whole_process = argv is None  # the console script / `python -m mpdeploy`, not an in-process caller
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Run one command line. Without `argv` (the console script, `python -m mpdeploy`) this call is the
+    whole process and also owns Ctrl-C (see `_whole_process`); with `argv` it only runs the command."""
+    if argv is None:
+        return _whole_process(sys.argv[1:])
+    return _run(list(argv))
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser(only=_command_in(argv) or "")
     args = parser.parse_args(argv)
     if not getattr(args, "_main", None):
@@ -91,21 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _configure_logging(args.verbose, args.quiet)
     try:
-        return int(args._main(args) or 0)
+        with granted_by(args):  # code from model files / manifests runs only if this command line says so
+            return int(args._main(args) or 0)
     except MpdeployError as exc:
         print(f"mpdeploy {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"mpdeploy {args.command}: interrupted; no partial artifact was kept", file=sys.stderr)
-        if whole_process:
-            # The stage has cleaned up (atomic folders) by now. Leave at once: under load, interpreter
-            # shutdown after an interrupted export sometimes ended by the signal itself (exit -2, not
-            # 130; seen in test_faults_chain), past any handler of ours.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            logging.shutdown()
-            os._exit(130)
-        return 130
+        _say_interrupted(args.command)
+        return INTERRUPTED
     except OSError as exc:  # a full disk or an over-long path anywhere: one line, not a traceback
         from mpdeploy.artifacts import os_error_message
 
@@ -114,6 +117,58 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mpdeploy {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
+
+
+def _say_interrupted(command: str | None) -> None:
+    name = f"mpdeploy {command}" if command else "mpdeploy"
+    print(f"{name}: interrupted; no partial artifact was kept", file=sys.stderr)
+
+
+class _CtrlC:
+    """The process's SIGINT handler: the first Ctrl-C raises KeyboardInterrupt, later ones are ignored
+    while the stage removes its temporary folder and the process leaves."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def __call__(self, signum, frame) -> None:
+        self.received = True
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+
+def _whole_process(argv: list[str]) -> int:
+    """The command line as a process: Ctrl-C anywhere from here on ends it with exit 130 and one line.
+
+    Why this is needed (issue 23; tests/test_faults_chain.py shows each case): Python raises
+    KeyboardInterrupt wherever the main thread happens to be. Raised outside the stage's `try`
+    (argument parsing, the command module's import, the return into sys.exit) it reached the
+    interpreter, which then kills its own process with SIGINT: exit -2 and no line. And a Ctrl-C after
+    the stage had finished, during interpreter teardown, found SIGINT back at its default action
+    (Python restores it while finalizing) and killed the process outright: -2 again. So the handler is
+    installed first, everything runs inside one `try`, and SIGINT is ignored from the moment the stage
+    has returned (an ignored signal stays ignored through teardown).
+    """
+    ctrl_c = _CtrlC()
+    signal.signal(signal.SIGINT, ctrl_c)
+    try:
+        try:
+            code = _run(argv)
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done (or given up): nothing to stop
+    except KeyboardInterrupt:  # it landed outside the stage (parsing, imports): nothing was written yet
+        _say_interrupted(_command_in(argv))
+        code = INTERRUPTED
+    if ctrl_c.received and code == INTERRUPTED:
+        # The stage has cleaned up (atomic folders); leave at once rather than wait on library teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(INTERRUPTED)
+    return code
 
 
 if __name__ == "__main__":

@@ -206,15 +206,36 @@ def read_tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     if labels is not None and (labels.shape != (images.shape[0],) or labels.is_floating_point()):
         raise MpdeployError(f"{path}: `labels` must be {images.shape[0]} integers, one per image, "
                             f"not {labels.dtype} {list(labels.shape)}")
+    check_tensor_values(path, images, labels)
     return images.float(), (labels.long() if labels is not None else None)
+
+
+def check_tensor_values(path: Path, images: torch.Tensor, labels: torch.Tensor | None,
+                        num_classes: int | None = None) -> None:
+    """Refuse values no stage can use, before any work (the same line in every stage): NaN / infinite
+    pixels, negative labels, and (given the model's `num_classes`) labels past its last output."""
+    finite = torch.isfinite(images.float())
+    if not bool(finite.all()):
+        bad = int((~finite).reshape(len(images), -1).any(dim=1).sum())
+        raise MpdeployError(f"{path}: {bad} of {len(images)} images hold NaN or infinite values; "
+                            "clean or drop them (every stage needs finite pixels)")
+    if labels is None or not len(labels):
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or (num_classes is not None and high >= num_classes):
+        allowed = f"0..{num_classes - 1}" if num_classes is not None else "0 or more"
+        raise MpdeployError(f"{path}: labels range {low}..{high} but must be {allowed} (one class index per "
+                            "image, the model's own classes)")
 
 
 def _tensor_file(path: Path, input_shape: tuple[int, ...]) -> ImageData:
     images, labels = read_tensor_file(path)
     if tuple(images.shape[1:]) != input_shape:
+        stored = ",".join(map(str, images.shape[1:]))
         raise MpdeployError(
-            f"{path} holds images of shape {','.join(map(str, images.shape[1:]))} but the model takes "
-            f"{','.join(map(str, input_shape))} (C,H,W); save the tensors at the model's input size"
+            f"{path} holds images of shape {stored} but the model takes {','.join(map(str, input_shape))} "
+            f"(C,H,W); if the model was trained at {stored}, pass --input-shape {stored}, else save the tensors "
+            "at the model's input size"
         )
     classes = int(labels.max()) + 1 if labels is not None and len(labels) else None
     y = labels if labels is not None else torch.zeros(len(images), dtype=torch.long)
@@ -308,6 +329,23 @@ def _image_folder(root: Path, input_shape: tuple[int, ...], data_config: dict[st
         ) from None
     return ImageData(dataset, "imagefolder", len(dataset.classes),
                      f"ImageFolder {root} ({len(dataset)} images; {how})")
+
+
+def shape_from_tensor_sources(sources, input_shape: tuple[int, ...], runs) -> tuple[int, ...]:
+    """The input shape to use when none was given: the model's own, unless an .npz / .safetensors data
+    source stores images of another C,H,W that the model runs (`runs(shape) -> bool`, a one-image check):
+    a model trained at 32x32 whose timm config still says 224 then takes its data's size (logged)."""
+    for source in sources:
+        path = Path(str(source or ""))
+        if path.suffix not in TENSOR_SUFFIXES or not path.is_file():
+            continue
+        stored = tuple(int(v) for v in read_tensor_file(path)[0].shape[1:])
+        if stored != tuple(input_shape) and runs(stored):
+            logger.info("input shape %s taken from %s: the model's config says %s, and the model runs %s",
+                        ",".join(map(str, stored)), path, ",".join(map(str, input_shape)),
+                        ",".join(map(str, stored)))
+            return stored
+    return tuple(input_shape)
 
 
 def check_source(source: str | None, input_shape: tuple[int, ...], data_config: dict[str, Any]) -> None:

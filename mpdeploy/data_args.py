@@ -4,6 +4,10 @@ from __future__ import annotations
 
 CROPS = ("center", "resize")
 COLORS = ("auto", "rgb", "grayscale")
+# What every data flag (--calib, --data, --eval-data, --distill-data) accepts: mpdeploy/data.py reads them.
+TENSOR_FILES = "an .npz / .safetensors of tensors (`images` [N,C,H,W] at the model's input size, optional `labels`)"
+DATA_SOURCES = f"an ImageFolder DIR, {TENSOR_FILES}, digits, or synthetic"
+LABELLED_SOURCES = f"an ImageFolder DIR, {TENSOR_FILES.replace('optional', 'with')}, or digits"
 
 
 def add_data_arguments(group) -> None:

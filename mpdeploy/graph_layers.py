@@ -1,7 +1,8 @@
 """Prunable layers for programs without Python modules: torch.export `.pt2` and TorchScript.
 
 `program.module()` of an ExportedProgram is an fx GraphModule whose convolutions and matmuls are
-`aten.conv2d` / `aten.linear` calls on `get_attr` weights. `lift_layers` rewrites each such call into
+`aten.conv2d` / `aten.linear` calls on `get_attr` weights (a traced TorchScript program's convolutions
+come through its converter as `aten.convolution`). `lift_layers` rewrites each such call into
 a real `nn.Conv2d` / `nn.Linear` submodule that owns those same parameters, at the weight's own path
 (so `c1.weight` stays `c1.weight`). Everything downstream (layer discovery, MAC-counting and
 calibration hooks, masks, ONNX export, restore, distillation) then works unchanged. TorchScript goes
@@ -26,6 +27,14 @@ logger = logging.getLogger(__name__)
 
 _CONV = "aten.conv2d.default"
 _LINEAR = "aten.linear.default"
+# What a *traced* TorchScript program's `aten::_convolution` becomes after conversion:
+# (input, weight, bias, stride, padding, dilation, transposed, output_padding, groups).
+_CONVOLUTION = "aten.convolution.default"
+_LIFTABLE = (_CONV, _LINEAR, _CONVOLUTION)
+# Ops that multiply by a weight: any of these left on a parameter after lifting is a layer mpdeploy
+# cannot see (so cannot prune, and would silently keep dense).
+_WEIGHT_OPS = (*_LIFTABLE, "aten.addmm.default", "aten.mm.default", "aten.matmul.default", "aten.conv1d.default",
+               "aten.conv3d.default", "aten._convolution.default")
 
 
 def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
@@ -42,6 +51,12 @@ def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
 
 def _layer_for(node, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module | None:
     target = str(node.target)
+    if target == _CONVOLUTION:
+        args = list(node.args) + [None] * (9 - len(node.args))
+        stride, padding, dilation, transposed, output_padding, groups = args[3:9]
+        if transposed or any(output_padding or []) or weight.dim() != 4 or isinstance(padding, str):
+            return None
+        return _conv2d(weight, bias, stride or [1, 1], padding or [0, 0], dilation or [1, 1], groups or 1)
     if target == _LINEAR and weight.dim() == 2:
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     elif target == _CONV and weight.dim() == 4:
@@ -51,15 +66,30 @@ def _layer_for(node, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Modu
                                              node.kwargs.get("dilation", dilation), node.kwargs.get("groups", groups))
         if isinstance(padding, str):
             return None
-        layer = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=tuple(stride),
-                          padding=tuple(padding), dilation=tuple(dilation), groups=int(groups), bias=bias is not None)
+        return _conv2d(weight, bias, stride, padding, dilation, groups)
     else:
         return None
-    # Share the program's own Parameter objects: the layer's weight *is* the program's weight.
+    return _share(layer, weight, bias)
+
+
+def _conv2d(weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation, groups) -> nn.Module:
+    layer = nn.Conv2d(weight.shape[1] * int(groups), weight.shape[0], tuple(weight.shape[2:]), stride=tuple(stride),
+                      padding=tuple(padding), dilation=tuple(dilation), groups=int(groups), bias=bias is not None)
+    return _share(layer, weight, bias)
+
+
+def _share(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """Share the program's own Parameter objects: the layer's weight *is* the program's weight."""
     layer.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight.detach(), requires_grad=True)
     if bias is not None:
         layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach(), requires_grad=True)
     return layer
+
+
+def unlifted_weight_ops(gm: fx.GraphModule) -> int:
+    """How many weight-multiplying ops still read a parameter directly (not lifted into a layer)."""
+    return sum(1 for node in gm.graph.nodes if node.op == "call_function" and str(node.target) in _WEIGHT_OPS
+               and any(_attr(gm, a) is not None for a in node.args[1:3]))
 
 
 def lift_layers(gm: fx.GraphModule) -> fx.GraphModule:
@@ -70,7 +100,7 @@ def lift_layers(gm: fx.GraphModule) -> fx.GraphModule:
             uses[node.target] = len(node.users)
     lifted = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or str(node.target) not in (_CONV, _LINEAR):
+        if node.op != "call_function" or str(node.target) not in _LIFTABLE:
             continue
         w_node = node.args[1] if len(node.args) > 1 else None
         b_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -186,5 +216,13 @@ def torchscript_module(script: torch.jit.ScriptModule, input_shape: tuple[int, .
     except Exception as exc:
         logger.debug("could not drop export guards: %s", exc)
     plain = lift_layers(gm)
+    left = unlifted_weight_ops(plain)
+    if left:
+        lifted = sum(1 for m in plain.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+        raise MpdeployError(
+            f"{what}: {left} of {left + lifted} conv / linear ops in this TorchScript program could not be lifted into "
+            "layers mpdeploy can prune (they would stay dense, unseen); save it with torch.jit.script, as a "
+            "torch.export .pt2, or as a state_dict / safetensors with --arch"
+        )
     _check_batch(plain, input_shape, what)
     return plain.eval()

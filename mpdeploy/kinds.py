@@ -183,3 +183,23 @@ class AuditFolder(ArtifactFolder):
 
 KINDS: dict[str, type[ArtifactFolder]] = {c.KIND: c for c in (PrunedFolder, DistilledFolder, OnnxFolder,
                                                         EngineFolder, AuditFolder)}
+
+
+# --- sweep (mpdeploy.sweep): the sweep's own artifacts -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScreenFolder(ArtifactFolder):
+    """A sweep's first look at pruned weights: accuracy.json (PyTorch, sparse vs dense); source "weights"."""
+
+    KIND: ClassVar[str] = "screen"
+
+
+@dataclass(frozen=True)
+class SweepFolder(ArtifactFolder):
+    """sweep.json, sweep.md, frontier.png; sources "audit:<trial>" / "screen:<trial>" for every row read."""
+
+    KIND: ClassVar[str] = "sweep"
+
+
+KINDS.update({c.KIND: c for c in (ScreenFolder, SweepFolder)})

@@ -7,8 +7,9 @@ No code from a model file runs without `trust_pickle=True`, whatever its format:
   and falls back to `torch.load(weights_only=False)` for example inputs and for its legacy format.
 Plain weights (state dicts through `torch.load(weights_only=True)`, safetensors) need no trust.
 
-A later stage rebuilds a pickle / TorchScript / `.pt2` model by re-opening the original file under
-the trust recorded in the prune manifest, after checking the file still has the recorded sha256.
+A later stage rebuilds a pickle / TorchScript / `.pt2` model by re-opening the original file, after
+checking it still has the recorded sha256, and only with --trust-pickle on its own command line
+(`mpdeploy.trust`): what the prune manifest records about trust is information, not permission.
 """
 
 from __future__ import annotations
@@ -181,6 +182,19 @@ def example_input_shape(program) -> tuple[int, ...] | None:
     return None
 
 
+def _granted_for(path: Path, kind: str) -> bool:
+    """Re-opening needs --trust-pickle on this command line: the manifest's `trust_pickle` (which anyone
+    can write and re-hash) grants nothing."""
+    from mpdeploy import trust
+
+    if not trust.current().pickle:
+        raise MpdeployError(
+            f"the pruned manifest records model file {path} ({kind}, loaded with --trust-pickle at prune time; a "
+            f"manifest grants no trust): {_WHY[kind]}; pass --trust-pickle to this command if you trust that file"
+        )
+    return True
+
+
 def reopen(source: dict[str, Any]) -> nn.Module:
     """The model of a pickle / TorchScript / .pt2 source, re-opened under its recorded trust and hash."""
     from mpdeploy import graph_layers
@@ -195,7 +209,7 @@ def reopen(source: dict[str, Any]) -> nn.Module:
         raise MpdeployError(
             f"{path} changed since it was pruned (sha256 differs from the manifest); re-run prune on the new file"
         )
-    trust = bool(source.get("trust_pickle"))
+    trust = _granted_for(path, kind)
     if kind == "pickle":
         obj = load_pickle_module(path, trust)
         if not isinstance(obj, nn.Module):

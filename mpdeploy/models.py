@@ -25,6 +25,7 @@ from mpdeploy.model_args import (  # noqa: F401 (re-exported: the commands impor
     parse_model_kwargs,
     spec_from_args,
 )
+from mpdeploy.timm_models import create_timm_model, timm_module
 
 logger = logging.getLogger(__name__)
 
@@ -60,57 +61,10 @@ class LoadedModel:
         return getattr(self.module, "num_classes", None)
 
 
-def _timm():
-    try:
-        import timm
-    except ImportError:
-        raise MpdeployError("timm is not installed; run `pip install timm` (the README's setup does this)") from None
-    return timm
-
-
-def create_timm_model(name: str, weights: str = "random", **kwargs: Any) -> tuple[nn.Module, str]:
-    """Create a timm model; returns (model, what weights it got)."""
-    timm = _timm()
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:5]
-        hint = f" (similar: {', '.join(close)})" if close else ""
-        raise MpdeployError(f"unknown timm model {name!r}{hint}; see `timm.list_models()` for valid names")
-    if weights not in ("auto", "pretrained", "random"):
-        raise MpdeployError(f"--weights must be auto, pretrained or random, not {weights!r}")
-    if weights == "auto" and not _hub_reachable():
-        logger.warning("model hub unreachable; %s gets random init (pass --checkpoint FILE for real weights)", name)
-        weights = "random"
-    if weights in ("auto", "pretrained"):
-        try:
-            return timm.create_model(name, pretrained=True, **kwargs), "pretrained"
-        except Exception as exc:  # no network, no weights for this tag, hub error
-            if weights == "pretrained":
-                raise MpdeployError(
-                    f"cannot fetch pretrained weights for {name!r} ({type(exc).__name__}: {exc}); "
-                    "pass --checkpoint FILE with local weights, or --weights random"
-                ) from None
-            logger.warning("pretrained weights for %s unreachable (%s); using random init", name, type(exc).__name__)
-    return timm.create_model(name, pretrained=False, **kwargs), "random"
-
-
-def _hub_reachable(timeout: float = 2.0) -> bool:
-    """Cheap probe so `--weights auto` does not sit through the hub client's retries when offline."""
-    import os
-    import socket
-
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
-        return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _timm_input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, dict[str, Any]]:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     try:
-        data_config = _timm().data.resolve_data_config({}, model=model)
+        data_config = timm_module().data.resolve_data_config({}, model=model)
     except Exception:
         data_config = {}
     shape = data_config.get("input_size") or cfg.get("input_size")
@@ -171,29 +125,61 @@ def _load_state_into_arch(state: dict[str, torch.Tensor], spec: ModelSpec, path:
         source = {"kind": "python", "name": arch, "kwargs": kwargs}
     else:
         source = {"kind": "timm", "name": arch, "kwargs": kwargs}
-    model = recreate_architecture(source)
+    # Named on this command line: no manifest in between, so no grant to ask for.
+    model = create_python_model(arch, kwargs) if source["kind"] == "python" else recreate_architecture(source)
     load_weights_strict(model, state, where=str(path), arch=spec.arch)
     return model, source
 
 
-def create_python_model(target: str, kwargs: dict[str, Any]) -> nn.Module:
-    """`--arch package.module:Class`: the user's own nn.Module class, importable from their PYTHONPATH."""
+def create_python_model(target: str, kwargs: dict[str, Any], recorded_in: str | None = None) -> nn.Module:
+    """`--arch package.module:Class`: the user's own nn.Module class, importable from their PYTHONPATH.
+
+    `recorded_in` names the manifest the name came from: then importing needs --allow-import / --trust-pickle
+    on this command line (a manifest grants nothing). The attribute must be an nn.Module subclass before
+    anything is called."""
     import importlib
 
+    from mpdeploy import trust
+
+    if recorded_in is not None and not trust.current().allows_import(target):
+        raise MpdeployError(
+            f"{recorded_in} records --arch {target!r} (recorded at prune time; a manifest grants no trust): "
+            f"importing it runs that module's code; pass --allow-import {target} (or --trust-pickle) to this "
+            "command if you trust it"
+        )
     module_name, _, attr = target.partition(":")
+    if not module_name.strip() or not attr.strip():
+        raise MpdeployError(f"--arch {target!r} must be module:Class, e.g. my_models:Net (module on PYTHONPATH)")
     try:
-        cls = getattr(importlib.import_module(module_name), attr)
+        cls = importlib.import_module(module_name)
+        for part in attr.split("."):
+            cls = getattr(cls, part)
     except (ImportError, AttributeError) as exc:
         raise MpdeployError(
             f"cannot import --arch {target!r} ({type(exc).__name__}: {exc}); put its module on PYTHONPATH"
         ) from None
+    except Exception as exc:  # noqa: BLE001 - the user's module raised while being imported
+        raise MpdeployError(
+            f"cannot import --arch {target!r}: importing {module_name} raised {type(exc).__name__}: "
+            f"{_first_line(exc)}; fix that module"
+        ) from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise MpdeployError(
+            f"--arch {target!r} names a {type(cls).__name__}, not an nn.Module subclass; name your model class"
+        )
     try:
-        model = cls(**kwargs)
+        return cls(**kwargs)
     except TypeError as exc:
         raise MpdeployError(f"--arch {target!r} does not take --model-kwargs {kwargs} ({exc})") from None
-    if not isinstance(model, nn.Module):
-        raise MpdeployError(f"--arch {target!r} built a {type(model).__name__}, not a torch nn.Module")
-    return model
+    except Exception as exc:  # noqa: BLE001 - the user's __init__ raised
+        raise MpdeployError(
+            f"--arch {target!r} failed to build with --model-kwargs {kwargs} ({type(exc).__name__}: "
+            f"{_first_line(exc)}); pass the arguments it was trained with"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
 
 
 def load_weights_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str, arch: str) -> None:
@@ -232,14 +218,20 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         loaded.input_shape = tuple(spec.input_shape)
     loaded.input_shape = bounded_input_shape(loaded.input_shape)
     loaded.module.eval()
-    probe_input(loaded.module, loaded.input_shape, loaded.name)
+    probe_input(loaded.module, loaded.input_shape, loaded.name, bool(spec.model_kwargs))
     _attach_data(loaded, spec)
     return loaded
 
 
 def _attach_data(loaded: LoadedModel, spec: ModelSpec) -> None:
     """Record the user's preprocessing with the model and check the data sources fit it."""
-    from mpdeploy.data import check_source
+    from mpdeploy.data import check_source, shape_from_tensor_sources
+
+    if spec.input_shape is None:  # a tensor file's size may be the one the model was trained at
+        loaded.input_shape = shape_from_tensor_sources(spec.data_sources, loaded.input_shape,
+                                                       lambda shape: _runs(loaded.module, shape))
+    if "input_size" in loaded.data_config:  # timm's config keeps its pretrained 3x224x224
+        loaded.data_config = {**loaded.data_config, "input_size": tuple(loaded.input_shape)}
 
     if spec.data_spec is not None and not spec.data_spec.is_default:
         # Recorded in the prune manifest with the model: audit and distill make inputs the same way.
@@ -248,7 +240,15 @@ def _attach_data(loaded: LoadedModel, spec: ModelSpec) -> None:
         check_source(source, loaded.input_shape, loaded.data_config)
 
 
-def probe_input(module: nn.Module, input_shape: tuple[int, ...], name: str) -> None:
+def _runs(module: nn.Module, input_shape: tuple[int, ...]) -> bool:
+    try:
+        probe_input(module, input_shape, "the model")
+    except MpdeployError:
+        return False
+    return True
+
+
+def probe_input(module: nn.Module, input_shape: tuple[int, ...], name: str, kwargs_given: bool = False) -> None:
     """One tiny forward pass, so a shape or channel mismatch is one line before any work starts."""
     import contextlib
     import io
@@ -261,6 +261,7 @@ def probe_input(module: nn.Module, input_shape: tuple[int, ...], name: str) -> N
         raise MpdeployError(
             f"input {','.join(map(str, input_shape))} does not fit {name} ({type(exc).__name__}: {first}); "
             "pass the --input-shape C,H,W (channels first) the model was trained with"
+            + (" and check --model-kwargs" if kwargs_given else "")
         ) from None
 
 
@@ -302,6 +303,12 @@ def _existing_file(path: Path | str) -> Path:
         raise MpdeployError(f"{path} is a directory, not a model file")
     if path.stat().st_size == 0:
         raise MpdeployError(f"{path} is empty; re-save the model")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise MpdeployError(f"cannot read model file {path}: permission denied; make it readable for this user "
+                            "(or copy it somewhere you can read)") from None
     return path
 
 
@@ -374,6 +381,8 @@ def recreate_architecture(source: dict[str, Any]) -> nn.Module:
     timm / zoo / module:Class sources are built from their recorded arguments; pickle, TorchScript
     and `.pt2` sources re-open the original file (same sha256) under the trust recorded at prune time.
     """
+    if not isinstance(source, dict) or not isinstance(source.get("kwargs", {}), dict):
+        raise MpdeployError("the pruned manifest's model source is damaged; re-run prune")
     kind = source.get("kind")
     if kind == "timm":
         model, _ = create_timm_model(source["name"], weights="random", **source.get("kwargs", {}))
@@ -383,7 +392,8 @@ def recreate_architecture(source: dict[str, Any]) -> nn.Module:
 
         return create_zoo_model(source["name"], trained=False)
     if kind == "python":
-        return create_python_model(source["name"], dict(source.get("kwargs", {})))
+        return create_python_model(str(source["name"]), dict(source.get("kwargs", {})),
+                                   recorded_in="the pruned manifest")
     if kind in model_files.CODE_FORMATS:
         return model_files.reopen(source)
     raise MpdeployError(f"artifact records an unknown model source {kind!r}; re-run prune")

@@ -52,6 +52,10 @@ class PruneConfig:
     restore: bool = False
     tome: tuple[int, ...] | int = 0
     seed: int = 0
+    # Prune only what this backend runs sparse (trt | torch | ort); None: every layer the pattern fits.
+    backend: str | None = None
+    backend_precision: str | None = None  # the engine precision the backend's plan is for (torch)
+    backend_options: tuple[tuple[str, Any], ...] = ()  # e.g. (("conv1x1", "large"), ("kernel", "cusparselt"))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", parse_pattern(self.pattern))
@@ -63,6 +67,15 @@ class PruneConfig:
             raise MpdeployError(f"{need} needs calibration data; pass --calib DIR|digits|synthetic")
         if self.calib_batches < 1 or self.calib_batch_size < 1:
             raise MpdeployError("--calib-batches and --calib-batch-size must be at least 1")
+        if self.backend is not None:
+            from mpdeploy.backends.sparse_plan import check_target
+
+            check_target(self.backend)
+            if not self.pattern.runs_sparse:
+                raise MpdeployError(f"--backend {self.backend} prunes for sparse kernels, which run 2:4-compatible "
+                                    f"patterns only, not {self.pattern}; drop --backend or use --pattern 2:4")
+        options = dict(self.backend_options)
+        object.__setattr__(self, "backend_options", tuple(sorted((str(k), v) for k, v in options.items() if v is not None)))
 
     @property
     def patterns(self) -> tuple[NM, ...]:
@@ -143,6 +156,9 @@ def prune_model(loaded: LoadedModel, config: PruneConfig, progress: Progress | N
     extra = _merge_tokens(model, config)
     macs = count_macs(model, loaded.input_shape)
     layers, eligible, reasons = _prunable_layers(model, loaded.name, config)
+    eligible, pruned_for = _prune_for_backend(model, loaded, config, eligible, reasons)
+    if pruned_for:
+        extra["pruned_for"] = pruned_for
     fits = _fit_signals(model, layers, step)
     calib, held, calib_info, stats, permutation_report = _calibrate_and_permute(model, loaded, config, eligible, step)
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -155,15 +171,14 @@ def prune_model(loaded: LoadedModel, config: PruneConfig, progress: Progress | N
         candidates = logit_damage(model, candidates, layer_masks, calib, step)
     total = sum(macs.values())
     assignment, target = budget.fn(candidates, total, config.target_mac_reduction, config.pattern)
-    stats.clear()  # full covariances can be large: free them before restore
     masks, chosen_by = _apply_assignment(model, eligible, assignment, layer_masks, reasons)
 
     restore_report: dict[str, Any] = {}
     if config.restore:
-        from mpdeploy.restore import restore_layers
-
-        restore_report = restore_layers(model, masks, calib, held, dense_state=dense_state)
+        restore_report = _restore(model, masks, calib, held, dense_state, stats,
+                                  {name: layer_masks[(name, a.pattern)] for name, a in assignment.items() if a.pattern})
         step("restore", 1, 1)
+    stats.clear()
     _check_patterns(model, eligible, masks, assignment)
 
     records = [
@@ -175,6 +190,18 @@ def prune_model(loaded: LoadedModel, config: PruneConfig, progress: Progress | N
     totals = _totals(records, macs, dense_macs, target)
     extra.update({"calibration": calib_info, "budget_target": target})
     return PruneResult(model, masks, records, totals, {**extra, "dense_state": dense_state})
+
+
+def _restore(model: nn.Module, masks: dict[str, torch.Tensor], calib, held, dense_state, stats: dict[str, InputStats],
+             choices: dict[str, Any]) -> dict[str, Any]:
+    """Refit the kept weights: from the covariances the mask selection accumulated when it has them (one
+    Hessian per layer shared by both, no second pass), else the sequential pass of `restore_layers`."""
+    from mpdeploy.restore import restore_from_stats, restore_layers
+
+    if any(s.gram is not None for s in stats.values()):
+        return restore_from_stats(model, masks, choices, stats, dense_state=dense_state)
+    stats.clear()  # full covariances can be large: free them before the restore pass
+    return restore_layers(model, masks, calib, held, dense_state=dense_state)
 
 
 def _merge_tokens(model: nn.Module, config: PruneConfig) -> dict[str, Any]:
@@ -203,6 +230,28 @@ def _prunable_layers(model: nn.Module, model_name: str,
     if not eligible:
         raise MpdeployError(f"no layer of {model_name} can take pattern {config.pattern}; see `mpdeploy analyze`")
     return layers, eligible, reasons
+
+
+def _prune_for_backend(model: nn.Module, loaded: LoadedModel, config: PruneConfig, eligible: list[LayerInfo],
+                       reasons: dict[str, str | None]) -> tuple[list[LayerInfo], dict[str, Any] | None]:
+    """Keep dense the eligible layers `config.backend` would run dense anyway (their reason in `reasons`).
+
+    Returns (the layers left to prune, the manifest's `pruned_for` record); unchanged without a backend."""
+    if config.backend is None:
+        return eligible, None
+    from mpdeploy.backends.sparse_plan import sparse_plan
+
+    plan = sparse_plan(model, loaded.input_shape, [layer.name for layer in eligible], config.backend,
+                       config.backend_precision, dict(config.backend_options))
+    for name, why in plan.runs_dense.items():
+        reasons[name] = why
+    kept = [layer for layer in eligible if layer.name not in plan.runs_dense]
+    if not kept:
+        example = next(iter(plan.runs_dense.values()), "")
+        raise MpdeployError(f"backend {config.backend} runs none of {loaded.name}'s layers sparse (e.g. {example}); "
+                            "nothing is worth pruning for it: build the dense engine, or prune for another backend")
+    logger.info("pruning for %s: %d of %d eligible layers run sparse there", config.backend, len(kept), len(eligible))
+    return kept, plan.record()
 
 
 def _fit_signals(model: nn.Module, layers: list[LayerInfo],

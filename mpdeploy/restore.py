@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,9 @@ from torch import nn
 from mpdeploy.errors import MpdeployError
 from mpdeploy.obs import SINGLE_THREAD_WORK, obs_sweep, reduction_order, refine_masked_ridge, upper_inverse_factor
 from mpdeploy.threads import single_thread
+
+if TYPE_CHECKING:
+    from mpdeploy.saliency import InputStats, MaskChoice
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +78,7 @@ def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise MpdeployError(f"restore supports nn.Linear and nn.Conv2d, not {type(module).__name__}")
 
 
-def _check_rows(module: nn.Module, x: torch.Tensor) -> bool:
+def rows_match_output(module: nn.Module, x: torch.Tensor) -> bool:
     """Do the reconstructed rows reproduce the layer's real output? (guards the im2col layout).
     Checked on the first sample; `module.forward` runs no hooks."""
     x = x[:1]
@@ -189,7 +193,7 @@ def _refit_layer(module, x, n_calib, chunk, dense, mask, entry, *, damp, solver,
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         entry["reason"] = "grouped conv: not refit"
         return
-    if not _check_rows(module, x):
+    if not rows_match_output(module, x):
         entry["reason"] = "could not reproduce this layer's inputs as im2col rows: not refit"
         return
     h_sum, n_rows = gram_of(module, x[:n_calib], chunk, gen)
@@ -210,6 +214,86 @@ def _refit_layer(module, x, n_calib, chunk, dense, mask, entry, *, damp, solver,
     before, after = relative_errors([pruned, refit], dense, h_judge)
     entry.update(error_before=before, error_after=after, **{"lambda": lam}, calib_rows=n_rows,
                  judge_rows=judge_rows, solver=solver)
+    if after < before and bool(torch.isfinite(refit).all()):
+        with torch.no_grad():
+            weight.copy_((refit * mask2d).to(weight.dtype).reshape(shape))
+        entry["improved"] = True
+    else:
+        entry["reason"] = "held-out error did not drop: kept the pruned weights"
+
+
+def restore_from_stats(
+    model: nn.Module,
+    masks: dict[str, torch.Tensor],
+    choices: dict[str, MaskChoice],
+    stats: dict[str, InputStats],
+    *,
+    dense_state: dict[str, torch.Tensor],
+    damp: float = DEFAULT_DAMP,
+) -> dict[str, dict]:
+    """Mask-fixed refit of the kept weights, in place, from the covariances the mask selection already
+    accumulated (one Hessian per layer shared by selection and restore: no forward pass of its own).
+
+    The covariances are of the dense model's inputs (calibration for the fit, held-out for the judge),
+    so each layer is refit independently rather than sequentially. A layer whose selection already
+    refit it on the same covariance (`MaskChoice.refit`: SparseGPT's OBS sweep + CG, the same solver
+    and damping) is left as it is: restore would compute the same weights bit for bit. Other layers get
+    the `obs` refit and are rolled back if the held-out error did not drop. `choices` and `stats` are
+    keyed by module name, `masks` and `dense_state` by parameter name; returns restore_layers' report.
+    """
+    modules = {f"{name}.weight": name for name, _ in model.named_modules()}
+    report: dict[str, dict] = {}
+    for param, mask in masks.items():
+        if param not in modules or param not in dense_state:
+            raise MpdeployError(f"no module or dense weights for {param!r}; re-run `mpdeploy prune`")
+        name = modules[param]
+        start = time.perf_counter()
+        entry = {"error_before": None, "error_after": None, "improved": False, "lambda": None,
+                 "judged_on": "held_out", "scheme": "shared-hessian"}
+        report[name] = entry
+        module = model.get_submodule(name)
+        work = module.weight.shape[0] * (module.weight.numel() // module.weight.shape[0]) ** 2
+        with single_thread(work < SINGLE_THREAD_WORK):
+            _refit_from_stats(module, dense_state[param], mask, choices.get(name), stats.get(name), entry, damp=damp)
+        entry["seconds"] = time.perf_counter() - start
+        logger.info("restore %s: held-out error %s -> %s (%s)", name, entry["error_before"], entry["error_after"],
+                    "kept" if entry["improved"] else entry.get("reason"))
+    return report
+
+
+def _refit_from_stats(module, dense, mask, choice, stats, entry, *, damp) -> None:
+    """Refit one layer from its accumulated covariances (in place on the module and `entry`)."""
+    h = None if stats is None else stats.hessian()
+    if h is None:
+        entry["reason"] = "no calibration inputs reached this layer"
+        return
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        entry["reason"] = "grouped conv: not refit"
+        return
+    if stats.rows_match is False:
+        entry["reason"] = "could not reproduce this layer's inputs as im2col rows: not refit"
+        return
+    if stats.held_gram is None or not stats.held_rows:
+        entry["judged_on"] = "calib (no held-out batches)"
+    lam = damp * float(torch.diagonal(h).mean())
+    if lam <= 0:
+        lam = 1e-8
+    entry.update(**{"lambda": lam}, calib_rows=stats.gram_rows, judge_rows=stats.held_rows or stats.gram_rows,
+                 solver="obs")
+    if choice is not None and choice.refit and damp == DEFAULT_DAMP:
+        entry.update(error_before=choice.error, error_after=choice.error,
+                     reason="the mask selection already refit these weights on this covariance (OBS + CG at "
+                            "this damping): restore would compute the same weights")
+        return
+    weight = module.weight
+    shape = tuple(weight.shape)
+    work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    dense = dense.to(weight.device).reshape(shape[0], -1).to(work_dtype)
+    mask2d = mask.to(weight.device).reshape(shape[0], -1).bool()
+    pruned = weight.detach().reshape(shape[0], -1).to(work_dtype)
+    refit = refit_obs(dense, mask2d, h, lam, shape=shape)
+    before, after = relative_errors([pruned, refit], dense, stats.hessian(held=True))
+    entry.update(error_before=before, error_after=after)
     if after < before and bool(torch.isfinite(refit).all()):
         with torch.no_grad():
             weight.copy_((refit * mask2d).to(weight.dtype).reshape(shape))

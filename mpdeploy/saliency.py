@@ -17,9 +17,10 @@ from `list_saliencies()`. Built in:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,7 @@ class InputStats:
     gram_rows: int = 0
     held_gram: torch.Tensor | None = None  # the same over held-out inputs (judges `auto`)
     held_rows: int = 0
+    rows_match: bool | None = None  # do the im2col rows reproduce the layer's output? (None: not checked)
 
     def hessian(self, held: bool = False) -> torch.Tensor | None:
         """E[x x^T] over calibration (or held-out, falling back to calibration) im2col rows."""
@@ -80,6 +82,9 @@ class MaskChoice:
     weight: torch.Tensor | None = None  # updated weights (zero outside the mask); None: weight * mask
     error: float | None = None  # relative output error on held-out inputs, where measured
     chosen: str | None = None  # `auto`: the criterion it picked
+    # True: `weight` is already the mask-fixed refit on the calibration covariance (OBS sweep + CG at
+    # restore's damping), bit for bit what restore would compute from the same covariance.
+    refit: bool = False
 
 
 @dataclass(frozen=True)
@@ -205,10 +210,10 @@ def sparsegpt_mask(weight: torch.Tensor, pattern: NM, stats: InputStats | None =
     mask[:, order] = keep
     start = torch.zeros_like(dense)
     start[:, order] = new.double()
-    refit = refine_masked_ridge(start, dense, mask, h, lam, CG_STEPS).double()
-    judge = stats.hessian(held=True)
-    return MaskChoice(mask.reshape(shape), refit.reshape(shape).to(weight.dtype),
-                      error=relative_error(refit, dense, judge))
+    refit = refine_masked_ridge(start, dense, mask, h, lam, CG_STEPS).reshape(shape).to(weight.dtype)
+    # Judged in the weight's own dtype: the weights the layer gets (and `auto` compares) are these.
+    error = relative_error(refit.reshape(dense.shape), dense, stats.hessian(held=True))
+    return MaskChoice(mask.reshape(shape), refit, error=error, refit=True)
 
 
 AUTO_CANDIDATES = ("magnitude", "wanda", "sparsegpt")
@@ -217,20 +222,24 @@ AUTO_CANDIDATES = ("magnitude", "wanda", "sparsegpt")
 @register_saliency("auto", needs_calib=True, stats=("col_norm", "gram"),
                    help="per layer the best of magnitude / wanda / sparsegpt by held-out output error")
 def auto_mask(weight: torch.Tensor, pattern: NM, stats: InputStats | None = None) -> MaskChoice:
-    from mpdeploy.restore import relative_error
+    from mpdeploy.restore import relative_errors
 
     judge = _need_stats(stats, "auto").hessian(held=True)
     if judge is None or stats.col_sq_sum is None:
         logger.warning("no calibration inputs reached a %s layer: magnitude mask", tuple(weight.shape))
         return MaskChoice(magnitude_mask(weight, pattern).mask, chosen="magnitude")
     dense = weight.detach().reshape(weight.shape[0], -1).double()
+    choices = {name: get_saliency(name).fn(weight, pattern, stats) for name in AUTO_CANDIDATES}
+    # One denominator for every candidate; `sparsegpt` judged its own weights on the same covariance.
+    unjudged = [name for name, choice in choices.items() if choice.error is None]
+    pruned = [(choices[n].weight if choices[n].weight is not None else weight.detach() * choices[n].mask)
+              for n in unjudged]
+    errors = dict(zip(unjudged, relative_errors([w.reshape(dense.shape) for w in pruned], dense, judge), strict=True))
     best = None
-    for name in AUTO_CANDIDATES:
-        choice = get_saliency(name).fn(weight, pattern, stats)
-        new = choice.weight if choice.weight is not None else weight.detach() * choice.mask
-        error = relative_error(new.reshape(dense.shape), dense, judge)
+    for name, choice in choices.items():
+        error = errors.get(name, choice.error)
         if best is None or error < best.error:
-            best = MaskChoice(choice.mask, choice.weight, error, name)
+            best = MaskChoice(choice.mask, choice.weight, error, name, choice.refit)
     return best
 
 
@@ -260,18 +269,36 @@ def removed_energy_fraction(weight: torch.Tensor, mask: torch.Tensor, saliency: 
 def collect_stats(model: nn.Module, names: list[str], calib: list[torch.Tensor], held: list[torch.Tensor],
                   saliency: str, group_sizes: tuple[int, ...] = ()) -> dict[str, InputStats]:
     """Input statistics of each named layer for `saliency` (column norms always; group covariances
-    and the full im2col covariance only where the criterion reads them)."""
-    from mpdeploy.layers import capture_inputs
-    from mpdeploy.restore import gram_of
+    and the full im2col covariance only where the criterion reads them).
 
-    needs = stats_needed(saliency)
+    One forward pass over the calibration batches feeds the column statistics and the calibration
+    covariance together, one more over the held-out batches its covariance (each image runs once:
+    on ViT-B/16 the forward passes cost as much as the covariances)."""
+    from mpdeploy.layers import capture_inputs
+
     stats = {n: InputStats() for n in names}
-    capture_inputs(model, names, calib, lambda name, x: stats[name].update(x, group_sizes))
-    if "gram" not in needs:
+    if "gram" not in stats_needed(saliency):
+        capture_inputs(model, names, calib, lambda name, x: stats[name].update(x, group_sizes))
         return stats
-    gen = torch.Generator().manual_seed(0)
-    for which, batches in (("calib", calib), ("held", held)):
-        def hook(module, inputs, output, name=None, which=which):
+    gen = torch.Generator().manual_seed(0)  # row sampling of the covariances: calibration, then held-out
+    with _gram_hooks(model, names, stats, "calib", gen):
+        capture_inputs(model, names, calib, lambda name, x: stats[name].update(x, group_sizes))
+    with _gram_hooks(model, names, stats, "held", gen), torch.no_grad():
+        for batch in held:
+            model(batch)
+    return stats
+
+
+@contextlib.contextmanager
+def _gram_hooks(model: nn.Module, names: list[str], stats: dict[str, InputStats], which: str,
+                gen: torch.Generator) -> Iterator[None]:
+    """Inside the block every forward pass adds each named layer's X^T X to its `which` covariance."""
+    from mpdeploy.restore import gram_of, rows_match_output
+
+    def hook(name):
+        def fn(module, inputs, output):
+            if stats[name].rows_match is None:  # restore refits only from rows that reproduce the layer
+                stats[name].rows_match = rows_match_output(module, inputs[0].detach())
             h, rows = gram_of(module, inputs[0].detach(), len(inputs[0]), gen)
             h = h.float()  # stored in float32: ViT-B's 50 layers hold ~0.5 GB per covariance set
             st = stats[name]
@@ -281,13 +308,11 @@ def collect_stats(model: nn.Module, names: list[str], calib: list[torch.Tensor],
             else:
                 st.held_gram = h if st.held_gram is None else st.held_gram + h
                 st.held_rows += rows
-        handles = [model.get_submodule(n).register_forward_hook(
-            lambda m, i, o, n=n, hook=hook: hook(m, i, o, name=n)) for n in names]
-        try:
-            with torch.no_grad():
-                for batch in batches:
-                    model(batch)
-        finally:
-            for handle in handles:
-                handle.remove()
-    return stats
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -29,10 +29,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mpdeploy import artifacts
 from mpdeploy.artifacts import sha256_file
 from mpdeploy.errors import MpdeployError
 from mpdeploy.ship_inputs import ENGINE_BACKENDS, ENGINE_SCHEMA  # noqa: F401 - re-exported
-from mpdeploy.ship_inputs import check_audit, engine_file, pick_engine_backend, read_audit, read_engine_manifest
+from mpdeploy.ship_inputs import (
+    audit_of_engine,
+    check_verdict,
+    engine_file,
+    open_engine,
+    pick_engine_backend,
+    read_audit,
+)
 from mpdeploy.triton_config import build_model_config, config_to_text, parse_config  # noqa: F401 - re-exported
 from mpdeploy.triton_repo import (
     VersionTaken,
@@ -166,6 +174,7 @@ class _Plan:
     model_cfg: Any
     config_text: str
     provenance: dict[str, Any]  # without version and config_sha256, filled per attempt
+    verified: dict[str, str | None]  # the manifest hashes checked: engine_manifest_sha256, audit_manifest_sha256
 
     @property
     def model_dir(self) -> Path:
@@ -178,9 +187,12 @@ def _plan(engine_dir: Path, config: ShipConfig) -> _Plan:
     engine_dir, repo, name = _check_places(Path(engine_dir), config)
     audit = read_audit(engine_dir)
     backend = pick_engine_backend(engine_dir, config.engine_backend, audit)
-    check_audit(audit, backend, engine_dir, config.force)
     serve, kind, model_files = _resolve_serving(backend, config)
-    manifest = read_engine_manifest(engine_dir, backend)
+    engine = open_engine(engine_dir, backend)  # integrity first: --force never skips it
+    problem = audit_of_engine(audit, engine, engine_dir)
+    check_verdict(audit, problem, engine_dir, config.force)
+    shipped_audit = audit if problem is None else None  # a forced ship past another engine's audit has none
+    manifest = engine.manifest
     source = engine_file(engine_dir, backend, manifest, config.variant)
     python_env = Path(config.python_env or sys.prefix).resolve() if serve == "python" else None
     if python_env is not None and not python_env.exists():
@@ -196,7 +208,10 @@ def _plan(engine_dir: Path, config: ShipConfig) -> _Plan:
         instance_count=config.instance_count,
         python_env=python_env,
     )
-    provenance = _provenance(name, engine_dir, backend, serve, source, manifest, audit, config)
+    verified = {"engine_manifest_sha256": artifacts.manifest_hash(engine.path),
+                "audit_manifest_sha256": None if shipped_audit is None else artifacts.manifest_hash(audit.path)}
+    provenance = _provenance(name, engine_dir, backend, serve, source, manifest,
+                             None if shipped_audit is None else shipped_audit.result(), config, verified)
     if serve == "tensorrt_plan":
         device = manifest.get("device") or {}
         gpu, trt_version = device.get("gpu"), device.get("tensorrt_version")
@@ -209,10 +224,11 @@ def _plan(engine_dir: Path, config: ShipConfig) -> _Plan:
         serve=serve,
         model_files=model_files,
         source=source,
-        expected_sha256=(manifest.get("file_sha256") or {}).get(manifest["variants"][config.variant]),
+        expected_sha256=manifest["files"][manifest["variants"][config.variant]],
         model_cfg=model_cfg,
         config_text=config_to_text(model_cfg),
         provenance=provenance,
+        verified=verified,
     )
 
 
@@ -241,7 +257,7 @@ def _check_places(engine_dir: Path, config: ShipConfig) -> tuple[Path, Path, str
 
 
 def _provenance(name: str, engine_dir: Path, backend: str, serve: str, source: Path, manifest: dict[str, Any],
-                audit: dict[str, Any] | None, config: ShipConfig) -> dict[str, Any]:
+                audit: dict[str, Any] | None, config: ShipConfig, verified: dict[str, str | None]) -> dict[str, Any]:
     """provenance.json of a version, without version and config_sha256 (filled per attempt)."""
     device = manifest.get("device") or {}
     return {
@@ -258,6 +274,9 @@ def _provenance(name: str, engine_dir: Path, backend: str, serve: str, source: P
         "forced": bool(config.force),
         "audit": None if audit is None else {k: audit.get(k) for k in ("backend", "passed", "failures", "summary")},
         "sources": manifest.get("sources"),
+        # What ship verified: the engine folder whose manifest has this hash, audited by the audit whose
+        # manifest has this hash (it records the engine's hash as its source). None: shipped unaudited (--force).
+        "verified": dict(verified),
         # A plan only runs on the GPU model and TensorRT version that built it.
         "built_for": {
             "device": device.get("name"),
@@ -353,8 +372,27 @@ def _write_once(plan: _Plan, config: ShipConfig) -> Path:
 _MAX_VERSION_RACES = 32
 
 
+@dataclass(frozen=True)
+class Shipped:
+    """Where a ship went, and the manifest hashes it verified (also in the version's provenance.json)."""
+
+    version_dir: Path
+    engine_manifest_sha256: str
+    audit_manifest_sha256: str | None  # None: shipped without an audit of this engine (--force)
+
+    def line(self) -> str:
+        audit = self.audit_manifest_sha256 or "none (unaudited, --force)"
+        return (f"{self.version_dir}: verified engine manifest sha256 {self.engine_manifest_sha256}, "
+                f"audit manifest sha256 {audit}")
+
+
 def ship(engine_dir: Path, config: ShipConfig) -> Path:
     """Copy an audited engine into a Triton model repository; returns `<repo>/<name>/<version>/`."""
+    return ship_verified(engine_dir, config).version_dir
+
+
+def ship_verified(engine_dir: Path, config: ShipConfig) -> Shipped:
+    """`ship`, also returning the engine and audit manifest hashes it verified."""
     plan = _plan(engine_dir, config)
     try:
         with contextlib.suppress(FileNotFoundError):
@@ -377,4 +415,4 @@ def ship(engine_dir: Path, config: ShipConfig) -> Path:
     except OSError as exc:
         raise write_error(exc, plan.repo) from exc
     logger.info("shipped %s (%s, %s) to %s", plan.source, plan.backend, plan.serve, version_dir)
-    return version_dir
+    return Shipped(version_dir, plan.verified["engine_manifest_sha256"], plan.verified["audit_manifest_sha256"])

@@ -1,6 +1,6 @@
 """Marchenko-Pastur (MP) fit of one weight matrix's spectrum, and the budget signals built on it.
 
-See method.md section 1. For a matrix with p = min side, n = max side, gamma = p/n, the eigenvalues
+See docs/method.md section 1. For a matrix with p = min side, n = max side, gamma = p/n, the eigenvalues
 lambda_k = s_k^2 / n of a pure-noise matrix (iid entries, variance sigma^2) follow MP(gamma, sigma^2)
 with edges sigma^2 (1 +- sqrt(gamma))^2. We estimate sigma^2 from the middle of the spectrum (BEMA),
 put the bulk edge a Tracy-Widom (TW) margin above the MP edge, and count singular values above it as

@@ -1,6 +1,6 @@
 """Token merging (ToMe) for timm Vision Transformers, with static shapes and export-friendly ops.
 
-Written from the project's method notes (method.md section 7); the reference implementation is
+Written from the project's method notes (docs/method.md section 7); the reference implementation is
 CC-BY-NC and is not used here. Between attention and MLP of every block, `r` patch tokens are
 merged away by bipartite soft matching:
 

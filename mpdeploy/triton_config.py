@@ -30,6 +30,36 @@ _TRITON_DTYPES = {
 }
 
 
+# The most input elements one inference request may declare is written into every config.pbtxt as this
+# parameter; the HTTP front of mpdeploy's own launcher (triton_guard.py) refuses a request past it before
+# Triton's parser allocates what the request declares (Triton ignores parameters it does not know).
+LIMIT_PARAMETER = "mpdeploy_max_request_elements"
+# Per sample, for inputs with a dynamic dim (-1): the same bound as mpdeploy's --input-shape (model_args).
+MAX_DYNAMIC_SAMPLE_ELEMENTS = 1 << 26
+
+
+def computed_limit(cfg) -> int:
+    """Elements a request may hold: per input, its dims (a dynamic dim: MAX_DYNAMIC_SAMPLE_ELEMENTS per
+    sample) times the batch (max_batch_size, 1 without batching), summed over the inputs."""
+    total = 0
+    for t in cfg.input:
+        dims = list(t.dims)
+        per_sample = MAX_DYNAMIC_SAMPLE_ELEMENTS if any(d < 0 for d in dims) else 1
+        for d in dims:
+            per_sample *= d if d > 0 else 1
+        total += per_sample * max(1, cfg.max_batch_size)
+    return total
+
+
+def request_limit(cfg) -> int:
+    """The limit a config states (its LIMIT_PARAMETER), else the one `computed_limit` gives."""
+    if LIMIT_PARAMETER in cfg.parameters:
+        text = cfg.parameters[LIMIT_PARAMETER].string_value
+        if text.isdigit():
+            return int(text)
+    return computed_limit(cfg)
+
+
 def _model_config_pb2():
     try:
         from tritonclient.grpc import model_config_pb2
@@ -90,6 +120,7 @@ def build_model_config(
     cfg.output.extend(_tensor(pb2, t, batched, "output") for t in manifest["io"]["outputs"])
     if batched:
         cfg.dynamic_batching.SetInParent()
+    cfg.parameters[LIMIT_PARAMETER].string_value = str(computed_limit(cfg))
     group = cfg.instance_group.add()
     group.count = instance_count
     group.kind = pb2.ModelInstanceGroup.Kind.Value(kind)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mpdeploy.errors import MpdeployError
+from mpdeploy.triton_guard import http_front
 
 logger = logging.getLogger(__name__)
 
@@ -99,18 +100,17 @@ def locate_tritonserver() -> TritonInstall:
 class ServerHandle:
     """A running server: `url` is the HTTP endpoint ("127.0.0.1:PORT", as tritonclient wants it)."""
 
-    url: str
+    url: str  # the HTTP front (triton_guard): checks declared shapes, then forwards to Triton
     grpc_url: str
     process: subprocess.Popen
     log_path: Path
     http_header_items: tuple[tuple[str, str], ...] = ()
+    triton_http_url: str = ""  # Triton's own HTTP port: inference there needs the key only the front holds
 
     @property
     def http_headers(self) -> dict[str, str]:
-        """Headers an HTTP inference request must carry (empty when HTTP inference is open to anyone).
-
-        A new dict each time: tritonclient.http's infer() adds its own headers to the dict it is given.
-        """
+        """Headers an HTTP inference request must carry: none, the front adds the key (kept for callers
+        written against the older launcher). A new dict each time: tritonclient adds its own to it."""
         return dict(self.http_header_items)
 
 
@@ -197,7 +197,8 @@ def _server_command(
         # Triton 2.51's HTTP/JSON parser allocates the byte size a request *declares* before any check:
         # one request with shape [8,1,32000000,32000000] throws std::bad_alloc and aborts the server
         # (docs/ship.md). Binary-body HTTP and gRPC requests are checked against the config first. So
-        # HTTP inference answers only requests carrying a per-run secret header (ServerHandle.http_headers).
+        # HTTP inference answers only requests carrying a per-run secret header, which only mpdeploy's
+        # HTTP front holds (triton_guard.py: it refuses huge declared shapes, then adds the header).
         cmd.append(f"--http-restricted-api=inference:{HTTP_INFER_HEADER}={http_infer_token}")
     if metrics:
         cmd += ["--allow-metrics=true", "--metrics-address=127.0.0.1", f"--metrics-port={free_port()}"]
@@ -227,8 +228,10 @@ def run_tritonserver(
     Waits (at most `timeout` seconds) for /v2/health/ready, which with the default strict readiness
     means every model loaded. On failure raises MpdeployError carrying the tail of the server log.
     `python_version` picks the backend stub (default: this interpreter's, which should match the
-    models' EXECUTION_ENV_PATH environment). HTTP inference needs `ServerHandle.http_headers` unless
-    `open_http_inference` (see `_server_command` for why); `extra_args` go to tritonserver as they are.
+    models' EXECUTION_ENV_PATH environment). `ServerHandle.url` is mpdeploy's HTTP front, which refuses
+    an inference request declaring more elements than the model's config states and forwards the rest
+    with the per-run key Triton's HTTP inference requires (see `_server_command` for why);
+    `open_http_inference` drops key and front. `extra_args` go to tritonserver as they are.
     """
     repo = Path(repo)
     if not repo.is_dir():
@@ -275,12 +278,15 @@ def run_tritonserver(
                     )
                 time.sleep(0.25)
             logger.info("tritonserver ready on 127.0.0.1:%d (pid %d)", http_port, process.pid)
-            yield ServerHandle(
-                url=f"127.0.0.1:{http_port}",
-                grpc_url=f"127.0.0.1:{grpc_port}",
-                process=process,
-                log_path=log_path,
-                http_header_items=((HTTP_INFER_HEADER, token),) if token else (),
-            )
+            front = http_front(http_port, (HTTP_INFER_HEADER, token) if token else None, repo) if token \
+                else contextlib.nullcontext(http_port)
+            with front as front_port:
+                yield ServerHandle(
+                    url=f"127.0.0.1:{front_port}",
+                    grpc_url=f"127.0.0.1:{grpc_port}",
+                    process=process,
+                    log_path=log_path,
+                    triton_http_url=f"127.0.0.1:{http_port}",
+                )
         finally:
             _stop(process)

@@ -1,14 +1,16 @@
-"""The project's own models: small timm architectures trained here on scikit-learn's digits.
+"""The project's own models: small timm architectures trained on scikit-learn's digits, shipped with mpdeploy.
 
 They are the embedded default (`mpdeploy build --sparse` with no model) and the models behind the
 accuracy benchmarks: real trained weights with a real labelled test split, on any machine, offline.
-Trained on first use (about a minute on 2 CPU cores) and cached under `engines/_zoo/<name>/`.
+The weights are files in the package (`mpdeploy/zoo_weights/<name>.safetensors`, made once by
+`benchmarks/train_zoo.py`), so every machine measures the same model: the registry records each file's
+sha256 and its top-1 on the digits test split, and a file that does not match is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from mpdeploy.errors import MpdeployError
 
 logger = logging.getLogger(__name__)
 
-ZOO_ROOT_ENV = "MPDEPLOY_ZOO_DIR"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "zoo_weights"
 
 
 @dataclass(frozen=True)
@@ -32,20 +34,26 @@ class ZooEntry:
     epochs: int
     lr: float
     weight_decay: float
+    sha256: str = ""  # of the shipped weights file ("" only for an entry made up for training)
+    test_top1: float = 0.0  # its top-1 on the digits test split, as digits_top1 computes it
 
 
 _REGISTRY: dict[str, ZooEntry] = {
     # 16 patch tokens (+ class token) of 4x4 pixels on digits upsampled to 16x16: small enough to
-    # train in about a minute on 2 cores; widths are multiples of 16 so every Linear takes 2:4 .. 8:16.
+    # train in minutes on one core; widths are multiples of 16 so every Linear takes 2:4 .. 8:16.
     "digits_vit": ZooEntry(
         "vit_tiny_patch16_224",
         (("img_size", 16), ("patch_size", 4), ("in_chans", 1), ("num_classes", 10),
          ("embed_dim", 128), ("depth", 4), ("num_heads", 4)),
         (1, 16, 16), epochs=30, lr=1e-3, weight_decay=0.05,
+        # 503 of 539 test images
+        sha256="274c1e4f704779499990eb99cd6ac511959479a9108db1d8d741389c77fb770c", test_top1=0.9332096576690674,
     ),
     "digits_cnn": ZooEntry(
         "resnet10t", (("in_chans", 1), ("num_classes", 10)),
         (1, 32, 32), epochs=15, lr=2e-3, weight_decay=1e-4,
+        # 534 of 539 test images
+        sha256="94b3a0420e75eda00216e0194782330d14a7390a69dac9d8ffcae1f645fcefcb", test_top1=0.9907235503196716,
     ),
 }
 
@@ -60,12 +68,19 @@ def _entry(name: str) -> ZooEntry:
     return _REGISTRY[name]
 
 
-def zoo_root() -> Path:
-    return Path(os.environ.get(ZOO_ROOT_ENV, "engines/_zoo"))
+def zoo_weights_path(name: str) -> Path:
+    """The shipped weights file of zoo model `name`."""
+    _entry(name)
+    return WEIGHTS_DIR / f"{name}.safetensors"
+
+
+def zoo_sha256(name: str) -> str:
+    """The sha256 the registry records for zoo model `name`'s weights file."""
+    return _entry(name).sha256
 
 
 def create_zoo_model(name: str, trained: bool = True) -> nn.Module:
-    """The architecture of zoo model `name`; with trained=True, its cached (or fresh) weights."""
+    """The architecture of zoo model `name`; with trained=True, its shipped weights."""
     entry = _entry(name)
     if trained:
         return load_zoo_model(name).module
@@ -116,45 +131,40 @@ def digits_top1(model: nn.Module, input_shape: tuple[int, ...], split: str = "te
     return float((pred == y).float().mean())
 
 
-def load_zoo_model(name: str, progress: Callable[[int, int, float], None] | None = None):
-    """LoadedModel for zoo model `name`, training and caching it on first use."""
-    from safetensors.torch import load_file, save_file
+def _verified_bytes(name: str, entry: ZooEntry) -> bytes:
+    """The shipped weights file's bytes, refused unless their sha256 is the registry's."""
+    path = zoo_weights_path(name)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise MpdeployError(
+            f"cannot read zoo model {name}'s weights {path} ({exc.strerror}); reinstall mpdeploy "
+            "(`pip install -e .` from the repository) so the package's zoo_weights/ folder is present"
+        ) from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry.sha256:
+        raise MpdeployError(
+            f"zoo model {name}'s weights {path} have sha256 {digest[:16]}..., not the registry's "
+            f"{entry.sha256[:16]}...: the file was changed or damaged; restore it (git checkout, or reinstall mpdeploy)"
+        )
+    return data
 
-    from mpdeploy import artifacts
+
+def load_zoo_model(name: str):
+    """LoadedModel for zoo model `name`, from its shipped weights (sha256-verified)."""
+    from safetensors.torch import load
+
     from mpdeploy.models import LoadedModel, load_weights_strict
 
     entry = _entry(name)
     model = create_zoo_model(name, trained=False)
-    folder = zoo_root() / name
-    config = {"arch": entry.arch, "kwargs": dict(entry.kwargs), "epochs": entry.epochs, "lr": entry.lr,
-              "weight_decay": entry.weight_decay, "seed": 0}
-    try:
-        cached = artifacts.is_complete(folder, "zoo", artifacts.sha256_json(config), {})
-        if cached:
-            load_weights_strict(model, load_file(str(folder / "model.safetensors")), str(folder), name)
-    except PermissionError as exc:
-        raise MpdeployError(
-            f"cannot read the zoo cache {folder} ({exc.strerror}: {exc.filename}); make it readable "
-            f"(chmod -R a+rX {folder}) or point {ZOO_ROOT_ENV} at a folder of your own"
-        ) from None
-    if not cached:
-        logger.info("training zoo model %s on digits (first use; cached in %s)", name, folder)
-        metrics = train_digits(model, entry, progress=progress)
-        with artifacts.atomic_dir(folder) as tmp:
-            state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"))
-            # safetensors writes 0600; the cache is shared between users like every other artifact.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp / "model.safetensors", 0o666 & ~umask)
-            os.chmod(tmp, 0o777 & ~umask)
-            artifacts.write_manifest(tmp, "zoo", config, extra={"metrics": metrics})
-        logger.info("zoo model %s: test top-1 %.4f", name, metrics["test_top1"])
+    path = zoo_weights_path(name)
+    load_weights_strict(model, load(_verified_bytes(name, entry)), str(path), name)
     model.eval()
     return LoadedModel(
         module=model,
         input_shape=entry.input_shape,
         name=name,
-        source={"kind": "zoo", "name": name},
+        source={"kind": "zoo", "name": name, "sha256": entry.sha256},
         data_config={"mean": (0.5,), "std": (0.5,), "input_size": entry.input_shape},
     )

@@ -1,7 +1,8 @@
 """A tiny audited ONNX Runtime engine folder for the ship / Triton tests, built by hand per the engine contract.
 
 `make_engine(root)` writes `root/engine-ort/{sparse,dense}.onnx` (a conv + linear net; the sparse one has
-a 2:4 Linear, so the two really differ), the engine manifest and a passed `audit/audit.json`.
+a 2:4 Linear, so the two really differ), the engine manifest (files table, self-hash, as mpdeploy writes
+it) and a passed `audit/` tied to that engine by its manifest hash.
 """
 
 from __future__ import annotations
@@ -42,7 +43,21 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def write_engine_manifest(ed: Path, *, backend: str, precision: str, variants: dict, io: dict, device: dict) -> None:
+    """The engine manifest, written the way mpdeploy writes one (files table, self-hash); no sources."""
+    from mpdeploy import artifacts
+
+    (ed / "manifest.json").unlink(missing_ok=True)
+    extra = {"backend": backend, "precision": precision, "variants": variants, "io": io, "device": device,
+             "file_sha256": {f: sha256(ed / f) for f in variants.values()}}
+    artifacts.write_manifest(ed, "engine", {"backend": backend}, extra=extra)
+
+
 def write_audit(root: Path, *, passed: bool, backend: str = "ort") -> None:
+    """audit/ as `mpdeploy audit` leaves it: audit.json and a manifest whose engine source is engine-<backend>/
+    with that engine manifest's hash (what ties the audit to the engine it audited)."""
+    from mpdeploy import artifacts
+
     (root / "audit").mkdir(exist_ok=True)
     audit = {
         "schema": "mpdeploy.audit/1",
@@ -52,10 +67,10 @@ def write_audit(root: Path, *, passed: bool, backend: str = "ort") -> None:
         "summary": {"top1_sparse": 0.91, "top1_dense": 0.92, "agreement": 0.97, "speedup_p50": {"1": 1.08}},
     }
     (root / "audit" / "audit.json").write_text(json.dumps(audit))
-    from mpdeploy import artifacts  # ship opens the audit through its verified artifact: give it a manifest
-
     (root / "audit" / "manifest.json").unlink(missing_ok=True)
-    artifacts.write_manifest(root / "audit", "audit", {}, extra={"backend": backend, "passed": passed})
+    engine = root / f"engine-{backend}"
+    artifacts.write_manifest(root / "audit", "audit", {}, inputs={"engine_manifest": artifacts.manifest_hash(engine)},
+                             sources={"engine": engine}, extra={"backend": backend, "passed": passed})
 
 
 def make_engine(root: Path) -> Path:
@@ -73,21 +88,11 @@ def make_engine(root: Path) -> Path:
     ed.mkdir(parents=True)
     export_onnx(sparse, ed / "sparse.onnx")
     export_onnx(dense, ed / "dense.onnx")
-    manifest = {
-        "schema": "mpdeploy.engine/1",
-        "kind": "engine",
-        "backend": "ort",
-        "precision": "fp32",
-        "variants": {"sparse": "sparse.onnx", "dense": "dense.onnx"},
-        "io": {
-            "inputs": [{"name": "input", "dtype": "float32", "shape": [-1, *INPUT_SHAPE]}],
-            "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, NUM_CLASSES]}],
-        },
-        "device": {"name": "cpu", "gpu": None, "tensorrt_version": None},
-        "sources": {"onnx_sha256": "a" * 64, "pruned_manifest_sha256": "b" * 64},
-        "file_sha256": {f: sha256(ed / f) for f in ("sparse.onnx", "dense.onnx")},
-    }
-    (ed / "manifest.json").write_text(json.dumps(manifest))
     (ed / "build_report.json").write_text("{}")
+    write_engine_manifest(
+        ed, backend="ort", precision="fp32", variants={"sparse": "sparse.onnx", "dense": "dense.onnx"},
+        io={"inputs": [{"name": "input", "dtype": "float32", "shape": [-1, *INPUT_SHAPE]}],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, NUM_CLASSES]}]},
+        device={"name": "cpu", "gpu": None, "tensorrt_version": None})
     write_audit(root, passed=True)
     return root

@@ -1,15 +1,13 @@
 """The audit stage: a correct sparse engine passes, broken ones fail for the right reason; report; CLI.
 
 The engine folders are built by hand per the build engineer's contract (pruned/ + engine-ort/ with
-sparse.onnx, dense.onnx and a kind "engine" manifest) from the zoo's digits_cnn, which is trained on
-first use (about a minute) and cached under engines/_zoo/. Latency repetitions are tiny: speed is
-never asserted here.
+sparse.onnx, dense.onnx and a kind "engine" manifest) from the zoo's digits_cnn (its weights ship with
+mpdeploy). Latency repetitions are tiny: speed is never asserted here.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -29,79 +27,10 @@ from mpdeploy.audit import (
     logit_distance,
     measure_latency,
 )
-from mpdeploy.backends import base as backends
 from mpdeploy.errors import MpdeployError
 from mpdeploy.patterns import NM, nm_mask
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-# ---------------------------------------------------------------------------------------------------
-# an ONNX Runtime backend for tests, used only while mpdeploy/backends/ort.py does not exist yet
-
-
-class _OrtRunner(backends.Runner):
-    def __init__(self, path: Path):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1  # two shared cores
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input: x})[0]
-
-    def time(self, x: np.ndarray, iterations: int) -> list[float]:
-        import time
-
-        out = []
-        for _ in range(iterations):
-            t0 = time.perf_counter()
-            self.session.run(None, {self.input: x})
-            out.append((time.perf_counter() - t0) * 1000.0)
-        return out
-
-
-class _OrtAdapter(backends.Backend):
-    name = "ort"
-    default_precision = "fp32"
-
-    @classmethod
-    def availability(cls):
-        return True, "onnxruntime CPU (test adapter)"
-
-    def build(self, inputs, variant, out_dir, config):  # pragma: no cover - audit never builds
-        raise NotImplementedError
-
-    def load(self, engine_path, config):
-        return _OrtRunner(engine_path)
-
-    def device_info(self):
-        import onnxruntime as ort
-
-        return {"provider": "CPUExecutionProvider", "onnxruntime": ort.__version__}
-
-
-def _real_ort_backend() -> bool:
-    try:
-        backends.backend_class("ort")
-        return True
-    except ImportError:
-        return False
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _ort_backend():
-    if _real_ort_backend():
-        yield
-        return
-    original = backends.backend_class
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(backends, "backend_class", lambda name: _OrtAdapter if name == "ort" else original(name))
-        yield
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -123,10 +52,15 @@ def _write_engine(root: Path, sparse: torch.nn.Module, dense: torch.nn.Module, s
     ed.mkdir(parents=True)
     _export(sparse, shape, ed / "sparse.onnx")
     _export(dense, shape, ed / "dense.onnx")
+    _write_engine_manifest(root, shape, classes, "fp32")
+
+
+def _write_engine_manifest(root: Path, shape, classes: int, precision: str) -> None:
+    ed = root / "engine-ort"
     (ed / "build_report.json").write_text("{}")
     artifacts.write_manifest(ed, "engine", {}, sources={"weights": root / "pruned"}, extra={
         "backend": "ort",
-        "precision": "fp32",
+        "precision": precision,
         "variants": {"sparse": "sparse.onnx", "dense": "dense.onnx"},
         "io": {"inputs": [{"name": "input", "dtype": "float32", "shape": [-1, *shape]}],
                "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, classes]}]},
@@ -139,11 +73,9 @@ def _write_engine(root: Path, sparse: torch.nn.Module, dense: torch.nn.Module, s
 def base_root(tmp_path_factory) -> Path:
     """engines/digits_cnn: 2:4 on the zoo CNN's cheapest 20% of MACs (mp budget) + its ORT engine pair."""
     from mpdeploy.prune import PruneConfig, load_pruned, prune
-    from mpdeploy.zoo import ZOO_ROOT_ENV, load_zoo_model
+    from mpdeploy.zoo import load_zoo_model
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(ZOO_ROOT_ENV, os.environ.get(ZOO_ROOT_ENV, str(REPO / "engines" / "_zoo")))
-        loaded = load_zoo_model("digits_cnn")
+    loaded = load_zoo_model("digits_cnn")
     root = tmp_path_factory.mktemp("engines") / "digits_cnn"
     prune(loaded, PruneConfig(budget="mp", target_mac_reduction=0.2), root / "pruned")
     sparse = load_pruned(root / "pruned", "sparse")
@@ -457,6 +389,62 @@ def test_report_needs_audits(tmp_path):
         report([tmp_path / "x"], ReportConfig(out=tmp_path / "r.md"))
 
 
+# ---------------------------------------------------------------------------------------------------
+# INT8: an engine that loses accuracy in both engines alike still fails (the fp32 gate)
+
+
+def _int8_root(base: Path, tmp_path_factory, name: str, calib: np.ndarray) -> Path:
+    """A copy of the base root whose engine pair is its fp32 pair quantized to INT8 Q/DQ by mpdeploy's
+    own quantize_int8 (what `mpdeploy export --precision int8` runs), calibrated on `calib`."""
+    from mpdeploy.onnx_precision import quantize_int8
+
+    root = tmp_path_factory.mktemp(name) / name
+    shutil.copytree(base / "pruned", root / "pruned")
+    (root / "engine-ort").mkdir()
+    batches = [calib[i : i + 64] for i in range(0, len(calib), 64)]
+    for variant in ("sparse", "dense"):
+        quantize_int8(base / "engine-ort" / f"{variant}.onnx", root / "engine-ort" / f"{variant}.onnx", "input",
+                      batches)
+    _write_engine_manifest(root, tuple(calib.shape[1:]), 10, "int8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def int8_audits(base_root, fast, tmp_path_factory) -> dict[str, dict]:
+    """Audits of two INT8 builds of the same pruned CNN: calibrated on its digits calibration images, and
+    (the planted fault) on those images times 50: activation ranges 50x too wide, so INT8's steps swallow
+    the signal in the dense and the sparse engine alike, and their comparison with each other sees little."""
+    from mpdeploy.data import digits_tensors
+
+    x = digits_tensors((1, 32, 32), "calib")[0].numpy()
+    config = AuditConfig(plots=False, **{**fast, "sensitivity_batch": 0})
+    out = {}
+    for name, calib in (("int8_good", x), ("int8_bad_calibration", x * 50)):
+        root = _int8_root(base_root, tmp_path_factory, name, calib)
+        out[name] = json.loads((audit(root, config) / "audit.json").read_text())
+    return out
+
+
+def test_int8_engine_that_loses_accuracy_fails_the_audit(int8_audits, fast):
+    a = int8_audits["int8_bad_calibration"]
+    gate = a["thresholds"]["fp32_gate"]
+    assert gate["precision"] == "int8" and gate["metric"] == "top1_drop_vs_fp32"
+    assert gate["top1_fp32"] > 0.9 and gate["value"] > 0.10, gate  # many points lost against fp32
+    assert a["passed"] is False
+    assert any(f.startswith("top-1 drop against the fp32 dense model") for f in a["failures"]), a["failures"]
+
+
+def test_int8_engine_calibrated_on_its_data_passes_the_fp32_gate(int8_audits, base_audit, fast):
+    a = int8_audits["int8_good"]
+    gate = a["thresholds"]["fp32_gate"]
+    assert gate["images"] == a["accuracy"]["images"] == 539
+    # the fp32 reference is the dense model's PyTorch top-1: the fp32 audit's dense engine scores the same
+    assert gate["top1_fp32"] == pytest.approx(base_audit["summary"]["top1_dense"], abs=1e-9)
+    assert gate["value"] <= fast["max_top1_drop"], gate
+    assert a["passed"] is True, a["failures"]
+    assert base_audit["thresholds"]["fp32_gate"] is None  # fp32 engines: the PyTorch reference check instead
+
+
 @pytest.fixture
 def cli_main(monkeypatch):
     # Only this stage's commands: the parser imports every command module, others may be mid-work.
@@ -490,9 +478,6 @@ def test_cli_exit_codes(cli_main, base_root, tmp_path, capsys):
 @pytest.mark.slow
 def test_audit_of_a_real_build(tmp_path, monkeypatch, capsys):
     """The whole pipeline (prune -> export -> build -> audit) through the CLI, on the build engineer's code."""
-    from mpdeploy.zoo import ZOO_ROOT_ENV
-
-    monkeypatch.setenv(ZOO_ROOT_ENV, os.environ.get(ZOO_ROOT_ENV, str(REPO / "engines" / "_zoo")))
     out = tmp_path / "digits_cnn"
     assert cli.main(["-q", "build", "zoo:digits_cnn", "--sparse", "--backend", "ort", "--budget", "mp",
                      "--target-mac-reduction", "0.1", "--out", str(out)]) == 0

@@ -187,6 +187,23 @@ def test_torch_conversion_plan_on_cpu():
     assert "no fp32" in weight_problem(_Net().fc_ok.weight, "cusparselt", "fp32")
 
 
+def test_torch_plan_for_pruning_leaves_out_the_pattern_check():
+    # `prune --backend torch` asks the plan of the DENSE model: shape rules only, no "not 2:4" reason.
+    from mpdeploy.backends.sparse_plan import sparse_plan
+    from mpdeploy.backends.torch_sparse import plan_conversion
+
+    net = _Net()
+    plan = {e["name"]: e for e in plan_conversion(net, "cusparselt", "fp16", conv1x1="large", check_pattern=False)}
+    assert plan["fc_dense"]["convert"]  # dense now, but torch would convert it once pruned
+    assert not plan["fc_odd"]["convert"] and not plan["conv3"]["convert"] and not plan["pw_small"]["convert"]
+    names = ["fc_ok", "fc_dense", "fc_odd", "pw_big", "pw_small", "conv3"]
+    torch_plan = sparse_plan(net, (64, 8, 8), names, "torch")
+    assert set(torch_plan.runs_dense) == {"fc_odd", "pw_small", "conv3"}
+    assert all(why.startswith("torch runs it dense: ") for why in torch_plan.runs_dense.values())
+    assert torch_plan.record()["settings"] == {"precision": "fp16", "kernel": "cusparselt", "conv1x1": "large"}
+    assert set(sparse_plan(net, (64, 8, 8), names, "torch", options={"conv1x1": "all"}).runs_dense) == {"fc_odd", "conv3"}
+
+
 def test_conv1x1_as_linear_matches_the_conv():
     # The reshaping the torch backend uses for 1x1 convs, checked dense on CPU (NCHW and channels_last in).
     from mpdeploy.backends.torch_sparse import _conv1x1_as_linear_class

@@ -74,16 +74,22 @@ def test_cli_resnet18_sparse_ort_then_reuse(tmp_path, capsys):
     assert cli_main(argv) == 0
     out = capsys.readouterr().out
     assert "prune" in out and "built" in out and "eligible 2:4" in out
-    assert _stages(root) == {"prune": "built", "export": "built", "build": "built", "audit": "skipped"}
+    assert _stages(root) == {"prune": "built", "export": "built", "build": "built", "audit": "skipped",
+                             "densify": "skipped"}
+    assert "pruned for ort" in out and "no per-layer report of sparse use" in out
     _check_engine_folder(root, ("sparse", "dense"), [3, 64, 64], 1000)
     pruned = artifacts.read_manifest(root / "pruned", "pruned")
     assert pruned["model"]["source"]["init_seed"] == 0  # random init, seeded: reuse is sound
+    # Pruned for the backend: ONNX Runtime on CPU has no sparse kernels, so TensorRT's rules, said in one line.
+    assert pruned["pruned_for"]["backend"] == "ort" and pruned["pruned_for"]["rules"].startswith("TensorRT")
+    assert "no sparse kernels" in pruned["pruned_for"]["note"] and pruned["config"]["backend"] == "ort"
     before = {d: _mtimes(root / d) for d in ("pruned", "onnx", "engine-ort")}
 
     assert cli_main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("reused") == 3
-    assert _stages(root) == {"prune": "reused", "export": "reused", "build": "reused", "audit": "skipped"}
+    assert _stages(root) == {"prune": "reused", "export": "reused", "build": "reused", "audit": "skipped",
+                             "densify": "skipped"}
     assert {d: _mtimes(root / d) for d in before} == before  # nothing rewritten
 
 
@@ -102,14 +108,16 @@ def test_dense_only_then_sparse_then_force(vit_root, capsys):
     assert any("dense-only" in note for note in report["notes"])
 
     assert cli_main([*base, "--sparse"]) == 0  # prune and export reused; the engine gains its sparse half
-    assert _stages(vit_root) == {"prune": "reused", "export": "reused", "build": "built", "audit": "skipped"}
+    assert _stages(vit_root) == {"prune": "reused", "export": "reused", "build": "built", "audit": "skipped",
+                                 "densify": "skipped"}
     _check_engine_folder(vit_root, ("sparse", "dense"), [3, 160, 160], 1000)
 
     before = _mtimes(vit_root / "onnx")
     created = json.loads((vit_root / "engine-ort" / "manifest.json").read_text())["created"]
     time.sleep(1.1)  # manifests record seconds
-    assert cli_main([*base, "--sparse", "--force"]) == 0
-    assert _stages(vit_root) == {"prune": "built", "export": "built", "build": "built", "audit": "skipped"}
+    assert cli_main([*base, "--sparse", "--force", "--no-densify"]) == 0
+    assert _stages(vit_root) == {"prune": "built", "export": "built", "build": "built", "audit": "skipped",
+                                 "densify": "skipped"}
     after = _mtimes(vit_root / "onnx")
     assert all(after[k] != before[k] for k in before)
     assert json.loads((vit_root / "engine-ort" / "manifest.json").read_text())["created"] != created
@@ -231,7 +239,10 @@ def test_cli_vit_tiny_224_with_audit(tmp_path, capsys):
     assert audit["backend"] == "ort" and "passed" in audit and audit["summary"]
     assert code == (0 if audit["passed"] else 1)  # build's exit code carries the audit verdict
     assert cli_main(argv) == code
-    assert _stages(root) == {"prune": "reused", "export": "reused", "build": "reused", "audit": "reused"}
+    assert _stages(root) == {"prune": "reused", "export": "reused", "build": "reused", "audit": "reused",
+                             "densify": "skipped"}
+    speed = audit["thresholds"]["speed_gate"]  # ONNX Runtime on CPU: no sparse kernels, no speed claim
+    assert speed["sparse_kernels"] is False and speed["verdict"].startswith("no speed claim")
     capsys.readouterr()
 
 
@@ -269,3 +280,35 @@ def test_build_with_distillation_exports_the_distilled_weights(tmp_path, capsys)
     onnx_inputs = artifacts.read_manifest(root / "onnx", "onnx")["inputs"]
     assert onnx_inputs["pruned_manifest"] == artifacts.manifest_hash(root / "pruned")
     capsys.readouterr()
+
+
+def test_densify_round_summary_before_after_and_sparse_use_check():
+    """The densify round's numbers as the summary shows them (the round itself needs a GPU backend)."""
+    from mpdeploy.build import before_after
+    from mpdeploy.commands.build import _key_numbers
+    from mpdeploy.densify.evidence import Evidence, compare_sparse_use
+    from mpdeploy.stages import StageResult
+
+    first = StageResult("audit", "built", 1.0, None, {"passed": False, "summary": {
+        "top1_sparse": 0.90, "top1_dense": 0.95, "agreement": 0.92, "speedup_p50": {"1": 0.9, "32": 0.97}}})
+    second = StageResult("audit:densified", "built", 1.0, None, {"passed": True, "summary": {
+        "top1_sparse": 0.94, "top1_dense": 0.95, "agreement": 0.97, "speedup_p50": {"1": 1.0, "32": 1.08}}})
+    ba = before_after(first, second)
+    assert ba["top1_sparse"] == [0.90, 0.94] and ba["speedup_p50_largest_batch"] == [0.97, 1.08]
+    assert ba["passed"] == [False, True] and ba["largest_batch"] == [32, 32]
+
+    # The rebuilt engine runs sparse exactly what stayed pruned: unchanged. Otherwise both directions are named.
+    same = compare_sparse_use(["a", "b"], Evidence("log", ran_sparse=["b", "a"]))
+    assert same["unchanged"] and same["no_longer_sparse"] == same["newly_sparse"] == []
+    moved = compare_sparse_use(["a", "b"], Evidence("log", ran_sparse=["a", "c"], ran_dense={"b": "not picked"}))
+    assert not moved["unchanged"] and moved["no_longer_sparse"] == ["b"] and moved["newly_sparse"] == ["c"]
+
+    densify = StageResult("densify", "built", 0.1, None, {"returned": {"x": "not picked", "y": "not picked"},
+                                                          "ran_sparse": ["a", "b"], "before_after": ba, "check": moved})
+    text = _key_numbers(densify)
+    assert text.startswith("2 layers dense again, 2 still sparse")
+    assert "top1_sparse 0.9000 -> 0.9400" in text and "b32: 0.97 -> 1.08" in text
+    assert "CHANGED sparse use: no longer sparse ['b'], newly sparse ['c']" in text
+    densify.details["check"] = same
+    assert "other layers' sparse use unchanged" in _key_numbers(densify)
+    assert _key_numbers(second).startswith("passed, top1_dense 0.9500")  # a densified round's rows read as the first's

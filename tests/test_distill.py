@@ -17,21 +17,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
+import torch
+from safetensors.torch import load_file
 
-torch = pytest.importorskip("torch")
-timm = pytest.importorskip("timm")
-pytest.importorskip("sklearn")
-
-from safetensors.torch import load_file  # noqa: E402
-
-import mpdeploy.distill as distill_mod  # noqa: E402
-import mpdeploy.distill.train as distill_train  # noqa: E402
-from mpdeploy import artifacts  # noqa: E402
-from mpdeploy.errors import MpdeployError  # noqa: E402
-from mpdeploy.distill import DistillConfig, distill, kd_loss, state_hash  # noqa: E402
-from mpdeploy.models import LoadedModel  # noqa: E402
-from mpdeploy.patterns import NM, is_nm_compliant  # noqa: E402
-from mpdeploy.prune import PruneConfig, load_pruned, prune  # noqa: E402
+import mpdeploy.distill as distill_mod
+import mpdeploy.distill.train as distill_train
+from mpdeploy import artifacts
+from mpdeploy.distill import DistillConfig, distill, kd_loss, state_hash
+from mpdeploy.errors import MpdeployError
+from mpdeploy.models import LoadedModel
+from mpdeploy.patterns import NM, is_nm_compliant
+from mpdeploy.prune import PruneConfig, load_pruned, prune
 
 ROOT = Path(__file__).resolve().parents[1]
 KWARGS = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, depth=2, embed_dim=32, num_heads=2)
@@ -251,7 +248,8 @@ def test_torchrun_two_processes_identical_weights(pruned_cnn, tmp_path):
     record = out.manifest["distill"]
     resolved = record["config"]["resolved"]
     assert resolved["world_size"] == 2 and resolved["batch_per_process"] == 32 and resolved["optimizer"] == "sgd"
-    assert record["epochs"][0]["images"] >= 1258  # both shards counted (the sampler pads to equal shards)
+    # both shards counted: 1,257 digits train images less 126 held out for validation, padded to two equal shards
+    assert record["epochs"][0]["images"] == 1132
     for name, mask in out.masks.items():
         w = dict(out.model.named_parameters())[name].detach()
         assert torch.equal(w == 0, ~mask) and is_nm_compliant(w, NM(2, 4))
@@ -337,3 +335,61 @@ def test_top1_before_and_after_on_the_users_labelled_data(pruned, tmp_path):
         distill(pruned, DistillConfig(data=str(train), eval_data=str(_npz(tmp_path / "nolab.npz", "test", False)),
                                       epochs=1), tmp_path / "d3", progress=_quiet)
     assert not (tmp_path / "d3").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the better of before / after, chosen on images held out of the distillation data
+
+
+def test_validation_is_carved_from_the_distillation_data_only():
+    from mpdeploy.data import load_images
+    from mpdeploy.distill.datasets import carve_validation
+
+    data = load_images("digits", (1, 8, 8), split="train")
+    train, validation = carve_validation(data, 0.1, seed=0)
+    t, v = train.dataset.indices, validation.dataset.indices
+    assert len(v) == round(0.1 * len(data)) and len(t) + len(v) == len(data) and not set(t) & set(v)
+    assert carve_validation(data, 0.1, seed=0)[1].dataset.indices == v  # seeded: every rank, every run
+    assert "held out of the distillation data" in validation.description
+    # digits' test split (the evaluation data) is another split: the validation images are train images
+    from mpdeploy.data import _digits_split
+
+    train_ids = _digits_split(1797, "train").tolist()
+    test_ids = set(_digits_split(1797, "test").tolist())
+    assert not {train_ids[i] for i in v} & test_ids
+    assert carve_validation(data, 0.0, seed=0) == (data, None)
+    assert carve_validation(load_images("synthetic", (1, 8, 8), limit=300), 0.1, seed=0)[1] is None
+
+
+@pytest.fixture(scope="module")
+def pruned_zoo(tmp_path_factory) -> Path:
+    """The shipped digits_vit pruned 2:4 (uniform magnitude): an accurate student that a bad run can only hurt."""
+    from mpdeploy.zoo import load_zoo_model
+
+    return prune(load_zoo_model("digits_vit"), PruneConfig(budget="uniform"),
+                 tmp_path_factory.mktemp("zoo") / "pruned")
+
+
+def test_a_run_that_hurts_keeps_the_pruned_weights(pruned_zoo, tmp_path):
+    """Planted fault: one epoch at lr 1.0 wrecks the ViT. The validation split sees it, the artifact keeps
+    the pruned weights bit for bit, and the record says so; the test split's top-1 is only reported."""
+    out = distill(pruned_zoo, DistillConfig(epochs=1, lr=1.0, optimizer="adamw", batch_size=256),
+                  tmp_path / "distilled", _quiet)
+    record = artifacts.read_manifest(out, "distilled")["distill"]
+    choice = record["selection"]
+    assert choice["kept"] == "pruned" and choice["val_top1_after"] < choice["val_top1_before"] - 20
+    assert "126 images held out of the distillation data" in choice["validation"]
+    assert state_hash(load_file(str(out / "model.safetensors"))) == state_hash(
+        load_file(str(pruned_zoo / "model.safetensors")))
+    assert record["top1_after"] == record["top1_before"] and record["top1_distilled"] < record["top1_before"] - 20
+    assert artifacts.read_manifest(out, "distilled")["pruned_with"]["budget"] == "uniform"
+
+
+def test_a_run_that_helps_keeps_the_distilled_weights(pruned_zoo, tmp_path):
+    out = distill(pruned_zoo, DistillConfig(epochs=1), tmp_path / "distilled", _quiet)
+    record = artifacts.read_manifest(out, "distilled")["distill"]
+    choice = record["selection"]
+    assert choice["kept"] == "distilled" and choice["val_top1_after"] >= choice["val_top1_before"]
+    assert record["top1_after"] == record["top1_distilled"]
+    assert state_hash(load_file(str(out / "model.safetensors"))) != state_hash(
+        load_file(str(pruned_zoo / "model.safetensors")))

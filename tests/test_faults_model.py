@@ -292,32 +292,21 @@ def test_changed_pickle_is_refused_by_later_stages(tmp_path, capfd):
 
 
 # ---------------------------------------------------------------------------------------------------
-# zoo cache: shared between users
+# zoo weights: shipped in the package, refused unless they are the registry's
 
 
-def test_zoo_cache_modes_and_unreadable_cache(tmp_path, capfd, monkeypatch):
+def test_zoo_weights_changed_or_missing(tmp_path, capfd, monkeypatch):
     from mpdeploy import zoo
 
-    monkeypatch.setenv(zoo.ZOO_ROOT_ENV, str(tmp_path / "zoo"))
-    # Training is not what this test is about: one step stands in for the full schedule.
-    # (a one-block ViT on 8x8 digits, one epoch)
-    monkeypatch.setitem(zoo._REGISTRY, "digits_cnn", zoo.ZooEntry(
-        "vit_tiny_patch16_224", (("img_size", 8), ("patch_size", 4), ("in_chans", 1), ("num_classes", 10),
-                                 ("embed_dim", 16), ("depth", 1), ("num_heads", 1)),
-        (1, 8, 8), epochs=1, lr=1e-3, weight_decay=0.0))
-    zoo.load_zoo_model("digits_cnn")
-    umask = os.umask(0)
-    os.umask(umask)
-    folder = tmp_path / "zoo" / "digits_cnn"
-    assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
-    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
-
-    import safetensors.torch
-
-    def unreadable(path, *a, **k):
-        raise PermissionError(13, "Permission denied", str(path))
-
-    # Root reads any file, so the other user's unreadable cache is simulated at the read call.
-    monkeypatch.setattr(safetensors.torch, "load_file", unreadable)
-    code, err = _run(capfd, ["prune", "zoo:digits_cnn", "--out", str(tmp_path / "o")])
-    _one_line(code, err, "cannot read the zoo cache", zoo.ZOO_ROOT_ENV)
+    shipped = zoo.zoo_weights_path("digits_vit").read_bytes()
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path / "zoo_weights")
+    (tmp_path / "zoo_weights").mkdir()
+    changed = bytearray(shipped)
+    changed[-1] ^= 1  # one bit of one weight
+    (tmp_path / "zoo_weights" / "digits_vit.safetensors").write_bytes(bytes(changed))
+    code, err = _run(capfd, ["prune", "zoo:digits_vit", "--out", str(tmp_path / "o")])
+    _one_line(code, err, "digits_vit", "sha256", "restore it")
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "zoo_weights" / "digits_vit.safetensors").unlink()
+    code, err = _run(capfd, ["prune", "zoo:digits_vit", "--out", str(tmp_path / "o")])
+    _one_line(code, err, "cannot read zoo model digits_vit", "reinstall mpdeploy")

@@ -199,7 +199,7 @@ def test_four_concurrent_ships_each_get_a_version(engine, tmp_path):
     assert [p.returncode for p in procs] == [0] * 4, [err for _, err in outs]
     assert all("Traceback" not in err for _, err in outs)
     assert sum(err.count("taken by a concurrent ship") for _, err in outs) >= 3  # the race did happen
-    assert sorted(int(Path(out.strip()).name) for out, _ in outs) == [1, 2, 3, 4]
+    assert sorted(int(Path(out.strip().split(": verified ")[0]).name) for out, _ in outs) == [1, 2, 3, 4]
     _assert_versions_intact(repo, [1, 2, 3, 4])
 
 

@@ -186,3 +186,95 @@ def test_analyze_sees_the_layers_of_programs(tmp_path, capsys, fmt):
     loaded = load_model(ModelSpec(args[0], input_shape=(1, 16, 16), trust_pickle=True))
     x = torch.randn(3, 1, 16, 16)
     torch.testing.assert_close(loaded.module(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the zoo: the same shipped model on every machine
+
+
+@pytest.mark.parametrize("name", ["digits_vit", "digits_cnn"])
+def test_zoo_weights_are_the_registry_model(name):
+    """The shipped file's sha256 is the registry's, and the model it holds scores the recorded test top-1
+    exactly (benchmarks/train_zoo.py prints both; its smallest top-1/top-2 logit gap on the test split is
+    0.005 for digits_cnn and 0.038 for digits_vit, far above any thread-count rounding)."""
+    import hashlib
+
+    from mpdeploy import zoo
+
+    entry = zoo._entry(name)
+    assert hashlib.sha256(zoo.zoo_weights_path(name).read_bytes()).hexdigest() == entry.sha256
+    loaded = zoo.load_zoo_model(name)
+    assert loaded.source == {"kind": "zoo", "name": name, "sha256": entry.sha256}
+    assert zoo.digits_top1(loaded.module, loaded.input_shape) == entry.test_top1
+
+
+def test_zoo_weights_ship_as_package_data():
+    """A wheel carries the weights: pyproject's package data names the folder the registry reads."""
+    import tomllib
+    from pathlib import Path
+
+    from mpdeploy import zoo
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["mpdeploy"]
+    assert "zoo_weights/*.safetensors" in globs
+    assert zoo.WEIGHTS_DIR == Path(zoo.__file__).resolve().parent / "zoo_weights"
+    assert sorted(p.name for p in zoo.WEIGHTS_DIR.glob("*.safetensors")) == [f"{n}.safetensors"
+                                                                             for n in zoo.list_zoo_models()]
+
+
+def test_zoo_file_that_is_not_the_registrys_is_refused(tmp_path, monkeypatch):
+    from mpdeploy import zoo
+
+    data = bytearray(zoo.zoo_weights_path("digits_vit").read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "digits_vit.safetensors").write_bytes(bytes(data))
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(MpdeployError, match=r"digits_vit's weights .* have sha256 [0-9a-f]{16}\.\.\., not the "
+                                            r"registry's 274c1e4f70477949\.\.\."):
+        zoo.load_zoo_model("digits_vit")
+
+
+# ---------------------------------------------------------------------------------------------------
+# a model trained at another size than its timm config says, with tensors of that size
+
+
+def _npz(tmp_path, shape) -> str:
+    import numpy as np
+
+    path = tmp_path / "calib.npz"
+    np.savez(path, images=np.random.default_rng(0).standard_normal((8, *shape)).astype(np.float32),
+             labels=np.arange(8) % 10)
+    return str(path)
+
+
+def test_tensor_data_size_is_taken_when_the_model_runs_it(tmp_path, caplog):
+    """A 1-channel CNN trained at 32x32 (its timm config still says 224) with an .npz of 32x32 images: the
+    model runs 32x32 in the one-image check, so that is its input shape (logged), and data_config says so."""
+    import logging
+
+    spec = ModelSpec("timm:resnet18", weights="random", num_classes=10, model_kwargs=(("in_chans", 1),),
+                     data_sources=(_npz(tmp_path, (1, 32, 32)),))
+    with caplog.at_level(logging.INFO, logger="mpdeploy"):
+        loaded = load_model(spec)
+    assert loaded.input_shape == (1, 32, 32)
+    assert tuple(loaded.data_config["input_size"]) == (1, 32, 32)
+    assert any("input shape 1,32,32 taken from" in r.getMessage() and "says 1,224,224" in r.getMessage()
+               for r in caplog.records)
+    # an explicit --input-shape wins, and then the data must match it
+    with pytest.raises(MpdeployError, match=r"holds images of shape 1,32,32 but the model takes 1,64,64 .*"
+                                            r"pass --input-shape 1,32,32"):
+        load_model(ModelSpec("timm:resnet18", weights="random", num_classes=10, model_kwargs=(("in_chans", 1),),
+                             input_shape=(1, 64, 64), data_sources=spec.data_sources))
+
+
+def test_tensor_data_the_model_cannot_run_names_the_flag(tmp_path):
+    """A ViT built for 16x16 cannot run 32x32 tensors: one line offering --input-shape with the data's size."""
+    kwargs = (("img_size", 16), ("patch_size", 4), ("in_chans", 1), ("embed_dim", 32), ("depth", 1),
+              ("num_heads", 2))
+    spec = ModelSpec("timm:vit_tiny_patch16_224", weights="random", num_classes=10, model_kwargs=kwargs,
+                     data_sources=(_npz(tmp_path, (1, 32, 32)),))
+    with pytest.raises(MpdeployError, match=r"shape 1,32,32 but the model takes 1,16,16 \(C,H,W\); if the model "
+                                            r"was trained at 1,32,32, pass --input-shape 1,32,32") as exc:
+        load_model(spec)
+    assert "\n" not in str(exc.value)

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from mpdeploy.cli import main as cli_main
 from mpdeploy.patterns import NM, is_nm_compliant
 from mpdeploy.prune import load_pruned
+from mpdeploy.trust import granted
 
 SIZE = 16
 ARCHS = {"cnn": SmallCNN, "vit": SmallViT}
@@ -86,7 +87,10 @@ def _build(tmp_path, arch: str, channels: int, fmt: str, data: str) -> None:
     audit = json.loads((out / "audit" / "audit.json").read_text())
     assert audit["passed"] is True and audit["summary"]["weights_nm_compliant"] is True
 
-    pruned = load_pruned(out / "pruned")  # rebuilds the architecture from the recorded source
+    # Rebuilds the architecture from the recorded source: re-opening the file / importing the class
+    # needs the trust this test grants (a manifest grants none).
+    with granted(pickle=fmt in ("pickle", "torchscript", "pt2"), imports=[f"own_archs:{ARCHS[arch].__name__}"]):
+        pruned = load_pruned(out / "pruned")
     source = pruned.manifest["model"]["source"]
     expected_kind = {"state_dict": "python", "safetensors": "python", "torchscript": "torchscript",
                      "pickle": "pickle", "pt2": "exported_program"}[fmt]

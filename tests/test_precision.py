@@ -10,27 +10,24 @@ Runtime (BF16: onnx's reference evaluator) output against the FP32 model.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-torch = pytest.importorskip("torch")
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from sparsity_helpers import ours, polygraphy_check
 
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-from sparsity_helpers import ours, polygraphy_check  # noqa: E402
-
-from mpdeploy.backends.base import BuildConfig, BuildInputs, create_backend  # noqa: E402
-from mpdeploy.backends.trt_plan import TRT10, TRT11, TrtCapabilities, plan_trt_build  # noqa: E402
-from mpdeploy.backends.trt_report import qdq_graph_findings  # noqa: E402
-from mpdeploy.errors import MpdeployError  # noqa: E402
-from mpdeploy.export import ExportConfig, export, load_sparsity  # noqa: E402
-from mpdeploy.onnx_precision import onnx_file_name, quantized_weight, weight_quantization  # noqa: E402
-from mpdeploy.onnx_sparsity import check_trt_sparsity, nm_compliant_along, tensor_array  # noqa: E402
-from mpdeploy.patterns import NM  # noqa: E402
+from mpdeploy.backends.base import BuildConfig, BuildInputs, create_backend
+from mpdeploy.backends.trt_plan import TRT10, TRT11, TrtCapabilities, plan_trt_build
+from mpdeploy.backends.trt_report import qdq_graph_findings
+from mpdeploy.errors import MpdeployError
+from mpdeploy.export import ExportConfig, export, load_sparsity
+from mpdeploy.onnx_precision import onnx_file_name, quantized_weight, weight_quantization
+from mpdeploy.onnx_sparsity import check_trt_sparsity, nm_compliant_along, tensor_array
+from mpdeploy.patterns import NM
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -99,9 +96,22 @@ def test_int8_qdq_keeps_2_4_and_polygraphy_sees_through(exported, model):
     assert findings["quantized_weights"] and not findings["unfusable_qdq"]
     assert not findings["unquantized_outputs"], findings["unquantized_outputs"]
 
+    # The recorded ONNX Runtime check, recomputed on its own input (seeded N(0,1)): the record is what ORT
+    # gives, and the INT8 file really moved the logits (it is not the fp32 file). How far INT8 may move
+    # them is a question for trained models: random-init tiny ones have near-tied logits (test_vit's
+    # INT8 error is half its largest logit), so accuracy is tested on the zoo models below.
+    import onnxruntime as ort
+
     check = record["precision"]["ort_check"]["sparse"]
-    # Random-init tiny models have near-tied logits: agreement is measured on the zoo models (benchmark).
-    assert check["run"] and np.isfinite(check["max_abs_diff_vs_fp32"])
+    shape = json.loads((onnx_dir / "manifest.json").read_text())["model"]["input_shape"]
+    x = np.random.default_rng(0).standard_normal((check["batch"], *shape)).astype(np.float32)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    ref, got = (ort.InferenceSession(str(onnx_dir / f), so, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+                for f in ("model.onnx", "model.int8.onnx"))
+    diff = float(np.abs(got.astype(np.float64) - ref).max())
+    assert check["run"] and check["max_abs_diff_vs_fp32"] == pytest.approx(diff, rel=1e-6)
+    assert diff > 0
 
 
 def test_polygraphy_command_reports_every_pruned_tensor_sparse_in_the_int8_file(exported):
@@ -111,8 +121,8 @@ def test_polygraphy_command_reports_every_pruned_tensor_sparse_in_the_int8_file(
     import sys
 
     cli = Path(sys.executable).with_name("polygraphy")
-    if not cli.exists():
-        pytest.skip(f"no polygraphy command beside {sys.executable}")
+    # polygraphy is a declared dependency: its command missing is a broken install, not a reason to skip
+    assert cli.exists(), f"no polygraphy command beside {sys.executable}; reinstall (pip install -e .)"
     _, onnx_dir = exported("test_resnet", "int8")
     run = subprocess.run([str(cli), "inspect", "sparsity", str(onnx_dir / "model.int8.onnx")],
                          capture_output=True, text=True, timeout=600)
@@ -308,45 +318,67 @@ def test_unsupported_tensorrt_is_refused_in_one_line():
 
 
 # ---------------------------------------------------------------------------------------------------
-# INT8 accuracy on the zoo's digits models (trained on first use, cached under engines/_zoo/)
+# INT8 accuracy on the zoo's digits models (shipped weights: the same model on every machine)
 
-REPO = Path(__file__).resolve().parents[1]
+# mpdeploy's INT8 promise (docs/reproducibility.md): on a model that is accurate in fp32, ONNX Runtime INT8
+# Q/DQ (symmetric per channel, MinMax calibration on the pruned artifact's calibration images) loses at
+# most 1 point of top-1. Tested where it means something: the zoo's dense models and digits_vit's 2:4
+# model (91.65% in fp32). Not on digits_cnn's 2:4 model: 2:4 without distillation leaves it at 48.61%,
+# where INT8's rounding moves many small margins; an INT8 engine of it fails the audit's fp32 gate instead
+# (tests/test_audit.py::test_int8_engine_that_loses_accuracy_fails_the_audit plants that fault).
+# Measured here (correct of 539, fp32 -> int8): digits_cnn dense 534 -> 533; digits_vit dense 503 -> 506,
+# 2:4 494 -> 492. Weights, calibration and ORT on one thread are deterministic: the margin (at least 3
+# images) is fixed, not statistical.
+INT8_PROMISE = [("digits_cnn", "dense"), ("digits_vit", "dense"), ("digits_vit", "2:4")]
 
 
-@pytest.mark.parametrize("zoo", ["digits_cnn", pytest.param("digits_vit", marks=pytest.mark.slow)])
-def test_int8_top1_within_one_point_of_fp32_on_zoo_models(zoo, tmp_path, monkeypatch):
-    """INT8 Q/DQ (calibrated on the pruned artifact's digits calibration images) loses at most 1 point of
-    top-1 on the 539-image digits test split, for the 2:4 model and its dense twin, on ONNX Runtime CPU.
-    Measured (benchmarks/results/int8_ort.json, drop = fp32 - int8 top-1): ViT sparse 0.19, dense -0.19; CNN
-    sparse -1.11 (INT8 better), dense 0.19 points. Quantization and calibration are deterministic, so the
-    margin (at least 0.8 points, 4 images) is fixed, not statistical. digits_vit is slow only because a cold
-    zoo cache trains it first."""
-    import onnxruntime as ort
-
+@pytest.fixture(scope="module")
+def zoo_int8(tmp_path_factory):
+    """{zoo: (onnx dir, digits test images, labels)}: the shipped model pruned 2:4 on digits calibration,
+    exported with INT8 Q/DQ files for the 2:4 model and its dense twin."""
     from mpdeploy.data import digits_tensors
     from mpdeploy.prune import PruneConfig, prune
-    from mpdeploy.zoo import ZOO_ROOT_ENV, load_zoo_model
+    from mpdeploy.zoo import load_zoo_model
 
-    monkeypatch.setenv(ZOO_ROOT_ENV, os.environ.get(ZOO_ROOT_ENV, str(REPO / "engines" / "_zoo")))
-    loaded = load_zoo_model(zoo)
-    prune(loaded, PruneConfig(pattern="2:4", calib="digits"), tmp_path / "pruned")
-    onnx_dir = export(tmp_path / "pruned", ExportConfig(precision="int8"), tmp_path / "onnx")
+    cache = {}
+
+    def get(zoo: str):
+        if zoo not in cache:
+            root = tmp_path_factory.mktemp(zoo)
+            loaded = load_zoo_model(zoo)
+            prune(loaded, PruneConfig(pattern="2:4", calib="digits"), root / "pruned")
+            onnx_dir = export(root / "pruned", ExportConfig(precision="int8"), root / "onnx")
+            x, y = digits_tensors(tuple(loaded.input_shape), "test")
+            cache[zoo] = (onnx_dir, x.numpy().astype(np.float32), y.numpy())
+        return cache[zoo]
+
+    return get
+
+
+def _correct(path: Path, x: np.ndarray, y: np.ndarray) -> int:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return int((session.run(None, {"input": x})[0].argmax(1) == y).sum())
+
+
+@pytest.mark.parametrize("zoo,variant", INT8_PROMISE)
+def test_int8_top1_within_one_point_of_fp32_on_accurate_models(zoo_int8, zoo, variant):
+    from mpdeploy.zoo import _entry
+
+    onnx_dir, x, y = zoo_int8(zoo)
     record = load_sparsity(onnx_dir)["precision"]
     assert record["calibration"]["source"] == "digits"
     assert record["calibration"]["chosen_because"] == "the pruned artifact's calibration source"
-    x, y = digits_tensors(tuple(loaded.input_shape), "test")
-    x, y = x.numpy().astype(np.float32), y.numpy()
-
-    def top1(path: Path) -> float:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 1
-        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        return float((session.run(None, {"input": x})[0].argmax(1) == y).mean() * 100)
-
-    for fp32, int8 in (("model.onnx", "model.int8.onnx"), ("model.dense.onnx", "model.dense.int8.onnx")):
-        base, quant = top1(onnx_dir / fp32), top1(onnx_dir / int8)
-        assert base - quant <= 1.0, (fp32, base, quant)
-    assert record["eligible_2_4"] > 0
+    fp32, int8 = ("model.dense.onnx", "model.dense.int8.onnx") if variant == "dense" else ("model.onnx",
+                                                                                             "model.int8.onnx")
+    base, quant = _correct(onnx_dir / fp32, x, y), _correct(onnx_dir / int8, x, y)
+    if variant == "dense":  # ORT's fp32 dense model is the shipped zoo model: its recorded score, exactly
+        assert base == round(_entry(zoo).test_top1 * len(y))
+    assert base >= 0.9 * len(y), "the promise is for accurate models: this one is not"
+    assert 100.0 * (base - quant) / len(y) <= 1.0, (zoo, variant, base, quant)
 
 
 def test_cli_export_precision(exported, tmp_path, capsys):

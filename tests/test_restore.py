@@ -287,3 +287,81 @@ def test_one_pass_obs_restore_keeps_masks_and_lowers_error():
         assert torch.equal(weight != 0, masks[f"{name}.weight"])
         assert obs[name]["improved"]
     assert obs["0"]["error_after"] <= 1.05 * exact["0"]["error_after"]
+
+
+# ---------------------------------------------------------------------------------------------
+# restore from the covariances the mask selection accumulated (one Hessian per layer, shared)
+# ---------------------------------------------------------------------------------------------
+
+
+def one_layer_model(kind: str):
+    """One prunable layer: its inputs are the same with or without pruning, so the sequential pass and
+    the shared covariance must give the same refit (the known answer)."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(32, 12)), list(correlated_inputs(4 * 256, 32, seed=5).split(256))
+    # Channels mixed by one matrix (correlated inputs, so a refit has something to fix), 3 images a batch.
+    pixels = correlated_inputs(12 * 7 * 7, 8, seed=5).reshape(12, 7, 7, 8).permute(0, 3, 1, 2)
+    return nn.Sequential(nn.Conv2d(8, 6, 3, padding=1)), list(pixels.contiguous().split(3))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_shared_hessian_restore_matches_the_sequential_pass(kind):
+    """Magnitude masks (the selection left the kept weights as they were): the refit from the shared
+    covariances equals the one-pass sequential restore's (float32 solver: within 1e-5 of the weight
+    scale; the stored covariance is float32 where the pass keeps float64), and the same verdicts."""
+    from mpdeploy.restore import restore_from_stats
+    from mpdeploy.saliency import collect_stats
+
+    model, batches = one_layer_model(kind)
+    stats = collect_stats(model, ["0"], batches[:3], batches[3:], "sparsegpt")
+    shared_model, _ = one_layer_model(kind)
+    masks, dense = prune_in_place(model)
+    shared_masks, _ = prune_in_place(shared_model)
+    sequential = restore_layers(model, masks, batches[:3], batches[3:], dense_state=dense)["0"]
+    shared = restore_from_stats(shared_model, shared_masks, {}, stats, dense_state=dense)["0"]
+    assert torch.equal(masks["0.weight"], shared_masks["0.weight"])
+    scale = float(dense["0.weight"].abs().max())
+    assert float((model[0].weight - shared_model[0].weight).detach().abs().max()) <= 1e-5 * scale
+    assert shared["improved"] and sequential["improved"]  # a refit the known answer adopts, not a rollback
+    assert shared["error_after"] == pytest.approx(sequential["error_after"], rel=1e-4)
+    assert shared["error_before"] == pytest.approx(sequential["error_before"], rel=1e-5)
+    assert shared["scheme"] == "shared-hessian" and shared["lambda"] == pytest.approx(sequential["lambda"], rel=1e-6)
+    assert not bool((shared_model[0].weight.detach()[~shared_masks["0.weight"]] != 0).any())
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_sparsegpt_weights_are_bit_for_bit_the_restore_refit(kind):
+    """Why restore skips a layer SparseGPT chose: the mask-fixed refit on the same covariance
+    (refit_obs: OBS sweep inside the mask + CG) reproduces the selection's weights exactly."""
+    from mpdeploy.restore import refit_obs
+    from mpdeploy.saliency import choose_mask, collect_stats
+
+    model, batches = one_layer_model(kind)
+    stats = collect_stats(model, ["0"], batches[:3], batches[3:], "sparsegpt")["0"]
+    weight = model[0].weight
+    choice = choose_mask(weight, NM(2, 4), "sparsegpt", stats)
+    assert choice.refit
+    h = stats.hessian()
+    lam = DEFAULT_DAMP * float(torch.diagonal(h).mean())
+    dense = weight.detach().reshape(weight.shape[0], -1)
+    refit = refit_obs(dense, choice.mask.reshape(dense.shape), h, lam, shape=tuple(weight.shape))
+    assert torch.equal(refit.float().reshape(weight.shape), choice.weight)
+
+
+def test_prune_default_saliency_restore_shares_the_selection_hessians():
+    """prune_model(saliency=auto, restore=True): no second pass; layers SparseGPT refit are reported as
+    such (before = after = the selection's held-out error); every layer stays exactly N:M."""
+    from mpdeploy.prune import PruneConfig, prune_model
+
+    loaded = tiny_vit()
+    result = prune_model(loaded, PruneConfig(restore=True, calib="digits", saliency="auto", calib_batches=2))
+    check_pruned(result)
+    for r in (r for r in result.layers if r["pattern"]):
+        entry = r["restore"]
+        assert entry["scheme"] == "shared-hessian" and entry["judged_on"] == "held_out"
+        if r["saliency_chosen"] == "sparsegpt":
+            assert entry["error_before"] == entry["error_after"] and not entry["improved"]
+            assert "already refit" in entry["reason"]
+        else:
+            assert entry["improved"] == (entry["error_after"] < entry["error_before"])

@@ -146,3 +146,88 @@ def test_cli_help_names_every_registered_saliency_and_budget():
     helps = {a.dest: a.help for a in parser._actions}
     assert all(name in helps["saliency"] for name in list_saliencies())
     assert all(name in helps["budget"] for name in list_budgets())
+
+
+# ---------------------------------------------------------------------------------------------
+# the one-pass statistics and the shared judge give the same answers as the separate passes
+# ---------------------------------------------------------------------------------------------
+
+
+def separate_pass_stats(model, names, calib, held, group_sizes=()):
+    """The statistics as collected before the passes were merged: column statistics in one pass,
+    then one pass per batch list for the covariances (row sampling from one generator seeded 0)."""
+    from mpdeploy.layers import capture_inputs
+    from mpdeploy.restore import gram_of
+    from mpdeploy.saliency import InputStats
+
+    stats = {n: InputStats() for n in names}
+    capture_inputs(model, names, calib, lambda name, x: stats[name].update(x, group_sizes))
+    gen = torch.Generator().manual_seed(0)
+    for which, batches in (("gram", calib), ("held_gram", held)):
+        def hook(module, inputs, output, name, which=which):
+            h, rows = gram_of(module, inputs[0], len(inputs[0]), gen)
+            st = stats[name]
+            setattr(st, which, h.float() if getattr(st, which) is None else getattr(st, which) + h.float())
+            setattr(st, "gram_rows" if which == "gram" else "held_rows",
+                    getattr(st, "gram_rows" if which == "gram" else "held_rows") + rows)
+        handles = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n, hook=hook: hook(m, i, o, n))
+                   for n in names]
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def test_one_pass_stats_equal_the_separate_passes_exactly():
+    """Conv inputs with more rows than MAX_ROWS_PER_BATCH, so both row samplers draw: still bit-equal."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.LazyLinear(8))
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(3, 4, 56, 56, generator=g) for _ in range(3)]  # 3 x 3136 = 9408 rows > 8192
+    model(batches[0])
+    names = ["0", "2", "4"]
+    new = collect_stats(model, names, batches[:2], batches[2:], "auto", (4,))
+    old = separate_pass_stats(model, names, batches[:2], batches[2:], (4,))
+    for name in names:
+        for field in ("col_sq_sum", "gram", "held_gram"):
+            assert torch.equal(getattr(new[name], field), getattr(old[name], field)), (name, field)
+        assert torch.equal(new[name].group_cov[4], old[name].group_cov[4])
+        assert (new[name].rows, new[name].gram_rows, new[name].held_rows) == \
+               (old[name].rows, old[name].gram_rows, old[name].held_rows)
+        assert new[name].rows_match is True
+
+
+def old_auto(weight, pattern, stats):
+    """`auto` as it was: each candidate judged on its own (its own denominator, float64)."""
+    dense = weight.detach().reshape(weight.shape[0], -1).double()
+    judge = stats.hessian(held=True)
+    best = None
+    for name in ("magnitude", "wanda", "sparsegpt"):
+        choice = choose_mask(weight, pattern, name, stats)
+        new = choice.weight if choice.weight is not None else weight.detach() * choice.mask
+        error = relative_error(new.reshape(dense.shape), dense, judge)
+        if best is None or error < best[0]:
+            best = (error, name, choice)
+    return best
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_auto_with_one_denominator_picks_exactly_as_before(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        model = nn.Sequential(nn.Linear(56, 32))
+        batches = outlier_batches(56, seed=1)
+    else:
+        model = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1))
+        g = torch.Generator().manual_seed(2)
+        batches = [torch.randn(4, 8, 6, 6, generator=g) for _ in range(4)]
+    stats = collect_stats(model, ["0"], batches[:3], batches[3:], "auto")["0"]
+    for pattern in (NM(2, 4), NM(1, 4), NM(4, 8)):
+        error, name, choice = old_auto(model[0].weight, pattern, stats)
+        auto = choose_mask(model[0].weight, pattern, "auto", stats)
+        assert auto.chosen == name and auto.error == error  # the same float64 numbers, not just close
+        assert torch.equal(auto.mask, choice.mask)
+        assert torch.equal(auto.weight, choice.weight) if choice.weight is not None else auto.weight is None
+        assert auto.refit == (name == "sparsegpt")

@@ -25,7 +25,7 @@ ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
-from ship_engine import make_engine, sha256, write_audit  # noqa: E402
+from ship_engine import make_engine, sha256, write_audit, write_engine_manifest  # noqa: E402
 from tritonclient.grpc import model_config_pb2 as pb2  # noqa: E402
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "mpdeploy" / "triton_python_model.py"
@@ -59,21 +59,11 @@ def _trt_engine(tmp_path: Path) -> Path:
     ed = root / "engine-trt"
     ed.mkdir(parents=True)
     (ed / "dense.plan").write_bytes(b"not a real plan, shipped byte for byte")
-    manifest = {
-        "schema": "mpdeploy.engine/1",
-        "kind": "engine",
-        "backend": "trt",
-        "precision": "fp16",
-        "variants": {"dense": "dense.plan"},
-        "io": {
-            "inputs": [{"name": "input", "dtype": "float16", "shape": [-1, 3, 224, 224]}],
-            "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 1000]}],
-        },
-        "device": {"name": "gpu0", "gpu": "NVIDIA H100 80GB HBM3", "tensorrt_version": "10.9.0"},
-        "sources": {"onnx_sha256": "c" * 64, "pruned_manifest_sha256": "d" * 64},
-        "file_sha256": {"dense.plan": _sha(ed / "dense.plan")},
-    }
-    (ed / "manifest.json").write_text(json.dumps(manifest))
+    write_engine_manifest(
+        ed, backend="trt", precision="fp16", variants={"dense": "dense.plan"},
+        io={"inputs": [{"name": "input", "dtype": "float16", "shape": [-1, 3, 224, 224]}],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 1000]}]},
+        device={"name": "gpu0", "gpu": "NVIDIA H100 80GB HBM3", "tensorrt_version": "10.9.0"})
     _write_audit(root, passed=True, backend="trt")
     return root
 
@@ -120,7 +110,9 @@ def test_ship_onnxruntime_platform(engine, tmp_path):
 
     prov = json.loads((vdir / "provenance.json").read_text())
     assert prov["audit"]["passed"] is True and prov["audit"]["summary"]["agreement"] == 0.97
-    assert prov["sources"] == {"onnx_sha256": "a" * 64, "pruned_manifest_sha256": "b" * 64}
+    assert prov["sources"] == {}
+    assert prov["verified"] == {"engine_manifest_sha256": _sha(engine / "engine-ort" / "manifest.json"),
+                                "audit_manifest_sha256": _sha(engine / "audit" / "manifest.json")}
     assert prov["engine_manifest"]["backend"] == "ort" and prov["variant"] == "sparse"
     assert prov["mpdeploy_version"] and prov["created_utc"].endswith("+00:00")
     assert prov["config_sha256"] == _sha(repo / "tiny" / "config.pbtxt")
@@ -258,8 +250,9 @@ def test_repo_that_is_a_file(engine, tmp_path):
 def test_tampered_engine_file(engine, tmp_path):
     with open(engine / "engine-ort" / "sparse.onnx", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(MpdeployError, match="sha256"):
-        ship(engine, ShipConfig(repo=tmp_path / "repo"))
+    for force in (False, True):  # --force overrides a verdict, never integrity
+        with pytest.raises(MpdeployError, match="sparse.onnx does not match"):
+            ship(engine, ShipConfig(repo=tmp_path / "repo", force=force))
     assert not (tmp_path / "repo").exists()
 
 
@@ -324,7 +317,9 @@ def run_cli(monkeypatch):
 def test_cli(engine, tmp_path, capsys, run_cli):
     repo = tmp_path / "repo"
     assert run_cli(["ship", str(engine), "--repo", str(repo), "--max-batch-size", "4"]) == 0
-    assert capsys.readouterr().out.strip() == str(repo / "tiny" / "1")
+    engine_hash, audit_hash = _sha(engine / "engine-ort" / "manifest.json"), _sha(engine / "audit" / "manifest.json")
+    assert capsys.readouterr().out.strip() == (f"{repo / 'tiny' / '1'}: verified engine manifest sha256 {engine_hash}, "
+                                               f"audit manifest sha256 {audit_hash}")
     assert _config(repo).max_batch_size == 4
 
     bad = [
@@ -340,7 +335,8 @@ def test_cli(engine, tmp_path, capsys, run_cli):
     assert run_cli(["ship", str(engine), "--repo", str(repo), "--max-batch-size", "4"]) == 2
     assert "--force" in capsys.readouterr().err
     assert run_cli(["ship", str(engine), "--repo", str(repo), "--max-batch-size", "4", "--force"]) == 0
-    assert capsys.readouterr().out.strip() == str(repo / "tiny" / "2")
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"{repo / 'tiny' / '2'}: verified engine manifest sha256 {engine_hash}") and audit_hash not in out
 
 
 # ---------------------------------------------------------------------------------------------------

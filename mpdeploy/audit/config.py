@@ -23,7 +23,10 @@ class AuditConfig:
     eval_workers: int | None = None  # DataLoader workers for the evaluation data; None: auto
     max_eval_images: int | None = None
     max_top1_drop: float = 0.02  # absolute, as a fraction (0.02 = 2 points)
-    min_speedup: float | None = None  # None = no speed gate
+    min_speedup: float | None = None  # None = no required speedup (the default gate below still applies)
+    # Where the backend has sparse kernels: fail when the sparse engine is measurably slower than its dense
+    # twin (ratio interval entirely below 1.0); False makes that a warning. No measurable speedup always warns.
+    fail_if_slower: bool = True
     sensitivity_batch: int = 16  # images for the per-layer sensitivity; 0 skips it
     sensitivity: bool = True  # False (--no-sensitivity) skips the per-layer map
     sensitivity_max_layers: int | None = 24  # a spread subset of the pruned layers; None: all

@@ -67,7 +67,8 @@ def _headline(result: Mapping[str, Any], engine_root: Path) -> list[str]:
     verdict = "PASS" if result["passed"] else "FAIL"
     lines = [f"# Audit of `{engine_root.name}`: **{verdict}**", ""]
     lines.append(
-        f"Sparse engine ({s['pattern']}, budget {s['budget']}, saliency {s['saliency']}) against its dense twin, "
+        f"Sparse engine ({s['pattern']}, budget {s['budget'] or 'not recorded'}, saliency "
+        f"{s['saliency'] or 'not recorded'}) against its dense twin, "
         f"both on **{runtime_text(result['backend'], dev['runtime'], dev['host'])}**, "
         f"{result['data']['images']} {result['data']['kind']} images."
     )
@@ -83,6 +84,7 @@ def _headline(result: Mapping[str, Any], engine_root: Path) -> list[str]:
                          f"most {100 * result['thresholds']['max_top1_drop']:.2f} pts")
         lines.append(f"- **Agreement with dense**: {fmt_pct(acc['agreement'], 2)} ({acc['disagreements']} of "
                      f"{acc['images']} images change their top-1); **certified**: {fmt_pct(acc['certified_fraction'], 1)}")
+    lines += _fp32_gate_lines(result)
     if lat:
         speed = ", ".join(f"batch {b}: {v['ratio_p50']:.2f}x" for b, v in lat.items())
         gate = result["thresholds"]["min_speedup"]
@@ -95,6 +97,20 @@ def _headline(result: Mapping[str, Any], engine_root: Path) -> list[str]:
     if result["failures"]:
         lines += ["**Failures:**", ""] + [f"- {f}" for f in result["failures"]] + [""]
     return lines
+
+
+def _fp32_gate_lines(result: Mapping[str, Any]) -> list[str]:
+    """The INT8 / FP16 engine against the fp32 dense model (audit/fp32_reference.py), when it was measured."""
+    gate = (result.get("thresholds") or {}).get("fp32_gate")
+    if not gate or gate.get("value") is None:
+        return []
+    limit = f"gate: at most {100 * gate['max']:.2f} pts"
+    if gate["metric"] == "top1_drop_vs_fp32":
+        return [f"- **Against the fp32 model** ({gate['precision']} sparse engine vs {gate['reference']}): top-1 "
+                f"{fmt_pct(gate['top1_fp32'], 2)} -> {fmt_pct(gate['top1_engine'], 2)} (drop "
+                f"{100 * gate['value']:.2f} pts on {gate['images']} images; {limit})"]
+    return [f"- **Against the fp32 model** ({gate['precision']} sparse engine vs {gate['reference']}): top-1 "
+            f"disagreement {100 * gate['value']:.2f} pts on {gate['images']} images ({limit})"]
 
 
 def _setup_section(result: Mapping[str, Any]) -> list[str]:

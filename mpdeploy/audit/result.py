@@ -47,7 +47,7 @@ def audit_summary(subject: AuditSubject, run: EngineRun, weights: Mapping[str, A
     """audit.json's `summary`: the headline numbers (the report table and the terminal line read these)."""
     pruned = subject.pruned or {}
     totals = pruned.get("totals") or {}
-    pconf = pruned.get("config") or {}
+    pconf = pruned.get("pruned_with") or pruned.get("config") or {}  # a distilled artifact's prune config
     accuracy = run.accuracy.metrics
     latency = {str(b): v for b, v in sorted(run.latency.by_batch.items())}
     return {

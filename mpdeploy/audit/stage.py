@@ -16,7 +16,7 @@ What is measured:
   dense p50 / sparse p50; its spread is the p10..p90 (and IQR) of the per-round ratios.
 - accuracy: both engines on the same evaluation images: top-1 / top-5 against labels (when the labels
   fit the model), top-1 agreement sparse vs dense, logit error, and the certified fraction
-  (method.md section 6: a sample is certified when its dense margin m = z1 - z2 exceeds 2 d,
+  (docs/method.md section 6: a sample is certified when its dense margin m = z1 - z2 exceeds 2 d,
   d = ||z_sparse - z_dense||_inf; then no perturbation of that size can change its top-1).
 - per-layer sensitivity (PyTorch, CPU): the dense model with ONE layer's mask applied; effect =
   mean over samples of ||z - z_dense||_inf, plus relative L2 and the top-1 flip rate.
@@ -24,7 +24,9 @@ What is measured:
   its reduction axis (and 2:4 where the pattern is meant to run on sparse tensor cores).
 
 Gates: top-1 drop > max_top1_drop fails (when the labels do not fit the model, the top-1
-disagreement with dense takes its place: it bounds any top-1 drop); a speedup at the largest batch
+disagreement with dense takes its place: it bounds any top-1 drop); an INT8 / FP16 engine's top-1 drop
+against the fp32 dense PyTorch model above max_top1_drop fails too (audit/fp32_reference.py: both
+engines share the precision, so their own comparison cannot see what quantization lost); a speedup at the largest batch
 below min_speedup fails (if set); a pruned weight that is not N:M in the engine, or outputs of the
 wrong shape or with NaN/Inf, fail.
 """
@@ -51,6 +53,7 @@ from mpdeploy.audit.common import AUDIT_DIR, KIND, Findings, Progress, fmt_pct, 
 from mpdeploy.audit.config import AuditConfig
 from mpdeploy.audit.engine import check_root
 from mpdeploy.audit.evaluate import layer_sensitivity
+from mpdeploy.audit.fp32_reference import fp32_gate
 from mpdeploy.audit.markdown import render_markdown
 from mpdeploy.audit.metrics import measure_latency
 from mpdeploy.audit.plots import write_plots
@@ -132,11 +135,14 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
     clock.lap("sensitivity_s")
 
     gate = accuracy_gate(config, run.accuracy, findings)
-    speed = speed_gate(config, run.latency.by_batch, findings)
+    fp32 = fp32_gate(config, subject, data, run.accuracy, findings)  # INT8 / FP16 engines only
+    clock.lap("fp32_gate_s")
+    speed = speed_gate(config, run.latency.by_batch, findings, subject.backend, run.runtime)
     findings.warnings += caveats(subject, run, sensitivity)
     result = audit_record(config, subject, data, run, findings, weights=weights, sensitivity=sensitivity,
                           accuracy_gate=gate, speed_gate=speed, started=clock.started.isoformat(timespec="seconds"),
                           timings=clock.timings)
+    result["thresholds"]["fp32_gate"] = fp32
     out = _write_audit(config, subject, result, run.accuracy, clock, step)
     logger.info("audit of %s: %s -> %s", engine_root, "PASS" if not findings.failures else "FAIL", out)
     return out

@@ -77,6 +77,10 @@ def load_eval_data(config: AuditConfig, subject: AuditSubject, findings: Finding
                        limit=config.max_eval_images or (256 if config.data == "synthetic" else None), seed=config.seed)
     if len(data) == 0:
         raise MpdeployError(f"evaluation data {config.data!r} holds no images; pass --data DIR|digits|synthetic")
+    if data.kind in ("tensors", "imagefolder") and data.num_classes and subject.classes \
+            and data.num_classes > subject.classes:  # refused before any work, as distill refuses it
+        raise MpdeployError(f"--data {data.description} has labels up to {data.num_classes - 1} but the model has "
+                            f"{subject.classes} outputs; pass images of the model's own classes")
     if data.synthetic:
         findings.warnings.append("synthetic N(0,1) inputs: accuracy numbers describe noise, not images; use --data DIR")
     return data

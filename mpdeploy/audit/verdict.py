@@ -18,6 +18,8 @@ from mpdeploy.audit.subject import AuditSubject
 
 logger = logging.getLogger(__name__)
 
+CONFIDENCE = 0.95  # the ratio interval's level when its record does not say (audit/timing.py)
+
 
 def check_weights(subject: AuditSubject, findings: Findings) -> dict[str, Any] | None:
     """Every pruned layer N:M in the sparse engine's weights (its ONNX, or the ONNX it was built from)."""
@@ -63,19 +65,63 @@ def accuracy_gate(config: AuditConfig, accuracy: AccuracyRun, findings: Findings
     return gate
 
 
-def speed_gate(config: AuditConfig, latency: Mapping[int, Mapping[str, Any]],
-               findings: Findings) -> dict[str, Any] | None:
-    """Speedup (dense p50 / sparse p50) at the largest timed batch at least min_speedup, when that is set."""
+def has_sparse_kernels(backend: str | None, runtime: Mapping[str, Any] | None) -> bool:
+    """Can this backend run 2:4 on sparse tensor cores? TensorRT and torch (GPU only) can; ONNX Runtime only
+    through its TensorRT execution provider (its CPU and CUDA providers have no sparse kernels)."""
+    if backend in ("trt", "torch"):
+        return True
+    text = " ".join(str(v) for v in (runtime or {}).values()).lower()
+    return backend == "ort" and "tensorrt" in text
+
+
+def speed_gate(config: AuditConfig, latency: Mapping[int, Mapping[str, Any]], findings: Findings,
+               backend: str | None = None, runtime: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The speed verdict at the largest timed batch (dense p50 / sparse p50; > 1: sparse faster).
+
+    Where the backend has sparse kernels (speed is the point of the sparse engine): measurably slower
+    (the ratio's interval entirely below 1.0) fails, no measurable speedup (the interval holds 1.0) warns
+    with the advice to ship the dense engine. Without sparse kernels (ONNX Runtime on CPU) no speed claim
+    is made. `min_speedup`, when set, is a stricter gate on every backend."""
     if not latency:
         if config.min_speedup is not None:
             findings.failures.append("no batch size could be timed, so the speed gate cannot pass")
         return None
     largest = max(latency)
-    gate = {"batch": largest, "speedup_p50": latency[largest]["ratio_p50"], "min": config.min_speedup}
-    if config.min_speedup is not None and not latency[largest]["ratio_p50"] >= config.min_speedup:
-        findings.failures.append(f"speedup at batch {largest} is {latency[largest]['ratio_p50']:.3f}x "
-                                 f"< required {config.min_speedup:g}x")
+    ratio = latency[largest]["ratio_p50"]
+    interval = latency[largest].get("ratio_interval") or {}
+    low, high = interval.get("low"), interval.get("high")
+    kernels = backend is None or has_sparse_kernels(backend, runtime)
+    gate = {"batch": largest, "speedup_p50": ratio, "min": config.min_speedup, "interval": [low, high],
+            "sparse_kernels": kernels if backend is not None else None, "fail_if_slower": config.fail_if_slower}
+    if backend is not None and not kernels and not cpu_only(backend, runtime or {}):
+        findings.warnings.append(f"{backend}: this execution provider has no 2:4 sparse kernels (only ONNX Runtime's "
+                                 "TensorRT provider has): the sparse engine runs dense math, no speed claim is made")
+    if backend is not None:
+        level = interval.get("confidence") or CONFIDENCE
+        shown = (f"{ratio:.3f}x, {100 * level:.0f}% interval [{low:.3f}, {high:.3f}]"
+                 if low is not None and high is not None else f"{ratio:.3f}x, no interval")
+        gate["verdict"] = _speed_verdict(config, largest, shown, low, high, kernels, findings)
+    if config.min_speedup is not None and not ratio >= config.min_speedup:
+        findings.failures.append(f"speedup at batch {largest} is {ratio:.3f}x < required {config.min_speedup:g}x")
     return gate
+
+
+def _speed_verdict(config: AuditConfig, batch: int, shown: str, low: float | None, high: float | None,
+                   kernels: bool, findings: Findings) -> str:
+    """"slower" (a failure) | "no measurable speedup" (a warning) | "faster" | "no speed claim"."""
+    if not kernels:
+        return "no speed claim: this backend has no sparse kernels, the sparse engine runs dense math"
+    if high is not None and high < 1.0:
+        message = (f"the sparse engine is measurably slower than its dense twin at batch {batch} ({shown}, "
+                   "entirely below 1.0): ship the dense engine, or densify the layers that ran dense and rebuild")
+        (findings.failures if config.fail_if_slower else findings.warnings).append(message)
+        return "slower"
+    if low is None or high is None or low <= 1.0:
+        findings.warnings.append(f"no speedup is measurable at batch {batch} ({shown}, holds 1.0): the sparse "
+                                 "engine buys no speed here; ship the dense engine unless a later measurement "
+                                 "shows a gain")
+        return "no measurable speedup"
+    return "faster"
 
 
 def caveats(subject: AuditSubject, run: EngineRun, sensitivity: Mapping[str, Any] | None) -> list[str]:
@@ -84,8 +130,8 @@ def caveats(subject: AuditSubject, run: EngineRun, sensitivity: Mapping[str, Any
     backend, runtime, latency = subject.backend, run.runtime, run.latency.by_batch
     if cpu_only(backend, runtime):
         warnings.append("ONNX Runtime's CPU provider has no 2:4 sparse kernels: it multiplies the zeros like any "
-                        "other weight, so a speedup near 1.0x is expected here; it shows the sparse engine costs "
-                        "nothing extra, not what sparse tensor cores would give")
+                        "other weight, so a speedup near 1.0x is expected here and no speed claim is made; it shows "
+                        "the sparse engine costs nothing extra, not what sparse tensor cores would give")
     audit_only = sorted({r["pattern"] for r in subject.layers if r.get("pattern") and not r.get("runs_sparse")})
     if audit_only:
         warnings.append(f"layers pruned to {', '.join(audit_only)} have no sparse-tensor-core path: they run dense "

@@ -67,8 +67,10 @@ def is_24_rows(weight2d) -> bool:
     return bool(((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all())
 
 
-def weight_problem(weight2d, kernel: str, precision: str) -> str | None:
-    """Why this 2-D weight cannot become a semi-structured sparse tensor, or None if it can."""
+def weight_problem(weight2d, kernel: str, precision: str, check_pattern: bool = True) -> str | None:
+    """Why this 2-D weight cannot become a semi-structured sparse tensor, or None if it can.
+
+    `check_pattern=False` asks whether it could once pruned to 2:4 (the plan `prune --backend torch` follows)."""
     if weight2d.dim() != 2:
         return f"{weight2d.dim()}-D weight: semi-structured sparsity takes 2-D weights only"
     limits = shape_constraints(kernel, precision)
@@ -78,7 +80,7 @@ def weight_problem(weight2d, kernel: str, precision: str) -> str | None:
     min_rows, min_cols = limits
     if rows < min_rows or rows % min_rows or cols < min_cols or cols % min_cols:
         return f"shape [{rows}, {cols}] is not a positive multiple of ({min_rows}, {min_cols}) for {kernel} {precision}"
-    if not is_24_rows(weight2d):
+    if check_pattern and not is_24_rows(weight2d):
         return "weight is not 2:4 along its input dimension (pattern is not 2:4-compliant, or the layer was not pruned)"
     return None
 
@@ -90,15 +92,18 @@ def _is_conv1x1(module) -> bool:
             and module.groups == 1 and module.padding in ((0, 0), 0, "valid"))
 
 
-def plan_conversion(model, kernel: str = "cusparselt", precision: str = "fp16", conv1x1: str = "large") -> list[dict[str, Any]]:
-    """Which Linear / Conv2d layers become sparse, and why the others do not. Needs no GPU."""
+def plan_conversion(model, kernel: str = "cusparselt", precision: str = "fp16", conv1x1: str = "large",
+                    check_pattern: bool = True) -> list[dict[str, Any]]:
+    """Which Linear / Conv2d layers become sparse, and why the others do not. Needs no GPU.
+
+    `check_pattern=False`: which would, once pruned to 2:4 (the dense model's plan, for pruning)."""
     from torch import nn
 
     plan = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             weight = module.weight
-            problem = weight_problem(weight, kernel, precision)
+            problem = weight_problem(weight, kernel, precision, check_pattern)
             plan.append({"name": name, "kind": "linear", "shape": list(weight.shape), "convert": problem is None,
                          "reason": problem})
         elif isinstance(module, nn.Conv2d):
@@ -113,7 +118,7 @@ def plan_conversion(model, kernel: str = "cusparselt", precision: str = "fp16", 
                 entry["reason"] = (f"1x1 conv with {shape[1]} -> {shape[0]} channels: below {CONV_MIN_CHANNELS}, where "
                                    "sparse kernels rarely beat dense (option conv1x1=all converts it anyway)")
             else:
-                problem = weight_problem(module.weight.reshape(shape[0], shape[1]), kernel, precision)
+                problem = weight_problem(module.weight.reshape(shape[0], shape[1]), kernel, precision, check_pattern)
                 entry.update(kind="conv1x1", convert=problem is None, reason=problem)
             plan.append(entry)
     return plan

@@ -8,6 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mpdeploy.data_args import DATA_SOURCES
+from mpdeploy.trust import add_trust_arguments
+
 
 BACKENDS = ("trt", "torch", "ort")
 
@@ -68,8 +71,8 @@ def audit_config_from_args(args: argparse.Namespace, data: str, backend: str | N
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("engine_dir", type=Path, metavar="ENGINE_DIR", help="engine folder (engines/<name>)")
-    parser.add_argument("--data", default="digits", help="evaluation images: an ImageFolder DIR, digits (default), "
-                                                         "or synthetic (smoke runs: no labels)")
+    parser.add_argument("--data", default="digits", help=f"evaluation images: {DATA_SOURCES} (smoke runs: no "
+                                                          "labels) (default: digits)")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="which engine-<backend>/ to audit (default: the only one, else the first usable)")
     parser.add_argument("--batch-sizes", default="1,8,32", help="batch sizes to time (default: 1,8,32)")
@@ -77,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="ONNX Runtime intra-op threads (default: what the engine was built with)")
     parser.add_argument("--seed", type=int, default=0)
+    add_trust_arguments(parser)  # rebuilding the model may re-open a pickle or import a class
 
 
 def main(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 from mpdeploy.commands._model_args import add_model_arguments
 from mpdeploy.commands.audit import add_audit_options, audit_config_from_args
 from mpdeploy.commands.prune import add_prune_arguments
+from mpdeploy.data_args import DATA_SOURCES, LABELLED_SOURCES
 
 DEFAULT_MODEL = "zoo:digits_vit"
 # With no MODEL the demo runs the whole method on the default: the calibrated default saliency (auto) on digits, then
@@ -88,16 +89,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--name", default=None, help="engine folder name under engines/ (default: the model's name)")
     g.add_argument("--force", action="store_true", help="rebuild every stage even if a finished one matches")
     g.add_argument("--no-audit", action="store_true", help="stop after the build stage")
+    g.add_argument("--no-densify", action="store_true",
+                   help="with --sparse on trt / torch: do not give the layers the engine ran dense their dense "
+                        "weights back (by default once: densify, rebuild, audit, into <out>/densified/)")
+    g.add_argument("--slow-layers", type=Path, default=None,
+                   help="file of layers whose sparse kernel timed slower than dense on the GPU: densify gives them "
+                        "back too (JSON list or one name per line)")
     a = parser.add_argument_group("audit")
     a.add_argument("--eval-data", default="digits",
-                   help="the audit's evaluation images: an ImageFolder DIR, digits (default) or synthetic")
+                   help=f"the audit's evaluation images: {DATA_SOURCES} (default: digits)")
     add_audit_options(a)
     d = parser.add_argument_group("distillation")
     d.add_argument("--distill-epochs", type=int, default=None,
                    help="short recovery after pruning: distill the dense twin into the pruned model for N epochs "
                         f"(default: 0; {DEFAULT_DISTILL_EPOCHS} for the embedded default model)")
     d.add_argument("--distill-data", default=None,
-                   help="labelled training data for distillation: an ImageFolder DIR or digits (default: digits)")
+                   help=f"labelled training data for distillation: {LABELLED_SOURCES} (default: digits)")
     e = parser.add_argument_group("export")
     e.add_argument("--opset", type=int, default=18)
     e.add_argument("--exporter", default="legacy", choices=["legacy", "dynamo"])
@@ -114,11 +121,16 @@ def configs_from_args(args: argparse.Namespace):
     if args.model is None and args.calib is None:
         args.calib = DEFAULT_CALIB
     prune_config = prune_config_from_args(args)
+    if args.slow_layers is not None:
+        from mpdeploy.densify.evidence import read_slow_layers
+
+        read_slow_layers(args.slow_layers)  # a bad file fails now, not after the first engine is built
     export_config = ExportConfig(opset=args.opset, exporter=args.exporter, allow_ineligible=args.allow_ineligible)
     build_config = build_config_from_args(args, calib=args.calib)
     audit_config = None if args.no_audit else audit_config_from_args(args, args.eval_data, None, args.batch_sizes)
     stage = BuildStageConfig(backend=args.backend, sparse=args.sparse, name=args.name, out=args.out,
-                             force=args.force, audit=not args.no_audit)
+                             force=args.force, audit=not args.no_audit, densify=not args.no_densify,
+                             slow_layers=args.slow_layers)
     epochs = args.distill_epochs
     if epochs is None:
         epochs = DEFAULT_DISTILL_EPOCHS if args.model is None else 0
@@ -140,11 +152,50 @@ def _mib(n) -> str:
     return f"{n / 2**20:.1f} MiB" if isinstance(n, (int, float)) else "-"
 
 
+def _densify_numbers(d) -> str:
+    """Layers given back; top-1 and speed before -> after; whether other layers' sparse use changed."""
+    if "reason" in d:
+        return d["reason"]
+    parts = [f"{len(d.get('returned') or {})} layers dense again, {len(d.get('ran_sparse') or [])} still sparse"]
+    ba = d.get("before_after") or {}
+
+    def arrow(key: str, fmt: str) -> str | None:
+        a, b = ba.get(key) or [None, None]
+        numbers = isinstance(a, (int, float)) and isinstance(b, (int, float))
+        return f"{fmt.format(a)} -> {fmt.format(b)}" if numbers else None
+
+    top1 = arrow("top1_sparse", "{:.4f}")
+    if top1:
+        parts.append(f"top1_sparse {top1}")
+    speed = arrow("speedup_p50_largest_batch", "{:.2f}")
+    if speed:
+        parts.append(f"dense/sparse p50 b{(ba.get('largest_batch') or [None])[-1]}: {speed}")
+    check = d.get("check")
+    if check and check.get("unchanged") is None:
+        parts.append(f"sparse use after the rebuild not checked: {check.get('error')}")
+    elif check:
+        parts.append("other layers' sparse use unchanged" if check.get("unchanged") else
+                     f"CHANGED sparse use: no longer sparse {check.get('no_longer_sparse') or 'none'}, "
+                     f"newly sparse {check.get('newly_sparse') or 'none'}")
+    return ", ".join(parts)
+
+
 def _key_numbers(stage) -> str:
     d = stage.details
+    name = stage.stage.split(":")[0]
+    if name == "densify":
+        return _densify_numbers(d)
+    if name != stage.stage:  # a densified round's stage: the same numbers as the first round's
+        from dataclasses import replace
+
+        return _key_numbers(replace(stage, stage=name))
     if stage.stage == "prune":
-        return (f"{d.get('pruned_layers')} layers pruned ({d.get('sparse_layers')} run sparse), "
+        text = (f"{d.get('pruned_layers')} layers pruned ({d.get('sparse_layers')} run sparse), "
                 f"MAC reduction {d.get('mac_reduction') or 0:.1%}")
+        if d.get("pruned_for"):
+            text += (f"; pruned for {d['pruned_for']} ({d.get('kept_dense_for_backend')} layers it runs dense "
+                     "kept dense)")
+        return text
     if stage.stage == "distill":
         before, after = d.get("top1_before"), d.get("top1_after")
         if isinstance(before, (int, float)) and isinstance(after, (int, float)):
@@ -210,7 +261,8 @@ def main(args: argparse.Namespace) -> int:
         result = run_build(spec, prune_config, export_config, build_config, stage, progress=progress,
                            distill_config=distill_config, audit_config=audit_config)
     print_summary(result)
-    audit = result.stage("audit")
+    audits = [s for s in result.stages if s.stage.split(":")[0] == "audit"]
+    audit = audits[-1]  # the densified engine's, when a densify round ran: the one to ship
     if audit.status != "skipped" and audit.details.get("passed") is False:
         # The engines are built; the verdict is the audit's: exit 1 like `mpdeploy audit`, so a pipeline
         # stops here (ship refuses a failed audit without --force too).

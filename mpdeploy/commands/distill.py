@@ -12,12 +12,15 @@ import argparse
 import os
 from pathlib import Path
 
+from mpdeploy.data_args import LABELLED_SOURCES
+from mpdeploy.trust import add_trust_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pruned", type=Path, metavar="PRUNED_ARTIFACT", help="a pruned/ folder from `mpdeploy prune`")
     parser.add_argument("--teacher", default=None,
                         help="teacher model (timm:NAME, zoo:NAME or a file); default: the artifact's dense twin")
-    parser.add_argument("--data", default="digits", help="training images: an ImageFolder DIR or digits (default)")
+    parser.add_argument("--data", default="digits", help=f"training images: {LABELLED_SOURCES} (default: digits)")
     parser.add_argument("--eval-data", default=None,
                         help="labelled images top-1 is measured on before and after: an ImageFolder DIR, an .npz / "
                              ".safetensors with labels, or digits (default: digits' test split when training on "
@@ -40,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="write the distilled artifact here (default: distilled/ beside PRUNED_ARTIFACT; "
                              "the input is never rewritten)")
+    add_trust_arguments(parser)  # rebuilding the model may re-open a pickle or import a class
 
 
 def main(args: argparse.Namespace) -> int:

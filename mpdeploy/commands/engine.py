@@ -10,6 +10,8 @@ import argparse
 from pathlib import Path
 
 from mpdeploy.commands.build import add_engine_options
+from mpdeploy.data_args import DATA_SOURCES
+from mpdeploy.trust import add_trust_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,8 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense-only", action="store_true", help="build only the dense engine")
     parser.add_argument("--out", type=Path, default=None, help="engine folder (default: engine-<backend>/ beside onnx/)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a finished engine matches")
-    parser.add_argument("--calib", default=None, help="int8 calibration data: an ImageFolder DIR, digits, or synthetic")
+    parser.add_argument("--calib", default=None, help=f"int8 calibration data: {DATA_SOURCES}")
     add_engine_options(parser)
+    add_trust_arguments(parser)  # rebuilding the model may re-open a pickle or import a class
 
 
 def main(args: argparse.Namespace) -> int:

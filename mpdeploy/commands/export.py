@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mpdeploy.trust import add_trust_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pruned", type=Path, metavar="PRUNED_ARTIFACT", help="a pruned/ folder from `mpdeploy prune`")
@@ -30,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib", default=None,
                         help="int8 calibration images: DIR | digits | synthetic (default: the pruned artifact's own)")
     parser.add_argument("--calib-images", type=int, default=128, help="int8 calibration images (default: 128)")
+    add_trust_arguments(parser)  # rebuilding the model may re-open a pickle or import a class
 
 
 def main(args: argparse.Namespace) -> int:

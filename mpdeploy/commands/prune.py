@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from mpdeploy.commands._model_args import add_model_arguments
+from mpdeploy.data_args import DATA_SOURCES
 
 
 def parse_tome(text: str | None):
@@ -36,7 +37,7 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--saliency", default=None,
                    help="what to keep in each group, from mpdeploy.saliency's registry: magnitude, wanda, block-cost, "
                         "sparsegpt, auto (default: auto with --calib, else magnitude)")
-    g.add_argument("--calib", default=None, help="calibration data: an ImageFolder DIR, digits, or synthetic")
+    g.add_argument("--calib", default=None, help=f"calibration data: {DATA_SOURCES}")
     g.add_argument("--calib-batches", type=int, default=8)
     g.add_argument("--calib-batch-size", type=int, default=16)
     g.add_argument("--target-mac-reduction", type=float, default=None,
@@ -73,9 +74,30 @@ def prune_config_from_args(args: argparse.Namespace):
     )
 
 
+def backend_prune_config(config, args: argparse.Namespace):
+    """`config` pruning for `args.backend` (and its precision / torch options), or unchanged without one."""
+    import dataclasses
+
+    if args.backend is None:
+        return config
+    options = (("kernel", args.torch_kernel), ("conv1x1", args.conv1x1))
+    return dataclasses.replace(config, backend=args.backend, backend_precision=args.precision,
+                               backend_options=tuple((k, v) for k, v in options if v is not None))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_prune_arguments(parser)
+    g = parser.add_argument_group("prune for a backend")
+    g.add_argument("--backend", default=None, choices=["trt", "torch", "ort"],
+                   help="prune only the layers this backend runs sparse (trt: TensorRT's rules; torch: its conversion "
+                        "plan; ort: CPU has no sparse kernels, so TensorRT's rules); default: every eligible layer")
+    g.add_argument("--precision", default=None, choices=["fp16", "bf16", "int8", "fp32"],
+                   help="the engine precision the backend's plan is for (torch; default fp16)")
+    g.add_argument("--torch-kernel", default=None, choices=["cusparselt", "cutlass"],
+                   help="torch: the semi-structured kernel whose shape rules apply (default cusparselt)")
+    g.add_argument("--conv1x1", default=None, choices=["large", "all", "off"],
+                   help="torch: which 1x1 convs run as sparse Linear (default large: >= 256 channels)")
     parser.add_argument("--out", type=Path, default=None, help="artifact folder (default: engines/<name>/pruned)")
 
 
@@ -84,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
     from mpdeploy.models import load_model_from_args
     from mpdeploy.prune import prune
 
-    config = prune_config_from_args(args)  # validate flags before loading anything heavy
+    config = backend_prune_config(prune_config_from_args(args), args)  # validate flags before loading anything heavy
     loaded = load_model_from_args(args)
     out = args.out or Path("engines") / loaded.name / "pruned"
     with stage_progress("prune") as progress:
@@ -97,4 +119,10 @@ def main(args: argparse.Namespace) -> int:
         f"{totals['skipped_layers']} kept dense; MAC reduction {totals['mac_reduction']:.1%}, "
         f"sparse-execution {totals['sparse_execution_mac_reduction']:.1%}"
     )
+    pruned_for = read_manifest(path, "pruned", verify=False).get("pruned_for")
+    if pruned_for:
+        print(f"pruned for {pruned_for['backend']} ({pruned_for['rules']}): {len(pruned_for['runs_dense'])} "
+              "eligible layers kept dense, as it would run them dense")
+        if pruned_for.get("note"):
+            print(pruned_for["note"])
     return 0

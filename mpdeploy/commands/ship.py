@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpdeploy.ship import ENGINE_BACKENDS, KINDS, SERVE_BACKENDS, VARIANTS, ShipConfig, ship
+from mpdeploy.ship import ENGINE_BACKENDS, KINDS, SERVE_BACKENDS, VARIANTS, ShipConfig, ship_verified
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--python-env", type=Path, help="EXECUTION_ENV_PATH for --serve-backend python (default: this Python's prefix)"
     )
     parser.add_argument(
-        "--force", action="store_true", help="ship an unaudited or failed engine; replace a different config.pbtxt"
+        "--force", action="store_true", help="ship an unaudited or failed engine; replace a different config.pbtxt "
+        "(never skips verifying the engine and the audit's tie to it)"
     )
 
 
@@ -49,5 +50,5 @@ def main(args: argparse.Namespace) -> int:
         engine_backend=args.engine_backend,
         python_env=args.python_env,
     )
-    print(ship(args.engine_dir, config))
+    print(ship_verified(args.engine_dir, config).line())
     return 0

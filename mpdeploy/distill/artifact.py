@@ -42,13 +42,16 @@ def write_artifact(pruned_dir: Path, target: Path, manifest: dict[str, Any], sta
     """A new `distilled` artifact: the input's files with new student weights; source "pruned" = the input.
 
     The input's model, layers and totals are carried over (export and the audit read them); its prune
-    config stays in the input, reached through the source."""
+    config is recorded as `pruned_with` (and stays in the input, reached through the source)."""
     from safetensors.torch import save_file
 
     extra = {k: v for k, v in manifest.items() if k not in _MANIFEST_BASE}
     if "distill" in extra:  # distilled before: keep the earlier runs' records
         extra["distill_history"] = [*extra.get("distill_history", []), extra["distill"]]
     extra["distill"] = result
+    # The prune config behind these weights (budget, saliency, pattern...): the audit and the report of a
+    # distilled build show it even where the pruned artifact did not travel (an engine's weights copy).
+    extra["pruned_with"] = manifest.get("config") if manifest.get("kind") == "pruned" else manifest.get("pruned_with")
     with artifacts.atomic_dir(target, kind=KIND) as tmp:
         for rel in manifest.get("files", {}):
             if rel != "model.safetensors":

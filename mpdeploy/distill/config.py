@@ -47,6 +47,9 @@ class DistillConfig:
     # Labelled images top-1 is measured on before and after; None -> digits' test split for `digits`,
     # else a fixed sample of the training data (said so in the record).
     eval_data: str | None = None
+    # Share of the (labelled) distillation data held out to choose between the distilled and the pruned
+    # weights (the better one is kept); 0 holds nothing out and always keeps the distilled weights.
+    validation_fraction: float = 0.1
     resume: bool = True
     device: str | None = None
 
@@ -65,6 +68,9 @@ class DistillConfig:
             raise MpdeployError(f"--temperature must be positive, got {self.temperature}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise MpdeployError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise MpdeployError(f"the validation fraction must be in [0, 1) (0: keep the distilled weights "
+                                f"without a check), got {self.validation_fraction}")
 
 
 def default_optimizer(model: nn.Module) -> tuple[str, str]:

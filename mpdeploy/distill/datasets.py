@@ -1,5 +1,6 @@
-"""The images a run trains on and is scored on: the training data, and the labelled images top-1 is
-measured on before and after (`--eval-data`; digits' test split; else a sample of the training data)."""
+"""The images a run trains on and is scored on: the training data (less a validation split carved from
+it, which decides whether the distilled or the pruned weights are kept), and the labelled images top-1
+is measured on before and after (`--eval-data`; digits' test split; else a sample of the training data)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ logger = logging.getLogger(__package__)  # the stage's logger: the CLI prints it
 
 
 def train_data(config: DistillConfig, manifest: dict[str, Any], num_outputs: int):
-    """(training ImageData, the labelled ImageData top-1 is measured on, or None for a synthetic run)."""
+    """(training ImageData, validation ImageData carved from it or None, the labelled ImageData top-1 is
+    measured on or None for a synthetic run)."""
     from mpdeploy.data import load_images
 
     shape = tuple(manifest["model"]["input_shape"])
@@ -31,7 +33,33 @@ def train_data(config: DistillConfig, manifest: dict[str, Any], num_outputs: int
             f"{data.description} has {data.num_classes} classes but the model has {num_outputs} outputs; "
             "pass --data DIR, an ImageFolder of the model's own training classes"
         )
-    return data, _eval_images(config, manifest, num_outputs, data)
+    test = _eval_images(config, manifest, num_outputs, data)  # from the whole data, as before the carve
+    train, validation = carve_validation(data, config.validation_fraction, config.seed)
+    return train, validation, test
+
+
+VALIDATION_MIN, VALIDATION_MAX = 50, 2000  # images: fewer says too little; more only costs time
+MIN_TRAIN_FOR_VALIDATION = 200  # below this many images nothing is held out (and nothing is chosen)
+
+
+def carve_validation(data, fraction: float, seed: int):
+    """(training part, validation part or None): a seeded random `fraction` of labelled `data`
+    (VALIDATION_MIN..VALIDATION_MAX images) held out of training. None for synthetic or unlabelled data,
+    too few images to spare any, or fraction 0. The evaluation data never chooses: its top-1 is reported."""
+    from torch.utils.data import Subset
+
+    from mpdeploy.data import ImageData
+
+    n = len(data)
+    if fraction <= 0 or data.synthetic or data.num_classes is None or n < MIN_TRAIN_FOR_VALIDATION:
+        return data, None
+    n_val = min(VALIDATION_MAX, max(VALIDATION_MIN, round(n * fraction)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 2)).tolist()
+    validation = ImageData(Subset(data.dataset, order[:n_val]), data.kind, data.num_classes,
+                           f"{n_val} images held out of the distillation data ({data.description})")
+    train = ImageData(Subset(data.dataset, sorted(order[n_val:])), data.kind, data.num_classes,
+                      f"{data.description}, less {n_val} validation images")
+    return train, validation
 
 
 EVAL_SAMPLE = 1024  # training images scored when no --eval-data is given

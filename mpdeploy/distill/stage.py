@@ -57,12 +57,14 @@ def _distill(pruned_dir: Path, target: Path, art: PrunedArtifact, config: Distil
     frozen = freeze_masks(student, art, device, pruned_dir)
     teacher, teacher_record = frozen_teacher(config, pruned_dir, art.manifest, device)
     num_outputs = matching_outputs(student, teacher, art.input_shape, config.teacher, device)
-    train, test = train_data(config, art.manifest, num_outputs)
+    train, validation, test = train_data(config, art.manifest, num_outputs)
     settings = resolve_settings(config, student, device, len(train), dist.world)
     key = run_key(config, settings, pruned_dir)
     before = {}
     if test is not None:
         before = {"student": evaluate(student, test, device), "teacher": evaluate(teacher, test, device)}
+    pruned_state = _cpu_state(student) if validation is not None else None
+    val_before = evaluate(student, validation, device) if validation is not None else None
 
     training = new_training(student, teacher, frozen, settings, device)
     ckpt = checkpoint_dir(target)
@@ -73,7 +75,11 @@ def _distill(pruned_dir: Path, target: Path, art: PrunedArtifact, config: Distil
     student.eval()
     verify_frozen(student, frozen)  # no artifact unless every pruned weight is still zero
     after = {"student": evaluate(student, test, device)} if test is not None else {}
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in student.state_dict().items()}
+    state = _cpu_state(student)
+    choice = _keep_the_better(validation, val_before, evaluate(student, validation, device) if validation is not None else None)
+    if choice["kept"] == "pruned":
+        state = pruned_state
+        after["distilled"], after["student"] = after.get("student"), before.get("student")
     dump_state_hash(state, dist)
 
     if dist.main:
@@ -84,8 +90,10 @@ def _distill(pruned_dir: Path, target: Path, art: PrunedArtifact, config: Distil
             "epochs": records,
             "resumed_from_epoch": start or None,
             "top1_before": before.get("student"),
-            "top1_after": after.get("student"),
+            "top1_after": after.get("student"),  # of the weights kept (see "selection")
+            "top1_distilled": after.get("distilled", after.get("student")),
             "top1_teacher": before.get("teacher"),
+            "selection": choice,
             "top1_split": test.description if test is not None else None,
             "input_manifest_sha256": artifacts.manifest_hash(pruned_dir),
         }
@@ -96,6 +104,24 @@ def _distill(pruned_dir: Path, target: Path, art: PrunedArtifact, config: Distil
                         before["student"], after["student"], before["teacher"])
     dist.barrier()
     return target
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def _keep_the_better(validation, before: float | None, after: float | None) -> dict[str, Any]:
+    """Which weights the artifact keeps: the distilled ones, unless they score lower than the pruned ones
+    on the validation images held out of the distillation data (a tie keeps the distilled weights).
+    The evaluation data (--eval-data, digits' test split) never decides: its top-1 is only reported."""
+    if validation is None:
+        return {"kept": "distilled", "why": "no validation split (synthetic, unlabelled or too few images)",
+                "validation": None, "val_top1_before": None, "val_top1_after": None}
+    kept = "pruned" if after < before else "distilled"
+    logger.info("kept the %s weights: validation top-1 %.2f%% before distillation, %.2f%% after (%s)",
+                kept, before, after, validation.description)
+    return {"kept": kept, "why": "validation top-1 " + ("fell" if kept == "pruned" else "did not fall"),
+            "validation": validation.description, "val_top1_before": before, "val_top1_after": after}
 
 
 def _resume(training: Training, config: DistillConfig, dist: Dist, ckpt: Path, key: str,

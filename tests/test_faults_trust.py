@@ -1,0 +1,234 @@
+"""Trust boundaries (issue 25): a folder from elsewhere runs no code and ships nothing ship did not verify.
+
+- ship ties the audit to the engine it ships by manifest hash; --force overrides a verdict, never that
+  tie nor the engine's own integrity (items 1 and 3);
+- a pruned manifest grants no trust: re-opening a pickle or importing a `module:Class` it records needs
+  --trust-pickle / --allow-import on the command line of the stage that does it, and --arch must name an
+  nn.Module subclass before anything is called (item 2).
+
+Hostile edits recompute the manifest's self-hash, as anyone with write access to a folder can.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from own_archs import SmallCNN
+from ship_engine import make_engine, write_audit
+
+from mpdeploy import artifacts
+from mpdeploy.cli import main as cli_main
+
+
+class Payload:
+    """Unpickling this writes `marker`: what a hostile model file would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def _run(capfd, args) -> tuple[int, list[str]]:
+    code = cli_main(["-q", *args])
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    return code, err
+
+
+def _one_line(code, err, *needles) -> str:
+    assert code == 2, err
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    for needle in needles:
+        assert needle in err[0], err
+    return err[0]
+
+
+def rewrite_manifest(folder: Path, edit) -> None:
+    """Apply `edit(manifest)` and recompute the self-hash: a forgery the hash alone cannot catch."""
+    path = Path(folder) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    manifest[artifacts.SELF_HASH] = artifacts._self_hash(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+# ---------------------------------------------------------------------------------------------------
+# ship: the audit must be this engine's, by manifest hash (items 1 and 3)
+
+
+@pytest.fixture(scope="module")
+def base_engine(tmp_path_factory) -> Path:
+    return make_engine(tmp_path_factory.mktemp("engines") / "tiny")
+
+
+@pytest.fixture
+def engine(base_engine, tmp_path) -> Path:
+    dst = tmp_path / "engines" / "tiny"
+    shutil.copytree(base_engine, dst)
+    return dst
+
+
+def _ship(capfd, engine, repo, *extra):
+    return _run(capfd, ["ship", str(engine), "--repo", str(repo), *extra])
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_audit_with_stripped_sources_is_refused(engine, tmp_path, capfd, force):
+    rewrite_manifest(engine / "audit", lambda m: m.update(sources={}, inputs={}))
+    code, err = _ship(capfd, engine, tmp_path / "repo", *(["--force"] if force else []))
+    _one_line(code, err, "records no engine it audited")
+    assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_audit_of_another_engine_is_refused(engine, tmp_path, capfd, force):
+    # Another engine (a real artifact, passing audit) elsewhere; its audit copied here, its engine source
+    # pointing (by a relative path that resolves) at the other engine, self-hash recomputed.
+    other = make_engine(tmp_path / "other" / "tiny2")
+    shutil.rmtree(engine / "audit")
+    shutil.copytree(other / "audit", engine / "audit")
+    rel = Path("..", "..", "..", "other", "tiny2", "engine-ort").as_posix()
+    rewrite_manifest(engine / "audit", lambda m: m["sources"]["engine"].update(path=rel))
+    assert artifacts.read_manifest(engine / "audit", "audit")  # the forgery verifies as an artifact
+    code, err = _ship(capfd, engine, tmp_path / "repo", *(["--force"] if force else []))
+    _one_line(code, err, "audited another engine")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_audit_made_before_the_engine_changed_is_refused(engine, tmp_path, capfd):
+    # The engine manifest re-written (honestly re-hashed): the audit recorded the old hash.
+    rewrite_manifest(engine / "engine-ort", lambda m: m.update(precision="fp16"))
+    code, err = _ship(capfd, engine, tmp_path / "repo", "--force")
+    _one_line(code, err, "changed after")
+
+
+@pytest.mark.parametrize("edit", ["file_sha256 deleted", "files updated, self-hash stale"])
+def test_force_never_skips_engine_integrity(engine, tmp_path, capfd, edit):
+    shutil.rmtree(engine / "audit")  # unaudited: --force is what lets it ship at all
+    ed = engine / "engine-ort"
+    (ed / "sparse.onnx").write_bytes((ed / "dense.onnx").read_bytes())  # the dense engine posing as sparse
+    manifest = json.loads((ed / "manifest.json").read_text())
+    if edit == "file_sha256 deleted":
+        del manifest["file_sha256"]
+    else:
+        manifest["files"]["sparse.onnx"] = manifest["file_sha256"]["sparse.onnx"] = artifacts.sha256_file(
+            ed / "sparse.onnx")
+    (ed / "manifest.json").write_text(json.dumps(manifest))
+    code, err = _ship(capfd, engine, tmp_path / "repo", "--force")
+    _one_line(code, err, str(ed))
+    assert not (tmp_path / "repo").exists()
+
+
+def test_ship_names_the_hashes_it_verified(engine, tmp_path, capfd):
+    code = cli_main(["-q", "ship", str(engine), "--repo", str(tmp_path / "repo")])
+    out = capfd.readouterr().out
+    engine_hash = artifacts.manifest_hash(engine / "engine-ort")
+    audit_hash = artifacts.manifest_hash(engine / "audit")
+    assert code == 0 and engine_hash in out and audit_hash in out
+    provenance = json.loads((tmp_path / "repo" / "tiny" / "1" / "provenance.json").read_text())
+    assert provenance["verified"] == {"engine_manifest_sha256": engine_hash, "audit_manifest_sha256": audit_hash}
+
+
+def test_forced_ship_past_a_failed_audit_still_names_it(engine, tmp_path, capfd):
+    write_audit(engine, passed=False)
+    code = cli_main(["-q", "ship", str(engine), "--repo", str(tmp_path / "repo"), "--force"])
+    capfd.readouterr()
+    provenance = json.loads((tmp_path / "repo" / "tiny" / "1" / "provenance.json").read_text())
+    assert code == 0 and provenance["forced"] is True and provenance["audit"]["passed"] is False
+    assert provenance["verified"]["audit_manifest_sha256"] == artifacts.manifest_hash(engine / "audit")
+
+
+# ---------------------------------------------------------------------------------------------------
+# a pruned manifest grants no trust (item 2)
+
+PRUNE = ["--input-shape", "1,16,16", "--calib", "synthetic", "--calib-batches", "1"]
+
+
+@pytest.fixture(scope="module")
+def pruned_state_dict(tmp_path_factory) -> Path:
+    """pruned/ of a state dict with --arch own_archs:SmallCNN."""
+    root = tmp_path_factory.mktemp("own")
+    torch.manual_seed(0)
+    torch.save(SmallCNN(in_chans=1).state_dict(), root / "cnn.pth")
+    assert cli_main(["-q", "prune", str(root / "cnn.pth"), "--arch", "own_archs:SmallCNN", "--model-kwargs",
+                     "in_chans=1", *PRUNE, "--out", str(root / "pruned")]) == 0
+    return root / "pruned"
+
+
+@pytest.fixture(scope="module")
+def pruned_pickle(tmp_path_factory) -> Path:
+    """pruned/ of a full pickle, pruned with --trust-pickle."""
+    root = tmp_path_factory.mktemp("pickle")
+    torch.manual_seed(0)
+    torch.save(SmallCNN(in_chans=1).eval(), root / "model.pt")
+    assert cli_main(["-q", "prune", str(root / "model.pt"), "--trust-pickle", *PRUNE,
+                     "--out", str(root / "pruned")]) == 0
+    return root / "pruned"
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "pruned"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def test_manifest_recorded_class_is_not_imported_without_a_grant(pruned_state_dict, tmp_path, capfd):
+    code, err = _run(capfd, ["export", str(pruned_state_dict), "--out", str(tmp_path / "onnx")])
+    _one_line(code, err, "own_archs:SmallCNN", "manifest", "--allow-import own_archs:SmallCNN")
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_manifest_recorded_os_system_runs_nothing(pruned_state_dict, tmp_path, capfd):
+    marker = tmp_path / "marker"
+    pruned = _copy(pruned_state_dict, tmp_path)
+    rewrite_manifest(pruned, lambda m: m["model"]["source"].update(name="os:system",
+                                                                   kwargs={"command": f"touch {marker}"}))
+    code, err = _run(capfd, ["export", str(pruned), "--out", str(tmp_path / "onnx")])
+    _one_line(code, err, "'os:system'", "manifest", "--allow-import")
+    # Even granted, a function is no nn.Module class: refused before anything is called.
+    code, err = _run(capfd, ["export", str(pruned), "--allow-import", "os:system", "--out", str(tmp_path / "onnx")])
+    _one_line(code, err, "not an nn.Module subclass")
+    assert not marker.exists()
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_granted_class_exports(pruned_state_dict, tmp_path, capfd):
+    code, err = _run(capfd, ["export", str(pruned_state_dict), "--allow-import", "own_archs:SmallCNN",
+                             "--out", str(tmp_path / "onnx")])
+    assert code == 0, err
+    assert (tmp_path / "onnx" / "model.onnx").is_file()
+
+
+def test_recorded_pickle_is_not_reopened_without_trust_pickle(pruned_pickle, tmp_path, capfd):
+    code, err = _run(capfd, ["export", str(pruned_pickle), "--out", str(tmp_path / "onnx")])
+    _one_line(code, err, "model.pt", "--trust-pickle", "manifest")
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_forged_trust_pickle_runs_nothing(pruned_state_dict, tmp_path, capfd):
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pt"
+    torch.save(Payload(marker), evil)
+    pruned = _copy(pruned_state_dict, tmp_path)
+    source = {"kind": "pickle", "path": str(evil), "sha256": artifacts.sha256_file(evil), "trust_pickle": True}
+    rewrite_manifest(pruned, lambda m: m["model"].update(source=source))
+    for command in (["export", str(pruned), "--out", str(tmp_path / "onnx")],
+                    ["export", str(pruned), "--allow-import", "own_archs:SmallCNN", "--out", str(tmp_path / "onnx")]):
+        code, err = _run(capfd, command)
+        _one_line(code, err, "evil.pt", "--trust-pickle")
+    assert not marker.exists()
+
+
+def test_arch_must_name_a_module_class_before_anything_is_called(tmp_path, capfd):
+    marker = tmp_path / "marker"
+    torch.save(SmallCNN(in_chans=1).state_dict(), tmp_path / "cnn.pth")
+    code, err = _run(capfd, ["prune", str(tmp_path / "cnn.pth"), "--arch", "os:system", "--model-kwargs",
+                             f"command='touch {marker}'", "--input-shape", "1,16,16", "--out", str(tmp_path / "o")])
+    _one_line(code, err, "not an nn.Module subclass")
+    assert not marker.exists()
