@@ -47,7 +47,7 @@ SOLVE_CHUNK_BYTES = 256 << 20  # working memory of one batched Cholesky chunk
 # ----------------------------------------------------------------------------------------------
 
 
-def _conv_padding(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+def conv_input_padding(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """Pad the input the way the conv's forward does; returns (input, remaining zero padding)."""
     if type(conv).__name__ == "Conv2dSame":  # timm: dynamic TF-style "same" padding in forward
         from timm.layers.padding import pad_same
@@ -67,20 +67,51 @@ def _conv_padding(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple
     return x, tuple(conv.padding)
 
 
-def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as [rows, K] with columns in the order of weight.reshape(out, -1)."""
+def layer_rows(module: nn.Module, x: torch.Tensor, max_rows: int | None = None,
+               gen: torch.Generator | None = None) -> torch.Tensor:
+    """The layer's input as [rows, K] with columns in the order of weight.reshape(out, -1).
+
+    With `max_rows`, a larger input gives only `max_rows` of its rows, drawn with
+    torch.randperm(rows, generator=gen): the same rows as sampling the full matrix, without building it."""
     if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])
+        return rows[_sample(rows.shape[0], max_rows, gen, x.device)] if max_rows and rows.shape[0] > max_rows else rows
     if isinstance(module, nn.Conv2d):
-        x, padding = _conv_padding(module, x)
-        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # [B*L, C_in*kh*kw], C_in slowest
+        return _conv_rows(module, x, max_rows, gen)
     raise MpdeployError(f"restore supports nn.Linear and nn.Conv2d, not {type(module).__name__}")
+
+
+def _sample(count: int, max_rows: int, gen: torch.Generator | None, device) -> torch.Tensor:
+    return torch.randperm(count, generator=gen)[:max_rows].to(device)
+
+
+def _conv_rows(conv: nn.Conv2d, x: torch.Tensor, max_rows: int | None, gen: torch.Generator | None) -> torch.Tensor:
+    """im2col rows [B*OH*OW, C_in*kh*kw] (C_in slowest, as F.unfold) from kh*kw strided views of the
+    channels-last input: plain copies, several times faster than torch's im2col on CPU, and only the
+    sampled positions are gathered when the map has more rows than `max_rows`."""
+    x, padding = conv_input_padding(conv, x)
+    if any(padding):
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    b, c, h, w = x.shape
+    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    pixels = x.permute(0, 2, 3, 1)  # [B, H, W, C], a view
+    count = b * oh * ow
+    if max_rows and count > max_rows:
+        pos = _sample(count, max_rows, gen, x.device)
+        bi, yi, xi = pos // (oh * ow), (pos % (oh * ow)) // ow * sh, pos % ow * sw
+        taps = [pixels[bi, yi + i * dh, xi + j * dw] for i in range(kh) for j in range(kw)]  # each [n, C]
+    else:
+        taps = [pixels[:, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw]
+                for i in range(kh) for j in range(kw)]  # each [B, OH, OW, C]
+    return torch.stack(taps, dim=-1).reshape(-1, c * kh * kw)
 
 
 def rows_match_output(module: nn.Module, x: torch.Tensor) -> bool:
     """Do the reconstructed rows reproduce the layer's real output? (guards the im2col layout).
     Checked on the first sample; `module.forward` runs no hooks."""
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return False
     x = x[:1]
     rows = layer_rows(module, x).double()
     output = module.forward(x).double()
@@ -177,9 +208,7 @@ def gram_of(module: nn.Module, x: torch.Tensor, chunk: int, gen: torch.Generator
     most MAX_ROWS_PER_BATCH rows sampled per chunk (bounds memory on large feature maps)."""
     total, count = None, 0
     for part in x.split(max(1, chunk)):
-        rows = layer_rows(module, part)
-        if rows.shape[0] > MAX_ROWS_PER_BATCH:
-            rows = rows[torch.randperm(rows.shape[0], generator=gen)[:MAX_ROWS_PER_BATCH].to(rows.device)]
+        rows = layer_rows(module, part, MAX_ROWS_PER_BATCH, gen)
         # float32 product for float32/16 models (several times faster than float64 on CPU), float64 sum.
         rows = rows.double() if rows.dtype == torch.float64 else rows.float()
         h = (rows.T @ rows).double()

@@ -179,6 +179,7 @@ SAMPLE = [
     ("engine-ort", ("variants", "sparse")),
     ("engine-ort", ("backend",)),
     ("engine-ort", ("io", "inputs", 0, "shape", 1)),
+    ("engine-ort", ("runtime", "backend_options")),  # found by the sweep: was a TypeError traceback in audit
     ("audit", ("passed",)),
     ("audit", ("backend",)),
     ("audit", ("sources", "engine", "manifest_sha256")),

@@ -365,3 +365,29 @@ def test_prune_default_saliency_restore_shares_the_selection_hessians():
             assert "already refit" in entry["reason"]
         else:
             assert entry["improved"] == (entry["error_after"] < entry["error_before"])
+
+
+def unfold_rows(conv: nn.Conv2d, x: torch.Tensor, max_rows: int | None, seed: int) -> torch.Tensor:
+    """The reference: F.unfold of the whole input, then a randperm sample of its rows."""
+    import torch.nn.functional as F
+
+    from mpdeploy.restore import conv_input_padding
+
+    x, padding = conv_input_padding(conv, x)
+    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+    rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    if max_rows and rows.shape[0] > max_rows:
+        rows = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:max_rows]]
+    return rows
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(8, 6, 3, padding=1), nn.Conv2d(8, 6, 3, stride=2, padding=1),
+    nn.Conv2d(8, 6, (3, 5), dilation=(2, 1), padding=(2, 1)), nn.Conv2d(8, 6, 1), nn.Conv2d(8, 6, 3, padding="same"),
+    nn.Conv2d(8, 6, 3, padding=1, padding_mode="reflect"), nn.Conv2d(8, 6, 4, stride=3)], ids=str)
+def test_conv_rows_from_strided_views_equal_unfold_exactly(conv):
+    """The sampled rows are the rows F.unfold + randperm gave (bit for bit), built without the full unfold."""
+    x = torch.randn(3, 8, 17, 15, generator=torch.Generator().manual_seed(4))
+    for max_rows in (None, 50):
+        ours = layer_rows(conv, x, max_rows, torch.Generator().manual_seed(1))
+        assert torch.equal(ours, unfold_rows(conv, x, max_rows, 1))
