@@ -40,10 +40,10 @@ PICK_MIN_CHANNELS = 256  # tensorrt.md: sparse conv wins only when C and K are l
 
 def loader(name: str, prov):
     """A factory of fresh LoadedModels (prune works in place)."""
-    from mpdeploy.models import LoadedModel
+    from mpdeploy.models.load import LoadedModel
 
     if name == "digits_cnn":
-        from mpdeploy.zoo import load_zoo_model
+        from mpdeploy.models.zoo import load_zoo_model
 
         prov.zoo(name)
         return lambda: load_zoo_model(name)
@@ -61,8 +61,8 @@ def loader(name: str, prov):
 def torch_mac_cut(pruned_dir: Path) -> dict:
     """MACs that run sparse on torch: layers pruned AND converted by its plan (fp16, cuSPARSELt, conv1x1 large)."""
     from mpdeploy.backends.torch_sparse import plan_conversion
-    from mpdeploy.kinds import open_weights
-    from mpdeploy.weights import load_pruned
+    from mpdeploy.core.kinds import open_weights
+    from mpdeploy.sparsity.pruned import load_pruned
 
     weights = open_weights(pruned_dir)
     converted = {e["name"] for e in plan_conversion(load_pruned(pruned_dir, "sparse").model) if e["convert"]}
@@ -72,15 +72,15 @@ def torch_mac_cut(pruned_dir: Path) -> dict:
 
 
 def top1(pruned_dir: Path, which: str = "sparse") -> float:
-    from mpdeploy.weights import load_pruned
-    from mpdeploy.zoo import digits_top1
+    from mpdeploy.sparsity.pruned import load_pruned
+    from mpdeploy.models.zoo import digits_top1
 
     art = load_pruned(pruned_dir, which)
     return digits_top1(art.model, art.input_shape)
 
 
 def row(pruned_dir: Path, zoo: bool, seconds: float) -> dict:
-    from mpdeploy.kinds import open_weights
+    from mpdeploy.core.kinds import open_weights
 
     totals = open_weights(pruned_dir).totals
     out = {"pruned_layers": totals["pruned_layers"], "prune_seconds": round(seconds, 1),
@@ -99,11 +99,11 @@ def same_weights(a: Path, b: Path) -> bool:
 
 def part1(name: str, make, work: Path) -> dict:
     from mpdeploy.densify.stage import DensifyConfig, densify
-    from mpdeploy.prune import PruneConfig, prune
+    from mpdeploy.prune.stage import PruneConfig, prune
 
     zoo = name == "digits_cnn"
     result: dict = {"input_shape": list(make().input_shape), "budget": "uniform", "saliency": "magnitude"}
-    from mpdeploy.errors import MpdeployError
+    from mpdeploy.core.errors import MpdeployError
 
     for target in ("trt", "torch"):
         t0 = time.perf_counter()
@@ -143,8 +143,8 @@ def trt_log_by_rule(onnx_dir: Path, layers: list[dict]) -> tuple[str, list[str]]
 
 def part2(work: Path) -> dict:
     from mpdeploy.densify.stage import DensifyConfig, densify
-    from mpdeploy.export import ExportConfig, export
-    from mpdeploy.kinds import open_weights
+    from mpdeploy.export.stage import ExportConfig, export
+    from mpdeploy.core.kinds import open_weights
 
     pruned = work / "digits_cnn" / "trt"
     export(pruned, ExportConfig(), work / "digits_cnn" / "onnx")

@@ -3,7 +3,7 @@
     python benchmarks/digits_accuracy.py [--models digits_vit,digits_cnn] [--distill-epochs 3]
 
 For each zoo model (trained here on the digits train split, seed 0; cached in engines/_zoo/) and
-each row below, the model is pruned with `mpdeploy.prune.prune` (seed 0, calibration = the digits
+each row below, the model is pruned with `mpdeploy.prune.stage.prune` (seed 0, calibration = the digits
 calibration split where a saliency or restore needs it), re-loaded from the written artifact and
 evaluated in PyTorch on the 539-image digits test split (the split every stage uses). Rows:
 
@@ -40,12 +40,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mpdeploy.audit import certified_mask  # noqa: E402
-from mpdeploy.data import digits_tensors  # noqa: E402
-from mpdeploy.errors import MpdeployError  # noqa: E402
-from mpdeploy.patterns import NM  # noqa: E402
-from mpdeploy.prune import PruneConfig, load_pruned, prune  # noqa: E402
-from mpdeploy.zoo import load_zoo_model  # noqa: E402
-from mpdeploy.machine import cpu_model  # noqa: E402
+from mpdeploy.models.data import digits_tensors  # noqa: E402
+from mpdeploy.core.errors import MpdeployError  # noqa: E402
+from mpdeploy.sparsity.patterns import NM  # noqa: E402
+from mpdeploy.prune.stage import PruneConfig, load_pruned, prune  # noqa: E402
+from mpdeploy.models.zoo import load_zoo_model  # noqa: E402
+from mpdeploy.core.machine import cpu_model  # noqa: E402
 import provenance  # noqa: E402  (benchmarks/provenance.py, beside this script)
 
 logger = logging.getLogger("digits_accuracy")
@@ -118,7 +118,7 @@ class Bench:
         if config is None:
             row = {"label": label, "group": group, "pattern": "dense", "mac_reduction": 0.0,
                    "sparse_execution_mac_reduction": 0.0, **metrics(self.dense, self.dense, self.y),
-                   "command": f"python -c \"from mpdeploy.zoo import load_zoo_model, digits_top1; "
+                   "command": f"python -c \"from mpdeploy.models.zoo import load_zoo_model, digits_top1; "
                               f"m = load_zoo_model('{self.model}'); print(digits_top1(m.module, m.input_shape))\""}
             self.rows.append(row)
             return row
@@ -180,8 +180,8 @@ def run_model(bench: Bench) -> None:
     current = base
     # Permutation, restore and distillation come from other stages still being written: a row whose
     # stage is missing or fails says so instead of stopping the benchmark.
-    steps = [("permute", "mpdeploy.permute", "permute_model", lambda c: replace(c, permute=True), None),
-             ("restore", "mpdeploy.restore", "restore_layers", lambda c: replace(c, restore=True, calib="digits"), None),
+    steps = [("permute", "mpdeploy.sparsity.permute", "permute_model", lambda c: replace(c, permute=True), None),
+             ("restore", "mpdeploy.sparsity.restore", "restore_layers", lambda c: replace(c, restore=True, calib="digits"), None),
              (f"distill {b.distill_epochs} ep", "mpdeploy.distill", "distill", lambda c: c, "distill")]
     for name, module, attr, change, post in steps:
         group = f"2_4-mp-best-{name.split()[0]}"

@@ -26,11 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mpdeploy import artifacts  # noqa: E402
-from mpdeploy.data import load_images  # noqa: E402
+from mpdeploy.core import artifacts  # noqa: E402
+from mpdeploy.models.data import load_images  # noqa: E402
 from mpdeploy.distill import PAPER_LR, DistillConfig, distill, evaluate  # noqa: E402
-from mpdeploy.prune import PruneConfig, load_pruned, prune  # noqa: E402
-from mpdeploy.zoo import load_zoo_model, zoo_sha256  # noqa: E402
+from mpdeploy.prune.stage import PruneConfig, load_pruned, prune  # noqa: E402
+from mpdeploy.models.zoo import load_zoo_model, zoo_sha256  # noqa: E402
 import provenance  # noqa: E402  (benchmarks/provenance.py, beside this script)
 
 logger = logging.getLogger("distill_digits")

@@ -48,9 +48,9 @@ def polygraphy_verdict(model_path: Path) -> tuple[dict[str, int], set[str], floa
 def check_model(spec: str, work: Path, prov: provenance.Provenance) -> dict:
     import torch
 
-    from mpdeploy.export import ExportConfig, export
-    from mpdeploy.models import ModelSpec, load_model
-    from mpdeploy.prune import PruneConfig, prune
+    from mpdeploy.export.stage import ExportConfig, export
+    from mpdeploy.models.load import ModelSpec, load_model
+    from mpdeploy.prune.stage import PruneConfig, prune
 
     name, _, tome = spec.partition("+tome")
     torch.manual_seed(0)

@@ -52,7 +52,7 @@ def machine(threads: int) -> dict:
     import onnxruntime as ort
     import torch
 
-    from mpdeploy.machine import cpu_model
+    from mpdeploy.core.machine import cpu_model
 
     flags = cpu_flags()
     return {
@@ -108,10 +108,10 @@ def latency(sessions: dict, x: np.ndarray, reps: int) -> dict:
 def run_model(name: str, work: Path, threads: int, reps: int, batches: list[int]) -> dict:
     import torch
 
-    from mpdeploy.data import digits_tensors
-    from mpdeploy.export import ExportConfig, export
-    from mpdeploy.prune import PruneConfig, prune
-    from mpdeploy.zoo import load_zoo_model
+    from mpdeploy.models.data import digits_tensors
+    from mpdeploy.export.stage import ExportConfig, export
+    from mpdeploy.prune.stage import PruneConfig, prune
+    from mpdeploy.models.zoo import load_zoo_model
 
     loaded = load_zoo_model(name)
     pruned = work / name / "pruned"

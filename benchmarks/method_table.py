@@ -5,7 +5,7 @@
 Models: the zoo's digits_vit and digits_cnn, plus (unless --smoke) two trained here on the digits train
 split: a timm ViT (depth 6, width 128, patch 4, 1 channel, 32x32) and a 1-channel ResNet18 at 32x32.
 Calibration: `--calib digits` (PruneConfig defaults: 8 batches of 16 training-split images, 4 more
-batches held out). Rows (all through `mpdeploy.prune.prune_model`, seed 0):
+batches held out). Rows (all through `mpdeploy.prune.stage.prune_model`, seed 0):
 
 - uniform 2:4 with each registered saliency (magnitude, wanda, block-cost, sparsegpt, auto);
 - the budgets (mp, damage) at 90% of uniform 2:4's sparse-execution MAC reduction, patterns 2:4 + 1:4
@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mpdeploy.machine import cpu_model  # noqa: E402
-from mpdeploy.models import LoadedModel  # noqa: E402
-from mpdeploy.prune import PruneConfig, prune_model  # noqa: E402
-from mpdeploy.saliency import DEFAULT_CALIB_SALIENCY, list_saliencies  # noqa: E402
-from mpdeploy.zoo import digits_top1, list_zoo_models, load_zoo_model  # noqa: E402
+from mpdeploy.core.machine import cpu_model  # noqa: E402
+from mpdeploy.models.load import LoadedModel  # noqa: E402
+from mpdeploy.prune.stage import PruneConfig, prune_model  # noqa: E402
+from mpdeploy.sparsity.saliency import DEFAULT_CALIB_SALIENCY, list_saliencies  # noqa: E402
+from mpdeploy.models.zoo import digits_top1, list_zoo_models, load_zoo_model  # noqa: E402
 import provenance  # noqa: E402  (benchmarks/provenance.py, beside this script)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -58,7 +58,7 @@ def train_extra(name: str, cache: Path) -> LoadedModel:
     import timm
     from safetensors.torch import load_file, save_file
 
-    from mpdeploy.zoo import ZooEntry, train_digits
+    from mpdeploy.models.zoo import ZooEntry, train_digits
 
     arch, kwargs, lr, wd, epochs = EXTRA[name]
     torch.manual_seed(0)
@@ -107,9 +107,9 @@ def distill_rows(base: PruneConfig, target: float) -> list[tuple[str, PruneConfi
 def distill_row(loaded_fn, config: PruneConfig, epochs: int, work: Path) -> dict:
     """Prune to an artifact, distill it `epochs` epochs on the digits training split (the default
     DistillConfig otherwise), and read top-1 before / after from the distilled manifest."""
-    from mpdeploy import artifacts
+    from mpdeploy.core import artifacts
     from mpdeploy.distill import DistillConfig, distill
-    from mpdeploy.prune import prune
+    from mpdeploy.prune.stage import prune
 
     loaded = loaded_fn()
     work.mkdir(parents=True, exist_ok=True)
@@ -130,10 +130,10 @@ def column_norm_diagnosis(loaded: LoadedModel) -> dict:
     median, share of the squared norm in the top 2% of columns) and how correlated the input columns
     are (mean |corr| off the diagonal; Wanda uses only the diagonal of X^T X), from 128 digits
     calibration images."""
-    from mpdeploy.data import digits_tensors
-    from mpdeploy.layers import find_layers, skip_reason
-    from mpdeploy.patterns import NM
-    from mpdeploy.saliency import collect_stats
+    from mpdeploy.models.data import digits_tensors
+    from mpdeploy.sparsity.layers import find_layers, skip_reason
+    from mpdeploy.sparsity.patterns import NM
+    from mpdeploy.sparsity.saliency import collect_stats
 
     names = [layer.name for layer in find_layers(loaded.module) if skip_reason(layer, NM(2, 4), False) is None]
     x, _ = digits_tensors(loaded.input_shape, "calib")

@@ -71,8 +71,8 @@ def modelopt_versions(python: str) -> dict:
 def main() -> None:
     from safetensors.torch import save_file
 
-    from mpdeploy.data import digits_tensors
-    from mpdeploy.zoo import _entry, load_zoo_model
+    from mpdeploy.models.data import digits_tensors
+    from mpdeploy.models.zoo import _entry, load_zoo_model
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from method_table import EXTRA, train_extra  # the benchmark's own trained models, same cache

@@ -102,7 +102,7 @@ def state_dict_sha256(module) -> str:
 
 def zoo_sha256(name: str) -> dict:
     """The shipped weights file of zoo model `name` and its sha256 (the zoo's registry records it)."""
-    from mpdeploy import zoo
+    from mpdeploy.models import zoo
 
     path = _zoo_weights_file(zoo, name)
     if path is None or not path.is_file():

@@ -4,7 +4,7 @@
         -> benchmarks/results/prune_speed.json
 
 What runs is `mpdeploy prune timm:NAME --restore --calib synthetic` with the default saliency (`auto`) and
-budget (`mp`): `mpdeploy.prune.prune` on the timm model with random init (torch seed 0, no weights download),
+budget (`mp`): `mpdeploy.prune.stage.prune` on the timm model with random init (torch seed 0, no weights download),
 writing the pruned/ artifact to a temporary folder. Each (code, model) runs in its own child process
 (provenance.run_child: its own peak RSS and CPU seconds). `--before REF` also measures the code of git
 ref REF (exported with `git archive` into a temporary folder, the checkout untouched) on the same models.
@@ -38,8 +38,8 @@ from pathlib import Path
 t0 = time.perf_counter()
 import torch
 torch.manual_seed(0)
-from mpdeploy.models import ModelSpec, load_model
-from mpdeploy.prune import PruneConfig, prune
+from mpdeploy.models.load import ModelSpec, load_model
+from mpdeploy.prune.stage import PruneConfig, prune
 name, shape = sys.argv[1], sys.argv[2]
 shape = tuple(int(v) for v in shape.split(",")) if shape else None
 loaded = load_model(ModelSpec("timm:" + name, weights="random", input_shape=shape))

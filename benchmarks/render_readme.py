@@ -70,7 +70,7 @@ def sci(v: float) -> str:
 
 def shipped_zoo_sha256() -> dict[str, str]:
     """The sha256 of each zoo model's shipped weights file, from the zoo's registry."""
-    from mpdeploy.zoo import list_zoo_models, zoo_sha256
+    from mpdeploy.models.zoo import list_zoo_models, zoo_sha256
 
     return {f"zoo:{name}": zoo_sha256(name) for name in list_zoo_models()}
 

@@ -32,12 +32,12 @@ def run_one(name: str, layers: list[str], calib_images: int, held_images: int, t
     import timm
     import torch
 
-    from mpdeploy.layers import find_layers, skip_reason
-    from mpdeploy.obs import refine_masked_ridge  # noqa: F401  (imported so its load is not timed)
-    from mpdeploy.patterns import NM
-    from mpdeploy.restore import (CG_STEPS, DEFAULT_DAMP, gram_of, refit_obs, refit_rows, relative_error,
+    from mpdeploy.sparsity.layers import find_layers, skip_reason
+    from mpdeploy.sparsity.obs import refine_masked_ridge  # noqa: F401  (imported so its load is not timed)
+    from mpdeploy.sparsity.patterns import NM
+    from mpdeploy.sparsity.restore import (CG_STEPS, DEFAULT_DAMP, gram_of, refit_obs, refit_rows, relative_error,
                                   restore_layers)
-    from mpdeploy.saliency import compute_mask
+    from mpdeploy.sparsity.saliency import compute_mask
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ dynamic batch axis, checked against PyTorch, warmed up, then timed with interlea
     python benchmarks/tome_ort_latency.py [--threads 2] [--reps 30 --reps-large 10]
 
 Writes benchmarks/results/tome_ort_latency.json: per variant and batch size the median / p90 /
-min latency, the measured speedup over dense, the MAC ratio (mpdeploy.tome.tome_mac_ratio) and
+min latency, the measured speedup over dense, the MAC ratio (mpdeploy.sparsity.tome.tome_mac_ratio) and
 fraction_of_mac_ratio = measured_speedup / (1 / mac_ratio) (1.0 = latency fell as much as MACs).
 """
 
@@ -32,8 +32,8 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mpdeploy.tome import apply_tome, tome_mac_ratio, tome_token_counts  # noqa: E402
-from mpdeploy.machine import cpu_model  # noqa: E402
+from mpdeploy.sparsity.tome import apply_tome, tome_mac_ratio, tome_token_counts  # noqa: E402
+from mpdeploy.core.machine import cpu_model  # noqa: E402
 import provenance  # noqa: E402  (benchmarks/provenance.py, beside this script)
 
 logger = logging.getLogger("tome_ort_latency")
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         "provider": "CPUExecutionProvider",
         "protocol": {"warmup": args.warmup, "reps_batch1": args.reps, "reps_larger_batches": args.reps_large,
                      "order": "interleaved per repetition: " + ", ".join(n for n, _ in variants)},
-        "mac_counting": "mpdeploy.tome.tome_macs: patch-embed conv, block Linear layers, attention "
+        "mac_counting": "mpdeploy.sparsity.tome.tome_macs: patch-embed conv, block Linear layers, attention "
                         "matmuls (2*N^2*C per block), ToMe matching/merge matmuls, head",
         "machine": machine_info(args.threads),
         "loadavg_before_after": [load_before, load_after],

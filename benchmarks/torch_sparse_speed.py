@@ -81,8 +81,8 @@ def prune_model(name: str, shape: tuple[int, ...] | None, out: Path) -> Path:
     """Random init (seeded), mpdeploy prune with the uniform 2:4 budget -> `out/pruned`."""
     import torch
 
-    from mpdeploy.models import ModelSpec, load_model
-    from mpdeploy.prune import PruneConfig, prune
+    from mpdeploy.models.load import ModelSpec, load_model
+    from mpdeploy.prune.stage import PruneConfig, prune
 
     torch.manual_seed(0)
     loaded = load_model(ModelSpec(f"timm:{name}", weights="random", input_shape=shape))
@@ -100,7 +100,7 @@ def bench_model(name: str, shape, args, work: Path) -> dict:
 
     from mpdeploy.backends.base import BuildConfig, BuildInputs
     from mpdeploy.backends.torch_sparse import TorchSparseBackend, plan_conversion
-    from mpdeploy.weights import load_pruned
+    from mpdeploy.sparsity.pruned import load_pruned
 
     pruned = prune_model(name, shape, work / name)
     art = load_pruned(pruned, "sparse")

@@ -3,7 +3,7 @@
 The zoo models used to be trained on first use, so two machines measured two different models. They are
 now trained once, here, and shipped: this script is how the shipped files were made, and how to remake
 them. It trains with one thread and deterministic kernels (seed 0), saves `<name>.safetensors`, and prints
-the file's sha256 and test top-1, the two values to record in `mpdeploy/zoo.py`'s registry.
+the file's sha256 and test top-1, the two values to record in `mpdeploy/models/zoo.py`'s registry.
 
     .venv/bin/python benchmarks/train_zoo.py                 # both models, into mpdeploy/zoo_weights/
     .venv/bin/python benchmarks/train_zoo.py digits_vit --out /tmp/zoo
@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mpdeploy.zoo import _entry, create_zoo_model, digits_top1, list_zoo_models, train_digits  # noqa: E402
+from mpdeploy.models.zoo import _entry, create_zoo_model, digits_top1, list_zoo_models, train_digits  # noqa: E402
 
 
 def min_test_margin(model: torch.nn.Module, input_shape: tuple[int, ...]) -> float:
@@ -35,7 +35,7 @@ def min_test_margin(model: torch.nn.Module, input_shape: tuple[int, ...]) -> flo
 
     The test asserting the exact top-1 relies on no test image sitting on a tie that another thread
     count's rounding could flip."""
-    from mpdeploy.data import digits_tensors
+    from mpdeploy.models.data import digits_tensors
 
     x, _ = digits_tensors(tuple(input_shape), "test")
     with torch.no_grad():

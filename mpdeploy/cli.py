@@ -15,8 +15,8 @@ import signal
 import sys
 
 from mpdeploy import __version__
-from mpdeploy.errors import MpdeployError
-from mpdeploy.trust import granted_by
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.trust import granted_by
 
 COMMANDS = {
     "analyze": "fit the Marchenko-Pastur bulk of every layer; write spectra.json and plots",
@@ -110,7 +110,7 @@ def _run(argv: list[str]) -> int:
         _say_interrupted(args.command)
         return INTERRUPTED
     except OSError as exc:  # a full disk or an over-long path anywhere: one line, not a traceback
-        from mpdeploy.artifacts import os_error_message
+        from mpdeploy.core.artifacts import os_error_message
 
         message = os_error_message(exc, exc.filename or "the output")
         if message is None:

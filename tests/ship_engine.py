@@ -45,7 +45,7 @@ def sha256(path: Path) -> str:
 
 def write_engine_manifest(ed: Path, *, backend: str, precision: str, variants: dict, io: dict, device: dict) -> None:
     """The engine manifest, written the way mpdeploy writes one (files table, self-hash); no sources."""
-    from mpdeploy import artifacts
+    from mpdeploy.core import artifacts
 
     (ed / "manifest.json").unlink(missing_ok=True)
     extra = {"backend": backend, "precision": precision, "variants": variants, "io": io, "device": device,
@@ -56,7 +56,7 @@ def write_engine_manifest(ed: Path, *, backend: str, precision: str, variants: d
 def write_audit(root: Path, *, passed: bool, backend: str = "ort") -> None:
     """audit/ as `mpdeploy audit` leaves it: audit.json and a manifest whose engine source is engine-<backend>/
     with that engine manifest's hash (what ties the audit to the engine it audited)."""
-    from mpdeploy import artifacts
+    from mpdeploy.core import artifacts
 
     (root / "audit").mkdir(exist_ok=True)
     audit = {

@@ -7,7 +7,7 @@ Both return ({tensor: axis} of the weights checked, {tensor} of those found 2:4 
 
 from __future__ import annotations
 
-from mpdeploy.onnx_sparsity import check_trt_sparsity
+from mpdeploy.onnx.trt_rules import check_trt_sparsity
 
 
 def polygraphy_check(model_proto) -> tuple[dict[str, int], set[str]]:

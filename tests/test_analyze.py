@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from mpdeploy.analyze import SCHEMA, AnalyzeConfig, analyze
-from mpdeploy.errors import MpdeployError
+from mpdeploy.analyze.stage import SCHEMA, AnalyzeConfig, analyze
+from mpdeploy.core.errors import MpdeployError
 
 timm = pytest.importorskip("timm")
 

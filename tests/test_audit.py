@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from mpdeploy import artifacts, cli
+from mpdeploy.core import artifacts
+from mpdeploy import cli
 from mpdeploy.audit import (
     SCHEMA,
     AuditConfig,
@@ -27,8 +28,8 @@ from mpdeploy.audit import (
     logit_distance,
     measure_latency,
 )
-from mpdeploy.errors import MpdeployError
-from mpdeploy.patterns import NM, nm_mask
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.sparsity.patterns import NM, nm_mask
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -72,8 +73,8 @@ def _write_engine_manifest(root: Path, shape, classes: int, precision: str) -> N
 @pytest.fixture(scope="module")
 def base_root(tmp_path_factory) -> Path:
     """engines/digits_cnn: 2:4 on the zoo CNN's cheapest 20% of MACs (mp budget) + its ORT engine pair."""
-    from mpdeploy.prune import PruneConfig, load_pruned, prune
-    from mpdeploy.zoo import load_zoo_model
+    from mpdeploy.prune.stage import PruneConfig, load_pruned, prune
+    from mpdeploy.models.zoo import load_zoo_model
 
     loaded = load_zoo_model("digits_cnn")
     root = tmp_path_factory.mktemp("engines") / "digits_cnn"
@@ -92,8 +93,8 @@ def fast(base_root) -> dict:
     varying with the training run), so the gate follows the pruned model's own measured cost: a correct
     engine reproduces it, a broken one does not.
     """
-    from mpdeploy.prune import load_pruned
-    from mpdeploy.zoo import digits_top1
+    from mpdeploy.prune.stage import load_pruned
+    from mpdeploy.models.zoo import digits_top1
 
     dense = load_pruned(base_root / "pruned", "dense")
     sparse = load_pruned(base_root / "pruned", "sparse")
@@ -104,7 +105,7 @@ def fast(base_root) -> dict:
 
 def _variant(base: Path, tmp_path_factory, name: str, breaker) -> Path:
     """A copy of the base engine root whose sparse engine is rebuilt from `breaker(dense, sparse, masks)`."""
-    from mpdeploy.prune import load_pruned
+    from mpdeploy.prune.stage import load_pruned
 
     root = tmp_path_factory.mktemp(name) / name
     shutil.copytree(base / "pruned", root / "pruned")
@@ -368,7 +369,7 @@ def test_not_an_engine_root(tmp_path):
 
 
 def test_report_compares_two_audits(base_root, base_audit, scrambled_root, fast, tmp_path):
-    from mpdeploy.report import ReportConfig, report
+    from mpdeploy.audit.compare import ReportConfig, report
 
     if not (scrambled_root / "audit" / "audit.json").exists():
         audit(scrambled_root, AuditConfig(plots=False, **{**fast, "sensitivity_batch": 0}))
@@ -382,7 +383,7 @@ def test_report_compares_two_audits(base_root, base_audit, scrambled_root, fast,
 
 
 def test_report_needs_audits(tmp_path):
-    from mpdeploy.report import ReportConfig, report
+    from mpdeploy.audit.compare import ReportConfig, report
 
     (tmp_path / "x" / "engine-ort").mkdir(parents=True)
     with pytest.raises(MpdeployError, match="mpdeploy audit"):
@@ -396,7 +397,7 @@ def test_report_needs_audits(tmp_path):
 def _int8_root(base: Path, tmp_path_factory, name: str, calib: np.ndarray) -> Path:
     """A copy of the base root whose engine pair is its fp32 pair quantized to INT8 Q/DQ by mpdeploy's
     own quantize_int8 (what `mpdeploy export --precision int8` runs), calibrated on `calib`."""
-    from mpdeploy.onnx_precision import quantize_int8
+    from mpdeploy.onnx.precision import quantize_int8
 
     root = tmp_path_factory.mktemp(name) / name
     shutil.copytree(base / "pruned", root / "pruned")
@@ -414,7 +415,7 @@ def int8_audits(base_root, fast, tmp_path_factory) -> dict[str, dict]:
     """Audits of two INT8 builds of the same pruned CNN: calibrated on its digits calibration images, and
     (the planted fault) on those images times 50: activation ranges 50x too wide, so INT8's steps swallow
     the signal in the dense and the sparse engine alike, and their comparison with each other sees little."""
-    from mpdeploy.data import digits_tensors
+    from mpdeploy.models.data import digits_tensors
 
     x = digits_tensors((1, 32, 32), "calib")[0].numpy()
     config = AuditConfig(plots=False, **{**fast, "sensitivity_batch": 0})

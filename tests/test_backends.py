@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mpdeploy.backends.base import BuildConfig, BuildInputs, create_backend, resolve_backend
-from mpdeploy.errors import MpdeployError
+from mpdeploy.core.errors import MpdeployError
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -23,9 +23,9 @@ SM80 = HAS_CUDA and torch.cuda.get_device_capability(0) >= (8, 0)
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> Path:
     """pruned/ + onnx/ of timm's tiny test_vit (random init, seeded), made by the real prune and export."""
-    from mpdeploy.export import ExportConfig, export
-    from mpdeploy.models import ModelSpec, load_model
-    from mpdeploy.prune import PruneConfig, prune
+    from mpdeploy.export.stage import ExportConfig, export
+    from mpdeploy.models.load import ModelSpec, load_model
+    from mpdeploy.prune.stage import PruneConfig, prune
 
     root = tmp_path_factory.mktemp("artifact")
     torch.manual_seed(0)
@@ -36,7 +36,7 @@ def artifact(tmp_path_factory) -> Path:
 
 
 def _sample(root: Path, batch: int = 3) -> np.ndarray:
-    from mpdeploy.artifacts import read_manifest
+    from mpdeploy.core.artifacts import read_manifest
 
     shape = read_manifest(root / "onnx", "onnx", verify=False)["model"]["input_shape"]
     return np.random.default_rng(1).standard_normal((batch, *shape)).astype(np.float32)
@@ -93,7 +93,7 @@ def ort_engines(artifact, tmp_path_factory) -> Path:
 def test_ort_engine_matches_onnxruntime_and_pytorch(artifact, ort_engines):
     import onnxruntime as ort
 
-    from mpdeploy.prune import load_pruned
+    from mpdeploy.prune.stage import load_pruned
 
     backend = create_backend("ort")
     x = _sample(artifact)
@@ -241,7 +241,7 @@ def test_torch_precision_rules():
 @pytest.mark.skipif(not SM80, reason="needs a CUDA GPU with compute capability >= 8.0 (2:4 sparse tensor cores)")
 @pytest.mark.parametrize("kernel", ["cusparselt", "cutlass"])
 def test_torch_sparse_engine_on_gpu(artifact, tmp_path, kernel):
-    from mpdeploy.prune import load_pruned
+    from mpdeploy.prune.stage import load_pruned
 
     backend = create_backend("torch")
     config = BuildConfig(backend_options=(("kernel", kernel),))
@@ -263,7 +263,7 @@ def test_torch_sparse_engine_on_gpu(artifact, tmp_path, kernel):
 
 
 def test_trt_availability_reason():
-    from mpdeploy.backends.trt import TrtBackend
+    from mpdeploy.backends.trt.backend import TrtBackend
 
     ok, why = TrtBackend.availability()
     if not HAS_TRT:
@@ -275,14 +275,14 @@ def test_trt_build_log_capture_keeps_polygraphy_off_stdout(capsys):
     # of them, verbose included, and nothing reaches stdout (no prints in the library).
     from polygraphy.logger import G_LOGGER
 
-    from mpdeploy.backends.trt import capture_build_log
+    from mpdeploy.backends.trt.backend import capture_build_log
 
     before = G_LOGGER.module_severity
     with capture_build_log() as lines:
         G_LOGGER.extra_verbose("(Sparsity) Layers eligible for sparse math: a, b")
         G_LOGGER.verbose("(Sparsity) TRT inference plan picked sparse implementation for layers: b")
     assert capsys.readouterr().out == ""
-    from mpdeploy.backends.trt_report import parse_sparsity_log
+    from mpdeploy.backends.trt.report import parse_sparsity_log
 
     assert parse_sparsity_log("\n".join(lines)) == {"eligible": ["a", "b"], "picked_sparse": ["b"]}
     assert G_LOGGER.module_severity is before
@@ -293,7 +293,7 @@ def test_trt_sparse_and_dense_engines(artifact, tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (no wheel reachable here; use the Docker image)")
     if not SM80:
         pytest.skip("TensorRT sparse math needs a CUDA GPU with compute capability >= 8.0")
-    from mpdeploy.export import ExportConfig, export
+    from mpdeploy.export.stage import ExportConfig, export
 
     backend = create_backend("trt")
     config = BuildConfig(precision="fp16", batch_sizes=(1, 4, 8), timing_cache=tmp_path / "timing.cache")
@@ -322,7 +322,7 @@ def test_trt_strongly_typed_int8_qdq_engine(artifact, tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (no wheel reachable here; use the Docker image)")
     if not SM80:
         pytest.skip("TensorRT sparse math needs a CUDA GPU with compute capability >= 8.0")
-    from mpdeploy.export import ExportConfig, export
+    from mpdeploy.export.stage import ExportConfig, export
 
     onnx_dir = export(artifact / "pruned", ExportConfig(precision="int8", calib="synthetic", calib_images=32),
                       tmp_path / "onnx-int8")
@@ -336,7 +336,7 @@ def test_backends_import_without_gpu_libraries():
     # Heavy imports are lazy: importing every backend module pulls in neither tensorrt nor onnxruntime.
     import subprocess
 
-    code = ("import sys; import mpdeploy.backends.trt, mpdeploy.backends.ort, mpdeploy.backends.torch_sparse; "
+    code = ("import sys; import mpdeploy.backends.trt.backend, mpdeploy.backends.ort, mpdeploy.backends.torch_sparse; "
             "print(sorted(m for m in ('tensorrt', 'onnxruntime', 'polygraphy.backend.trt') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[1])

@@ -93,7 +93,7 @@ def test_state_dict_hash_is_the_weights():
 
 
 def test_zoo_hash_is_the_shipped_file():
-    from mpdeploy.zoo import list_zoo_models, zoo_sha256
+    from mpdeploy.models.zoo import list_zoo_models, zoo_sha256
 
     for name in list_zoo_models():
         assert provenance.zoo_sha256(name)["sha256"] == zoo_sha256(name)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mpdeploy.budgets import Candidate, assign_mp, get_budget, list_budgets, register_budget
-from mpdeploy.errors import MpdeployError
-from mpdeploy.patterns import NM
+from mpdeploy.sparsity.budgets import Candidate, assign_mp, get_budget, list_budgets, register_budget
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.sparsity.patterns import NM
 
 
 def candidates() -> list[Candidate]:
@@ -68,8 +68,8 @@ def _two_layer_net():
 def test_logit_damage_is_the_measured_output_error_of_each_option_alone():
     import torch
 
-    from mpdeploy.logit_damage import logit_damage
-    from mpdeploy.saliency import MaskChoice, compute_mask
+    from mpdeploy.sparsity.damage import logit_damage
+    from mpdeploy.sparsity.saliency import MaskChoice, compute_mask
 
     net = _two_layer_net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -92,7 +92,7 @@ def test_logit_damage_is_the_measured_output_error_of_each_option_alone():
 
 
 def test_sensitivity_budgets_are_registered_as_measured_and_need_calibration():
-    from mpdeploy.prune import PruneConfig
+    from mpdeploy.prune.stage import PruneConfig
 
     assert get_budget("sensitivity").damage == "logits" and get_budget("mp-sensitivity").damage == "logits"
     assert get_budget("mp").damage == "weights"

@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from mpdeploy import artifacts
+from mpdeploy.core import artifacts
 from mpdeploy.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def _mtimes(folder: Path) -> dict[str, int]:
 def _check_engine_folder(root: Path, variants: tuple[str, ...], chw: list[int], classes: int,
                          weights: str = "pruned") -> dict:
     """The engine contract ship.py and audit.py read."""
-    from mpdeploy.export import check_trt_sparsity
+    from mpdeploy.export.stage import check_trt_sparsity
 
     engine = root / "engine-ort"
     manifest = json.loads((engine / "manifest.json").read_text())
@@ -167,11 +167,11 @@ def test_kill_during_export_leaves_nothing_a_rerun_reuses(tmp_path):
     assert not (root / "onnx").exists()
     assert not (root / "engine-ort").exists()
 
-    from mpdeploy.export import ExportConfig
-    from mpdeploy.models import ModelSpec
-    from mpdeploy.prune import PruneConfig
+    from mpdeploy.export.stage import ExportConfig
+    from mpdeploy.models.load import ModelSpec
+    from mpdeploy.prune.stage import PruneConfig
     from mpdeploy.backends.base import BuildConfig
-    from mpdeploy.build import BuildStageConfig, run_build
+    from mpdeploy.pipeline.build import BuildStageConfig, run_build
 
     spec = ModelSpec("timm:test_resnet", weights="random", input_shape=(3, 32, 32))
     configs = (PruneConfig(), ExportConfig(), BuildConfig(batch_sizes=(1, 4), threads=1))
@@ -189,8 +189,8 @@ def test_kill_during_export_leaves_nothing_a_rerun_reuses(tmp_path):
 
 
 def test_model_fingerprint_follows_the_seed():
-    from mpdeploy.build import _load, model_fingerprint
-    from mpdeploy.models import ModelSpec
+    from mpdeploy.pipeline.build import _load, model_fingerprint
+    from mpdeploy.models.load import ModelSpec
 
     spec = ModelSpec("timm:test_resnet", weights="random", input_shape=(3, 32, 32))
     a, b, c = _load(spec, 0), _load(spec, 0), _load(spec, 1)
@@ -199,7 +199,7 @@ def test_model_fingerprint_follows_the_seed():
 
 
 def test_stale_temp_cleanup_spares_live_processes(tmp_path):
-    from mpdeploy.build import clean_stale_temps
+    from mpdeploy.pipeline.build import clean_stale_temps
 
     target = tmp_path / "onnx"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -284,10 +284,10 @@ def test_build_with_distillation_exports_the_distilled_weights(tmp_path, capsys)
 
 def test_densify_round_summary_before_after_and_sparse_use_check():
     """The densify round's numbers as the summary shows them (the round itself needs a GPU backend)."""
-    from mpdeploy.build import before_after
+    from mpdeploy.pipeline.build import before_after
     from mpdeploy.commands.build import _key_numbers
     from mpdeploy.densify.evidence import Evidence, compare_sparse_use
-    from mpdeploy.stages import StageResult
+    from mpdeploy.core.runner import StageResult
 
     first = StageResult("audit", "built", 1.0, None, {"passed": False, "summary": {
         "top1_sparse": 0.90, "top1_dense": 0.95, "agreement": 0.92, "speedup_p50": {"1": 0.9, "32": 0.97}}})

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mpdeploy import artifacts
+from mpdeploy.core import artifacts
 from mpdeploy.audit.common import Findings
 from mpdeploy.audit.config import AuditConfig
 from mpdeploy.audit.verdict import speed_gate
@@ -29,8 +29,8 @@ from mpdeploy.densify.evidence import (
 )
 from mpdeploy.densify.stage import DensifyConfig, densify
 from mpdeploy.densify.weights import densify_records
-from mpdeploy.errors import MpdeployError
-from mpdeploy.kinds import open_weights
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.kinds import open_weights
 
 MODEL = ["timm:resnet10t", "--weights", "random", "--input-shape", "1,32,32", "--num-classes", "10",
          "--model-kwargs", "in_chans=1"]
@@ -50,8 +50,8 @@ def _trt_log(eligible: list[str], picked: list[str]) -> str:
 def chain(tmp_path_factory, one_torch_thread) -> dict[str, Path]:
     """pruned/ (every layer TensorRT allows: uniform budget, no backend), onnx/, engine-ort/ of resnet10t."""
     from mpdeploy.backends.base import BuildConfig
-    from mpdeploy.engines import build_engines
-    from mpdeploy.export import ExportConfig, export
+    from mpdeploy.engine.stage import build_engines
+    from mpdeploy.export.stage import ExportConfig, export
 
     root = tmp_path_factory.mktemp("densify") / "r10t"
     assert cli_main(["-q", "prune", *MODEL, "--budget", "uniform", "--out", str(root / "pruned")]) == 0
@@ -235,7 +235,7 @@ def test_prune_for_ort_says_so_and_follows_trt_rules(chain):
     manifest = artifacts.read_manifest(chain["pruned"], "pruned")
     assert "pruned_for" not in manifest  # no --backend: every layer the pattern fits
     from mpdeploy.backends.sparse_plan import ORT_CPU_LINE, sparse_plan
-    from mpdeploy.weights import load_pruned
+    from mpdeploy.sparsity.pruned import load_pruned
 
     model = load_pruned(chain["pruned"], "dense").model
     names = [r["name"] for r in manifest["layers"] if r["pattern"]]
@@ -243,7 +243,7 @@ def test_prune_for_ort_says_so_and_follows_trt_rules(chain):
     assert plan.rules.startswith("TensorRT placement rules") and plan.note == ORT_CPU_LINE
     assert plan.runs_dense == {}  # every Conv weight reaches its Conv directly: eligible for TensorRT
     with pytest.raises(MpdeployError, match="2:4-compatible"):
-        from mpdeploy.prune import PruneConfig
+        from mpdeploy.prune.stage import PruneConfig
 
         PruneConfig(pattern="8:16", backend="trt")
 

@@ -23,12 +23,12 @@ from safetensors.torch import load_file
 
 import mpdeploy.distill as distill_mod
 import mpdeploy.distill.train as distill_train
-from mpdeploy import artifacts
+from mpdeploy.core import artifacts
 from mpdeploy.distill import DistillConfig, distill, kd_loss, state_hash
-from mpdeploy.errors import MpdeployError
-from mpdeploy.models import LoadedModel
-from mpdeploy.patterns import NM, is_nm_compliant
-from mpdeploy.prune import PruneConfig, load_pruned, prune
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.models.load import LoadedModel
+from mpdeploy.sparsity.patterns import NM, is_nm_compliant
+from mpdeploy.prune.stage import PruneConfig, load_pruned, prune
 
 ROOT = Path(__file__).resolve().parents[1]
 KWARGS = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, depth=2, embed_dim=32, num_heads=2)
@@ -95,7 +95,7 @@ def test_kd_loss_matches_hand_computation():
 
 
 def test_config_rejects_bad_values():
-    from mpdeploy.errors import MpdeployError
+    from mpdeploy.core.errors import MpdeployError
 
     for bad in (dict(epochs=0), dict(alpha=1.5), dict(temperature=0), dict(optimizer="lion"), dict(lr=-1.0),
                 dict(label_smoothing=1.0), dict(batch_size=0)):
@@ -301,7 +301,7 @@ def _npz(path: Path, split: str, labels: bool = True) -> Path:
     """The user's own pre-processed tensors (digits at 1x8x8 here) in an .npz."""
     import numpy as np
 
-    from mpdeploy.data import digits_tensors
+    from mpdeploy.models.data import digits_tensors
 
     x, y = digits_tensors((1, 8, 8), split)
     arrays = {"images": x.numpy()[:200]}
@@ -342,7 +342,7 @@ def test_top1_before_and_after_on_the_users_labelled_data(pruned, tmp_path):
 
 
 def test_validation_is_carved_from_the_distillation_data_only():
-    from mpdeploy.data import load_images
+    from mpdeploy.models.data import load_images
     from mpdeploy.distill.datasets import carve_validation
 
     data = load_images("digits", (1, 8, 8), split="train")
@@ -352,7 +352,7 @@ def test_validation_is_carved_from_the_distillation_data_only():
     assert carve_validation(data, 0.1, seed=0)[1].dataset.indices == v  # seeded: every rank, every run
     assert "held out of the distillation data" in validation.description
     # digits' test split (the evaluation data) is another split: the validation images are train images
-    from mpdeploy.data import _digits_split
+    from mpdeploy.models.data import _digits_split
 
     train_ids = _digits_split(1797, "train").tolist()
     test_ids = set(_digits_split(1797, "test").tolist())
@@ -364,7 +364,7 @@ def test_validation_is_carved_from_the_distillation_data_only():
 @pytest.fixture(scope="module")
 def pruned_zoo(tmp_path_factory) -> Path:
     """The shipped digits_vit pruned 2:4 (uniform magnitude): an accurate student that a bad run can only hurt."""
-    from mpdeploy.zoo import load_zoo_model
+    from mpdeploy.models.zoo import load_zoo_model
 
     return prune(load_zoo_model("digits_vit"), PruneConfig(budget="uniform"),
                  tmp_path_factory.mktemp("zoo") / "pruned")

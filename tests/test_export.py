@@ -30,11 +30,11 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from sparsity_helpers import ours, polygraphy_check  # noqa: E402
 
 from mpdeploy import cli  # noqa: E402
-from mpdeploy import export as export_mod  # noqa: E402
-from mpdeploy.export import ExportConfig, check_trt_sparsity, export, load_sparsity  # noqa: E402
-from mpdeploy.models import ModelSpec, load_model  # noqa: E402
-from mpdeploy.patterns import NM  # noqa: E402
-from mpdeploy.prune import PruneConfig, load_pruned, prune  # noqa: E402
+from mpdeploy.export import stage as export_mod  # noqa: E402
+from mpdeploy.export.stage import ExportConfig, check_trt_sparsity, export, load_sparsity  # noqa: E402
+from mpdeploy.models.load import ModelSpec, load_model  # noqa: E402
+from mpdeploy.sparsity.patterns import NM  # noqa: E402
+from mpdeploy.prune.stage import PruneConfig, load_pruned, prune  # noqa: E402
 
 SMALL = ["resnet18", "vit_tiny_patch16_224", "convnext_atto"]
 BIG = ["vit_base_patch16_224", "resnet50", "convnextv2_base"]
@@ -255,7 +255,7 @@ def test_dynamo_exporter_vit_tiny(workspace):
 
 
 def test_tome_vit_export(workspace):
-    pytest.importorskip("mpdeploy.tome", reason="mpdeploy.tome (token merging) is not available")
+    pytest.importorskip("mpdeploy.sparsity.tome", reason="mpdeploy.sparsity.tome (token merging) is not available")
     pruned_dir, onnx_dir = workspace("vit_tiny_patch16_224", tome=8)
     record = assert_export_ok(pruned_dir, onnx_dir)
     manifest = json.loads((onnx_dir / "manifest.json").read_text())
@@ -584,7 +584,7 @@ def test_name_map_by_name_only_warns(caplog):
     but whose name and shape match is taken by name, with a warning (this path used to raise NameError)."""
     p = np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32)
     m = _model([], {"conv.weight": p + 1}, [("x", [1])])
-    with caplog.at_level("WARNING", logger="mpdeploy.onnx_map"):
+    with caplog.at_level("WARNING", logger="mpdeploy.onnx.initializers"):
         mapped = export_mod.map_initializers(m, {"conv.weight": p}, {})
     assert mapped["conv.weight"].initializer == "conv.weight" and mapped["conv.weight"].method == "name"
     assert "matched by name only" in caplog.text

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mpdeploy import artifacts
+from mpdeploy.core import artifacts
 from mpdeploy.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -41,7 +41,7 @@ def _one_line(code, err, *needles) -> str:
 
 @pytest.mark.parametrize("arch,channels", [(SmallCNN, 1), (SmallViT, 3)])
 def test_traced_torchscript_lifts_like_scripted(tmp_path, arch, channels):
-    from mpdeploy.graph_layers import torchscript_module
+    from mpdeploy.models.programs import torchscript_module
 
     torch.manual_seed(0)
     model = arch(in_chans=channels).eval()
@@ -86,10 +86,10 @@ def test_huge_json_shape_never_reaches_triton(tmp_path):
     pytest.importorskip("tritonclient.grpc.model_config_pb2")
     from ship_engine import INPUT_SHAPE, make_engine
 
-    from mpdeploy.errors import MpdeployError
-    from mpdeploy.ship import ShipConfig, ship
-    from mpdeploy.triton_config import LIMIT_PARAMETER, parse_config
-    from mpdeploy.triton_server import HTTP_INFER_HEADER, locate_tritonserver, run_tritonserver
+    from mpdeploy.core.errors import MpdeployError
+    from mpdeploy.serve.ship import ShipConfig, ship
+    from mpdeploy.serve.triton_config import LIMIT_PARAMETER, parse_config
+    from mpdeploy.serve.triton_server import HTTP_INFER_HEADER, locate_tritonserver, run_tritonserver
 
     try:
         install = locate_tritonserver()

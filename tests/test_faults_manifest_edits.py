@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from mpdeploy import artifacts
+from mpdeploy.core import artifacts
 from mpdeploy.cli import main as cli_main
 
 MODEL_ARGS = ["timm:test_resnet", "--weights", "random", "--input-shape", "3,32,32", "--num-classes", "10"]

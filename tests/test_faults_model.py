@@ -188,7 +188,7 @@ def test_input_channels_do_not_fit(tmp_path, capfd):
 
 
 def test_timm_in_chans_gives_the_input_shape(tmp_path, capfd):
-    from mpdeploy.models import ModelSpec, load_model, parse_model_kwargs
+    from mpdeploy.models.load import ModelSpec, load_model, parse_model_kwargs
 
     loaded = load_model(ModelSpec("timm:resnet10t", weights="random", model_kwargs=parse_model_kwargs("in_chans=1")))
     assert loaded.input_shape[0] == 1
@@ -296,7 +296,7 @@ def test_changed_pickle_is_refused_by_later_stages(tmp_path, capfd):
 
 
 def test_zoo_weights_changed_or_missing(tmp_path, capfd, monkeypatch):
-    from mpdeploy import zoo
+    from mpdeploy.models import zoo
 
     shipped = zoo.zoo_weights_path("digits_vit").read_bytes()
     monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path / "zoo_weights")

@@ -19,12 +19,12 @@ pytest.importorskip("tritonclient.grpc.model_config_pb2")
 from faults_helpers import assert_one_line_error, cli_command, cli_env, run_cli, tree_hash  # noqa: E402
 from ship_engine import make_engine  # noqa: E402
 
-from mpdeploy.ship import ShipConfig, parse_config, ship  # noqa: E402
+from mpdeploy.serve.ship import ShipConfig, parse_config, ship  # noqa: E402
 
-# Runs the CLI after replacing one function of mpdeploy.ship (argv: FUNC MODE CLI-ARGS...).
+# Runs the CLI after replacing one function of mpdeploy.serve.ship (argv: FUNC MODE CLI-ARGS...).
 _FAULT_WRAPPER = """
 import errno, os, shutil, sys, time
-import mpdeploy.ship as ship
+import mpdeploy.serve.ship as ship
 func, mode = sys.argv[1], sys.argv[2]
 original = getattr(ship, func) if hasattr(ship, func) else getattr(shutil, func)
 def patched(*args, **kwargs):
@@ -244,7 +244,7 @@ def test_stale_temp_of_a_live_process_is_kept(shipped, engine):
 
 def test_hostile_paths_give_one_line(engine, tmp_path):
     """Names too long for the file system (a 300-char component, a 4,400-char path): one line, nothing left."""
-    from mpdeploy.errors import MpdeployError
+    from mpdeploy.core.errors import MpdeployError
 
     before = tree_hash(tmp_path)
     deep = Path(*(["d" * 200] * 22))

@@ -20,7 +20,7 @@ import torch
 from own_archs import SmallCNN
 from ship_engine import make_engine, write_audit
 
-from mpdeploy import artifacts
+from mpdeploy.core import artifacts
 from mpdeploy.cli import main as cli_main
 
 

@@ -5,8 +5,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mpdeploy.cli import main as cli_main
-from mpdeploy.errors import MpdeployError
-from mpdeploy.models import ModelSpec, load_model
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.models.load import ModelSpec, load_model
 
 
 class PickledNet(nn.Module):  # module-level so it can be pickled whole
@@ -139,7 +139,7 @@ def test_cli_pickle_refused_and_truncated(capsys, tmp_path):
 
 
 def test_model_kwargs_are_literals():
-    from mpdeploy.models import parse_model_kwargs
+    from mpdeploy.models.load import parse_model_kwargs
 
     got = parse_model_kwargs("in_chans=1, img_size=(32,32),global_pool=avg,drop_rate=0.1,dynamic=True,norm=None,ks=[3,5]")
     assert got == (("in_chans", 1), ("img_size", (32, 32)), ("global_pool", "avg"), ("drop_rate", 0.1),
@@ -151,7 +151,7 @@ def test_model_kwargs_are_literals():
 
 
 def test_timm_model_kwargs_recorded_and_rebuilt():
-    from mpdeploy.models import parse_model_kwargs, recreate_architecture
+    from mpdeploy.models.load import parse_model_kwargs, recreate_architecture
 
     kwargs = parse_model_kwargs("in_chans=1,img_size=16,patch_size=4,embed_dim=32,depth=1,num_heads=2,num_classes=10")
     loaded = load_model(ModelSpec("timm:vit_tiny_patch16_224", weights="random", model_kwargs=kwargs))
@@ -181,7 +181,7 @@ def test_analyze_sees_the_layers_of_programs(tmp_path, capsys, fmt):
     layers = json.loads((tmp_path / "an" / "spectra.json").read_text())["layers"]
     assert [layer["name"] for layer in layers] == ["stem", "conv", "expand", "fc"]
     # The lifted program computes what the original module computes.
-    from mpdeploy.models import ModelSpec, load_model
+    from mpdeploy.models.load import ModelSpec, load_model
 
     loaded = load_model(ModelSpec(args[0], input_shape=(1, 16, 16), trust_pickle=True))
     x = torch.randn(3, 1, 16, 16)
@@ -199,7 +199,7 @@ def test_zoo_weights_are_the_registry_model(name):
     0.005 for digits_cnn and 0.038 for digits_vit, far above any thread-count rounding)."""
     import hashlib
 
-    from mpdeploy import zoo
+    from mpdeploy.models import zoo
 
     entry = zoo._entry(name)
     assert hashlib.sha256(zoo.zoo_weights_path(name).read_bytes()).hexdigest() == entry.sha256
@@ -213,7 +213,7 @@ def test_zoo_weights_ship_as_package_data():
     import tomllib
     from pathlib import Path
 
-    from mpdeploy import zoo
+    from mpdeploy.models import zoo
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     globs = pyproject["tool"]["setuptools"]["package-data"]["mpdeploy"]
@@ -224,7 +224,7 @@ def test_zoo_weights_ship_as_package_data():
 
 
 def test_zoo_file_that_is_not_the_registrys_is_refused(tmp_path, monkeypatch):
-    from mpdeploy import zoo
+    from mpdeploy.models import zoo
 
     data = bytearray(zoo.zoo_weights_path("digits_vit").read_bytes())
     data[-1] ^= 1

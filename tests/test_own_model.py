@@ -23,9 +23,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from mpdeploy.cli import main as cli_main
-from mpdeploy.patterns import NM, is_nm_compliant
-from mpdeploy.prune import load_pruned
-from mpdeploy.trust import granted
+from mpdeploy.sparsity.patterns import NM, is_nm_compliant
+from mpdeploy.prune.stage import load_pruned
+from mpdeploy.core.trust import granted
 
 SIZE = 16
 ARCHS = {"cnn": SmallCNN, "vit": SmallViT}

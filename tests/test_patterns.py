@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from mpdeploy.errors import MpdeployError
-from mpdeploy.patterns import (
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.sparsity.patterns import (
     NM,
     from_reduction_view,
     is_24_compliant_2d,
@@ -15,7 +15,7 @@ from mpdeploy.patterns import (
     parse_pattern,
     reduction_view,
 )
-from mpdeploy.saliency import InputStats, block_cost_mask_2d, compute_mask, keep_patterns
+from mpdeploy.sparsity.saliency import InputStats, block_cost_mask_2d, compute_mask, keep_patterns
 
 
 @pytest.mark.parametrize("text,expected", [("2:4", NM(2, 4)), (" 8 : 16 ", NM(8, 16)), ("1:2", NM(1, 2)), ("6:12", NM(6, 12))])

@@ -1,4 +1,4 @@
-"""Channel permutations (mpdeploy.permute): the search, and folds that leave the model's function unchanged."""
+"""Channel permutations (mpdeploy.sparsity.permute): the search, and folds that leave the model's function unchanged."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from torch import nn
 
 timm = pytest.importorskip("timm")
 
-from mpdeploy.permute import search as permute_search  # noqa: E402
-from mpdeploy.errors import MpdeployError  # noqa: E402
-from mpdeploy.layers import find_layers, skip_reason  # noqa: E402
-from mpdeploy.patterns import NM, is_nm_compliant  # noqa: E402
-from mpdeploy.permute import (  # noqa: E402
+from mpdeploy.sparsity.permute import search as permute_search  # noqa: E402
+from mpdeploy.core.errors import MpdeployError  # noqa: E402
+from mpdeploy.sparsity.layers import find_layers, skip_reason  # noqa: E402
+from mpdeploy.sparsity.patterns import NM, is_nm_compliant  # noqa: E402
+from mpdeploy.sparsity.permute import (  # noqa: E402
     find_folds,
     kept_saliency,
     permute_model,
@@ -213,8 +213,8 @@ def test_unknown_module_between_producer_and_consumer_is_refused():
 
 
 def test_prune_model_with_permute_end_to_end(quick_search):
-    from mpdeploy.models import LoadedModel
-    from mpdeploy.prune import PruneConfig, prune_model
+    from mpdeploy.models.load import LoadedModel
+    from mpdeploy.prune.stage import PruneConfig, prune_model
 
     kwargs = {"img_size": 32, "patch_size": 4, "in_chans": 1, "num_classes": 10, "depth": 2}
     torch.manual_seed(0)

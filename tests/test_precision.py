@@ -21,13 +21,13 @@ from onnx import TensorProto, helper, numpy_helper
 from sparsity_helpers import ours, polygraphy_check
 
 from mpdeploy.backends.base import BuildConfig, BuildInputs, create_backend
-from mpdeploy.backends.trt_plan import TRT10, TRT11, TrtCapabilities, plan_trt_build
-from mpdeploy.backends.trt_report import qdq_graph_findings
-from mpdeploy.errors import MpdeployError
-from mpdeploy.export import ExportConfig, export, load_sparsity
-from mpdeploy.onnx_precision import onnx_file_name, quantized_weight, weight_quantization
-from mpdeploy.onnx_sparsity import check_trt_sparsity, nm_compliant_along, tensor_array
-from mpdeploy.patterns import NM
+from mpdeploy.backends.trt.plan import TRT10, TRT11, TrtCapabilities, plan_trt_build
+from mpdeploy.backends.trt.report import qdq_graph_findings
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.export.stage import ExportConfig, export, load_sparsity
+from mpdeploy.onnx.precision import onnx_file_name, quantized_weight, weight_quantization
+from mpdeploy.onnx.trt_rules import check_trt_sparsity, nm_compliant_along, tensor_array
+from mpdeploy.sparsity.patterns import NM
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,8 +36,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """{(model, precision): onnx_dir} from the real prune + export of timm's tiny test models (2:4 uniform)."""
-    from mpdeploy.models import ModelSpec, load_model
-    from mpdeploy.prune import PruneConfig, prune
+    from mpdeploy.models.load import ModelSpec, load_model
+    from mpdeploy.prune.stage import PruneConfig, prune
 
     root = tmp_path_factory.mktemp("precision")
     cache: dict = {}
@@ -336,9 +336,9 @@ INT8_PROMISE = [("digits_cnn", "dense"), ("digits_vit", "dense"), ("digits_vit",
 def zoo_int8(tmp_path_factory):
     """{zoo: (onnx dir, digits test images, labels)}: the shipped model pruned 2:4 on digits calibration,
     exported with INT8 Q/DQ files for the 2:4 model and its dense twin."""
-    from mpdeploy.data import digits_tensors
-    from mpdeploy.prune import PruneConfig, prune
-    from mpdeploy.zoo import load_zoo_model
+    from mpdeploy.models.data import digits_tensors
+    from mpdeploy.prune.stage import PruneConfig, prune
+    from mpdeploy.models.zoo import load_zoo_model
 
     cache = {}
 
@@ -366,7 +366,7 @@ def _correct(path: Path, x: np.ndarray, y: np.ndarray) -> int:
 
 @pytest.mark.parametrize("zoo,variant", INT8_PROMISE)
 def test_int8_top1_within_one_point_of_fp32_on_accurate_models(zoo_int8, zoo, variant):
-    from mpdeploy.zoo import _entry
+    from mpdeploy.models.zoo import _entry
 
     onnx_dir, x, y = zoo_int8(zoo)
     record = load_sparsity(onnx_dir)["precision"]

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from mpdeploy.progress import ProgressLog, format_duration, progress_log
+from mpdeploy.core.progress import ProgressLog, format_duration, progress_log
 
 
 class FakeClock:
@@ -20,7 +20,7 @@ class FakeClock:
 def test_lines_at_the_interval_with_counts_rate_and_eta(caplog):
     clock = FakeClock()
     log = ProgressLog("audit", interval_s=5.0, clock=clock)
-    caplog.set_level(logging.INFO, logger="mpdeploy.progress")
+    caplog.set_level(logging.INFO, logger="mpdeploy.core.progress")
     for done in range(0, 101):  # one image per second, 100 images
         log("accuracy", done, 100)
         clock.now += 1.0
@@ -37,7 +37,7 @@ def test_steps_are_independent_and_fields_are_shown(caplog):
     clock = FakeClock()
     seen = []
     log = ProgressLog("build", interval_s=2.0, clock=clock, forward=lambda *a, **k: seen.append((a, k)))
-    caplog.set_level(logging.INFO, logger="mpdeploy.progress")
+    caplog.set_level(logging.INFO, logger="mpdeploy.core.progress")
     log("distill", 0, 10)
     log("latency b1", 0, 4)
     clock.now += 3.0
@@ -53,7 +53,7 @@ def test_steps_are_independent_and_fields_are_shown(caplog):
 def test_disabled_log_only_forwards(caplog):
     clock, seen = FakeClock(), []
     log = ProgressLog("audit", clock=clock, enabled=False, forward=lambda *a, **k: seen.append(a))
-    caplog.set_level(logging.INFO, logger="mpdeploy.progress")
+    caplog.set_level(logging.INFO, logger="mpdeploy.core.progress")
     log("x", 1, 1)
     assert not caplog.records and seen == [("x", 1, 1)]
 
@@ -71,9 +71,9 @@ def test_format_duration():
 
 
 def test_cli_stage_progress_logs_when_not_a_terminal(caplog):
-    from mpdeploy.commands._progress import stage_progress
+    from mpdeploy.commands.progress import stage_progress
 
-    caplog.set_level(logging.INFO, logger="mpdeploy.progress")
+    caplog.set_level(logging.INFO, logger="mpdeploy.core.progress")
     with stage_progress("audit", interval_s=0.0, interactive=False) as progress:
         progress("sensitivity", 0, 2)
         progress("sensitivity", 2, 2)

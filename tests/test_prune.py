@@ -6,10 +6,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mpdeploy.errors import MpdeployError
-from mpdeploy.models import LoadedModel, ModelSpec, load_model
-from mpdeploy.patterns import NM, is_nm_compliant, reduction_view
-from mpdeploy.prune import PruneConfig, load_pruned, prune, prune_model
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.models.load import LoadedModel, ModelSpec, load_model
+from mpdeploy.sparsity.patterns import NM, is_nm_compliant, reduction_view
+from mpdeploy.prune.stage import PruneConfig, load_pruned, prune, prune_model
 
 
 def _independent_macs(model: nn.Module, input_shape) -> tuple[int, dict[str, int]]:
@@ -209,7 +209,7 @@ def test_synthetic_calibration_is_flagged():
 
 
 def test_tome_mac_accounting_matches_token_counts():
-    from mpdeploy.tome import tome_macs
+    from mpdeploy.sparsity.tome import tome_macs
 
     loaded = _loaded("vit_tiny_patch16_224")
     expected_dense = tome_macs(loaded.module, 0, (1, *loaded.input_shape))

@@ -41,7 +41,7 @@ ALLOWED = {
     "5 s": "the progress log interval",
     "120 s": "the audit's default time budget",
     "60 s": "the prune/restore time goals from the issues",
-    "1.28%": "the TW margin at 64x576: computed from the formula (mpdeploy/spectral.py), not measured",
+    "1.28%": "the TW margin at 64x576: computed from the formula (mpdeploy/sparsity/spectral.py), not measured",
     "1.0x": "what ORT's CPU provider gives without 2:4 kernels (~1.0x: no sparse speedup)",
     "95%": "the confidence level of the audit's speedup interval",
     "0.02": "the audit's default --max-top1-drop",

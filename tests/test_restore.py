@@ -1,4 +1,4 @@
-"""Prune-restore (mpdeploy.restore): the refit is the least-squares solution, masks never change,
+"""Prune-restore (mpdeploy.sparsity.restore): the refit is the least-squares solution, masks never change,
 held-out error never rises, and the prune stage's --restore path keeps every layer N:M."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from mpdeploy.errors import MpdeployError
-from mpdeploy.patterns import NM, is_nm_compliant
-from mpdeploy.restore import DEFAULT_DAMP, layer_rows, refit_rows, relative_error, restore_layers
-from mpdeploy.saliency import compute_mask
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.sparsity.patterns import NM, is_nm_compliant
+from mpdeploy.sparsity.restore import DEFAULT_DAMP, layer_rows, refit_rows, relative_error, restore_layers
+from mpdeploy.sparsity.saliency import compute_mask
 
 
 def correlated_inputs(rows: int, k: int, seed: int) -> torch.Tensor:
@@ -164,7 +164,7 @@ TIMM_KWARGS = {"img_size": 32, "patch_size": 4, "in_chans": 1, "num_classes": 10
 
 def tiny_vit():
     timm = pytest.importorskip("timm")
-    from mpdeploy.models import LoadedModel
+    from mpdeploy.models.load import LoadedModel
 
     torch.manual_seed(0)
     module = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TIMM_KWARGS)
@@ -186,8 +186,8 @@ def check_pruned(result) -> int:
 
 def test_prune_model_permute_and_restore(monkeypatch):
     """prune_model(permute=True, restore=True) on a small ViT keeps every pruned layer exactly N:M."""
-    from mpdeploy.permute import search as permute_search
-    from mpdeploy.prune import PruneConfig, prune_model
+    from mpdeploy.sparsity.permute import search as permute_search
+    from mpdeploy.prune.stage import PruneConfig, prune_model
 
     monkeypatch.setattr(permute_search, "DEFAULT_WORK", 4e6)
     loaded = tiny_vit()
@@ -208,7 +208,7 @@ def test_prune_model_permute_and_restore(monkeypatch):
 
 
 def test_upper_inverse_factor_is_the_cholesky_factor_of_the_inverse():
-    from mpdeploy.obs import upper_inverse_factor
+    from mpdeploy.sparsity.obs import upper_inverse_factor
 
     x = correlated_inputs(300, 24, seed=3).double()
     h = x.T @ x / 300
@@ -221,7 +221,7 @@ def test_upper_inverse_factor_is_the_cholesky_factor_of_the_inverse():
 def test_obs_refit_is_exact_when_the_removed_columns_come_first():
     """OBS visits columns left to right: removing only leading columns leaves one optimal update of the
     rest, the least squares min (w'-w)^T (H + lam I) (w'-w) with w'_P = 0."""
-    from mpdeploy.restore import refit_obs
+    from mpdeploy.sparsity.restore import refit_obs
 
     g = torch.Generator().manual_seed(4)
     x = correlated_inputs(500, 32, seed=4).double()
@@ -241,7 +241,7 @@ def test_obs_refit_is_exact_when_the_removed_columns_come_first():
 def test_obs_refit_is_close_to_exact_least_squares_on_output_error():
     """On correlated inputs the one-factor OBS refit loses at most a few percent of output error to the
     exact per-row solve, and both beat the plain masked weights by far."""
-    from mpdeploy.restore import refit_obs
+    from mpdeploy.sparsity.restore import refit_obs
 
     g = torch.Generator().manual_seed(5)
     x = correlated_inputs(4000, 64, seed=5).double()
@@ -259,7 +259,7 @@ def test_obs_refit_is_close_to_exact_least_squares_on_output_error():
 
 
 def test_obs_nm_selection_is_compliant_and_beats_magnitude():
-    from mpdeploy.obs import obs_sweep, upper_inverse_factor
+    from mpdeploy.sparsity.obs import obs_sweep, upper_inverse_factor
 
     g = torch.Generator().manual_seed(6)
     x = correlated_inputs(3000, 64, seed=6)
@@ -310,8 +310,8 @@ def test_shared_hessian_restore_matches_the_sequential_pass(kind):
     """Magnitude masks (the selection left the kept weights as they were): the refit from the shared
     covariances equals the one-pass sequential restore's (float32 solver: within 1e-5 of the weight
     scale; the stored covariance is float32 where the pass keeps float64), and the same verdicts."""
-    from mpdeploy.restore import restore_from_stats
-    from mpdeploy.saliency import collect_stats
+    from mpdeploy.sparsity.restore import restore_from_stats
+    from mpdeploy.sparsity.saliency import collect_stats
 
     model, batches = one_layer_model(kind)
     stats = collect_stats(model, ["0"], batches[:3], batches[3:], "sparsegpt")
@@ -334,8 +334,8 @@ def test_shared_hessian_restore_matches_the_sequential_pass(kind):
 def test_sparsegpt_weights_are_bit_for_bit_the_restore_refit(kind):
     """Why restore skips a layer SparseGPT chose: the mask-fixed refit on the same covariance
     (refit_obs: OBS sweep inside the mask + CG) reproduces the selection's weights exactly."""
-    from mpdeploy.restore import refit_obs
-    from mpdeploy.saliency import choose_mask, collect_stats
+    from mpdeploy.sparsity.restore import refit_obs
+    from mpdeploy.sparsity.saliency import choose_mask, collect_stats
 
     model, batches = one_layer_model(kind)
     stats = collect_stats(model, ["0"], batches[:3], batches[3:], "sparsegpt")["0"]
@@ -352,7 +352,7 @@ def test_sparsegpt_weights_are_bit_for_bit_the_restore_refit(kind):
 def test_prune_default_saliency_restore_shares_the_selection_hessians():
     """prune_model(saliency=auto, restore=True): no second pass; layers SparseGPT refit are reported as
     such (before = after = the selection's held-out error); every layer stays exactly N:M."""
-    from mpdeploy.prune import PruneConfig, prune_model
+    from mpdeploy.prune.stage import PruneConfig, prune_model
 
     loaded = tiny_vit()
     result = prune_model(loaded, PruneConfig(restore=True, calib="digits", saliency="auto", calib_batches=2))
@@ -371,7 +371,7 @@ def unfold_rows(conv: nn.Conv2d, x: torch.Tensor, max_rows: int | None, seed: in
     """The reference: F.unfold of the whole input, then a randperm sample of its rows."""
     import torch.nn.functional as F
 
-    from mpdeploy.restore import conv_input_padding
+    from mpdeploy.sparsity.restore import conv_input_padding
 
     x, padding = conv_input_padding(conv, x)
     cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from mpdeploy.errors import MpdeployError
-from mpdeploy.patterns import NM, is_nm_compliant
-from mpdeploy.restore import relative_error
-from mpdeploy.saliency import (
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.sparsity.patterns import NM, is_nm_compliant
+from mpdeploy.sparsity.restore import relative_error
+from mpdeploy.sparsity.saliency import (
     DEFAULT_CALIB_SALIENCY,
     MaskChoice,
     choose_mask,
@@ -48,7 +48,7 @@ def test_registry_lists_builtins_and_accepts_new_criteria():
         with pytest.raises(ValueError):
             register_saliency("test-first-n")(first_n)
     finally:
-        from mpdeploy import saliency
+        from mpdeploy.sparsity import saliency
 
         saliency._SALIENCIES.pop("test-first-n")
 
@@ -58,7 +58,7 @@ def test_cli_checks_names_against_the_registry():
     import argparse
 
     from mpdeploy.commands.prune import add_prune_arguments, prune_config_from_args
-    from mpdeploy.errors import MpdeployError
+    from mpdeploy.core.errors import MpdeployError
 
     parser = argparse.ArgumentParser()
     add_prune_arguments(parser)
@@ -113,8 +113,8 @@ def test_calibration_criteria_need_calibration_data():
 @pytest.mark.parametrize("zoo_name", ["digits_vit", "digits_cnn"])
 def test_default_calib_saliency_never_loses_to_magnitude_on_the_zoo(zoo_name):
     """Top-1 on the digits test split, uniform 2:4, zero fine-tuning: the --calib default >= magnitude."""
-    from mpdeploy.prune import PruneConfig, prune_model
-    from mpdeploy.zoo import digits_top1, load_zoo_model
+    from mpdeploy.prune.stage import PruneConfig, prune_model
+    from mpdeploy.models.zoo import digits_top1, load_zoo_model
 
     top1 = {}
     for saliency in ("magnitude", DEFAULT_CALIB_SALIENCY):
@@ -125,7 +125,7 @@ def test_default_calib_saliency_never_loses_to_magnitude_on_the_zoo(zoo_name):
 
 
 def test_layers_without_calibration_inputs_fall_back_to_magnitude():
-    from mpdeploy.saliency import InputStats
+    from mpdeploy.sparsity.saliency import InputStats
 
     weight = torch.randn(4, 8)
     for name in ("sparsegpt", "auto"):
@@ -137,9 +137,9 @@ def test_cli_help_names_every_registered_saliency_and_budget():
     """The CLI lists the registries' names in its help without importing them (torch-free --help)."""
     import argparse
 
-    from mpdeploy.budgets import list_budgets
+    from mpdeploy.sparsity.budgets import list_budgets
     from mpdeploy.commands.prune import add_prune_arguments
-    from mpdeploy.saliency import list_saliencies
+    from mpdeploy.sparsity.saliency import list_saliencies
 
     parser = argparse.ArgumentParser()
     add_prune_arguments(parser)
@@ -156,9 +156,9 @@ def test_cli_help_names_every_registered_saliency_and_budget():
 def separate_pass_stats(model, names, calib, held, group_sizes=()):
     """The statistics as collected before the passes were merged: column statistics in one pass,
     then one pass per batch list for the covariances (row sampling from one generator seeded 0)."""
-    from mpdeploy.layers import capture_inputs
-    from mpdeploy.restore import gram_of
-    from mpdeploy.saliency import InputStats
+    from mpdeploy.sparsity.layers import capture_inputs
+    from mpdeploy.sparsity.restore import gram_of
+    from mpdeploy.sparsity.saliency import InputStats
 
     stats = {n: InputStats() for n in names}
     capture_inputs(model, names, calib, lambda name, x: stats[name].update(x, group_sizes))

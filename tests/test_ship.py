@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpdeploy.errors import MpdeployError
-from mpdeploy.ship import ShipConfig, parse_config, ship
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.serve.ship import ShipConfig, parse_config, ship
 
 ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
@@ -28,7 +28,7 @@ pytest.importorskip("tritonclient.grpc.model_config_pb2")
 from ship_engine import make_engine, sha256, write_audit, write_engine_manifest  # noqa: E402
 from tritonclient.grpc import model_config_pb2 as pb2  # noqa: E402
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "mpdeploy" / "triton_python_model.py"
+TEMPLATE = Path(__file__).resolve().parents[1] / "mpdeploy" / "serve" / "triton_python_model.py"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def test_failure_while_writing_leaves_repo_unchanged(engine, tmp_path, monkeypat
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr("mpdeploy.ship.shutil.copyfile", broken_copy)
+        m.setattr("mpdeploy.serve.ship.shutil.copyfile", broken_copy)
         with pytest.raises(MpdeployError, match="No space left on device"):
             ship(engine, ShipConfig(repo=repo, force=True, max_batch_size=2))  # new version and a new config
         assert _snapshot(repo) == before
@@ -276,7 +276,7 @@ def test_failure_while_writing_leaves_repo_unchanged(engine, tmp_path, monkeypat
 
     # the last step (replacing config.pbtxt) fails after the version folder was renamed into place
     with monkeypatch.context() as m:
-        m.setattr("mpdeploy.ship.os.replace", broken_copy)
+        m.setattr("mpdeploy.serve.ship.os.replace", broken_copy)
         with pytest.raises(MpdeployError, match="nothing was changed"):
             ship(engine, ShipConfig(repo=repo, force=True, max_batch_size=2))
     assert _snapshot(repo) == before
@@ -344,7 +344,7 @@ def test_cli(engine, tmp_path, capsys, run_cli):
 
 
 def _triton_install():
-    from mpdeploy.triton_server import locate_tritonserver
+    from mpdeploy.serve.triton_server import locate_tritonserver
 
     try:
         return locate_tritonserver()
@@ -356,7 +356,7 @@ def _triton_install():
 def test_served_by_real_triton(engine, tmp_path):
     install = _triton_install()
     httpclient = pytest.importorskip("tritonclient.http")
-    from mpdeploy.triton_server import run_tritonserver
+    from mpdeploy.serve.triton_server import run_tritonserver
 
     repo = tmp_path / "repo"
     vdir = ship(engine, ShipConfig(repo=repo, serve_backend="python"))
@@ -396,7 +396,7 @@ def test_served_by_real_triton(engine, tmp_path):
 @pytest.mark.triton
 def test_server_reports_a_model_it_cannot_load(engine, tmp_path):
     install = _triton_install()
-    from mpdeploy.triton_server import run_tritonserver
+    from mpdeploy.serve.triton_server import run_tritonserver
 
     repo = tmp_path / "repo"
     ship(engine, ShipConfig(repo=repo))  # onnxruntime_onnx: no such backend in the pytriton binary

@@ -1,4 +1,4 @@
-"""Known-answer tests for the Marchenko-Pastur fit (mpdeploy.spectral)."""
+"""Known-answer tests for the Marchenko-Pastur fit (mpdeploy.sparsity.spectral)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from mpdeploy import spectral
-from mpdeploy.errors import MpdeployError
-from mpdeploy.spectral import fit_marchenko_pastur, mp_cdf, mp_edges, mp_pdf, mp_quantile
+from mpdeploy.sparsity import spectral
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.sparsity.spectral import fit_marchenko_pastur, mp_cdf, mp_edges, mp_pdf, mp_quantile
 
 SHAPES = [(768, 768), (768, 3072), (3072, 768), (64, 576), (1000, 200)]
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from mpdeploy import artifacts
+from mpdeploy.core import artifacts
 from mpdeploy.cli import main as cli_main
-from mpdeploy.errors import MpdeployError
-from mpdeploy.sweep import choice as choosing
-from mpdeploy.sweep.space import Objective, parse_grid, parse_objective
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.pipeline.sweep import choice as choosing
+from mpdeploy.pipeline.sweep.space import Objective, parse_grid, parse_objective
 
 ray = pytest.importorskip("ray")  # a declared dependency (the sweep extra that `make setup` installs)
 
@@ -119,8 +119,8 @@ def test_bad_flags_are_one_line_before_ray(tmp_path, capsys):
 
 
 def test_sweep_rows_choice_artifact_then_resume_recomputes_nothing(local_ray, tmp_path):
-    from mpdeploy.kinds import AuditFolder
-    from mpdeploy.sweep.report import chosen_audit, open_sweep
+    from mpdeploy.core.kinds import AuditFolder
+    from mpdeploy.pipeline.sweep.report import chosen_audit, open_sweep
 
     out = tmp_path / "sw"
     grid = ("saliency=magnitude,wanda", f"target-mac-reduction=0.3,{BAD_TARGET}")
@@ -170,7 +170,7 @@ def test_sweep_rows_choice_artifact_then_resume_recomputes_nothing(local_ray, tm
 
 def test_killed_worker_is_retried_and_the_sweep_completes(local_ray, tmp_path):
     """SIGKILL the Ray worker of the only trial while it writes its first artifact: Tune runs it again."""
-    from mpdeploy.sweep.pipeline import run_sweep
+    from mpdeploy.pipeline.sweep.pipeline import run_sweep
     from mpdeploy.commands.sweep import _configs
     from mpdeploy.cli import build_parser
 

@@ -1,4 +1,4 @@
-"""Token merging (mpdeploy.tome): exactness at r=0, merge correctness, token counts, ONNX export."""
+"""Token merging (mpdeploy.sparsity.tome): exactness at r=0, merge correctness, token counts, ONNX export."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from torch import nn
 
 timm = pytest.importorskip("timm")
 
-from mpdeploy.errors import MpdeployError  # noqa: E402
-from mpdeploy.tome import (  # noqa: E402
+from mpdeploy.core.errors import MpdeployError  # noqa: E402
+from mpdeploy.sparsity.tome import (  # noqa: E402
     apply_tome,
     bipartite_merge,
     remove_tome,

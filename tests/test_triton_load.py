@@ -29,8 +29,8 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 
 from ship_engine import INPUT_SHAPE, make_engine  # noqa: E402
 
-from mpdeploy.errors import MpdeployError  # noqa: E402
-from mpdeploy.ship import ShipConfig, ship  # noqa: E402
+from mpdeploy.core.errors import MpdeployError  # noqa: E402
+from mpdeploy.serve.ship import ShipConfig, ship  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -43,7 +43,7 @@ HUGE = [8, 1, 32_000_000, 32_000_000]
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(server handle, local ONNX Runtime session of the shipped ONNX) for a python-backend repository."""
-    from mpdeploy.triton_server import locate_tritonserver, run_tritonserver
+    from mpdeploy.serve.triton_server import locate_tritonserver, run_tritonserver
 
     try:
         install = locate_tritonserver()

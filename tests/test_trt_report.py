@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from mpdeploy.backends.trt_report import (
+from mpdeploy.backends.trt.report import (
     layer_not_sparse_reasons,
     parse_engine_inspector,
     parse_sparsity_log,
@@ -211,7 +211,7 @@ def test_engine_io_bindings_and_tensorrt11_io_tensors():
     # (NVIDIA's 10.x -> 11.x migration notes). No public TensorRT 11 sample was found, so entries are
     # accepted as names or as objects (Name / Mode / Datatype / Dimensions, the per-tensor keys the
     # inspector uses for layer inputs and outputs).
-    from mpdeploy.backends.trt_report import parse_engine_io
+    from mpdeploy.backends.trt.report import parse_engine_io
 
     assert parse_engine_io({"Layers": [], "Bindings": ["input", "logits"]}) == {
         "key": "Bindings", "tensors": [{"name": "input", "mode": None, "dtype": None, "shape": None},

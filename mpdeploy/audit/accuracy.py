@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mpdeploy.errors import MpdeployError
+from mpdeploy.core.errors import MpdeployError
 
 from mpdeploy.audit.common import FP32_REL_TOLERANCE, Findings, Progress
 from mpdeploy.audit.config import AuditConfig
@@ -21,7 +21,7 @@ from mpdeploy.audit.subject import AuditSubject
 from mpdeploy.audit.timing import accuracy_budget
 
 if TYPE_CHECKING:
-    from mpdeploy.data import ImageData
+    from mpdeploy.models.data import ImageData
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-from mpdeploy.machine import cpu_model
+from mpdeploy.core.machine import cpu_model
 
 logger = logging.getLogger(__name__)
 

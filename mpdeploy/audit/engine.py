@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from mpdeploy.backends import base as backends
-from mpdeploy.errors import MpdeployError
+from mpdeploy.core.errors import MpdeployError
 
 from mpdeploy.audit.common import ENGINE_PREFIX
 
@@ -136,8 +136,8 @@ def check_engine_weights(onnx_path: Path, layers: Sequence[Mapping[str, Any]],
     """
     import onnx
 
-    from mpdeploy.export import check_trt_sparsity, nm_compliant_along, tensor_array
-    from mpdeploy.patterns import NM, parse_pattern
+    from mpdeploy.export.stage import check_trt_sparsity, nm_compliant_along, tensor_array
+    from mpdeploy.sparsity.patterns import NM, parse_pattern
 
     proto = onnx.load(str(onnx_path))
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}

@@ -242,7 +242,7 @@ def layer_sensitivity(pruned_dir: Path, x, layers: Sequence[Mapping[str, Any]], 
     """
     import torch
 
-    from mpdeploy.weights import load_pruned
+    from mpdeploy.sparsity.pruned import load_pruned
 
     art = load_pruned(pruned_dir, which="dense", verify=False)
     model = art.model
@@ -300,7 +300,7 @@ def torch_reference(pruned_dir: Path, x) -> dict[str, np.ndarray]:
     """Logits of the pruned artifact's sparse and dense PyTorch models (what the engines should compute)."""
     import torch
 
-    from mpdeploy.weights import load_pruned
+    from mpdeploy.sparsity.pruned import load_pruned
 
     out = {}
     with torch.no_grad():

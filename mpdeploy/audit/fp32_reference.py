@@ -26,7 +26,7 @@ from mpdeploy.audit.subject import AuditSubject
 from mpdeploy.audit.timing import accuracy_budget
 
 if TYPE_CHECKING:
-    from mpdeploy.data import ImageData
+    from mpdeploy.models.data import ImageData
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def fp32_predictions(subject: AuditSubject, data: ImageData, count: int, budget_
     engines saw them (the same seeded stream); stops early when `budget_s` is spent."""
     import torch
 
-    from mpdeploy.weights import load_pruned
+    from mpdeploy.sparsity.pruned import load_pruned
 
     model = load_pruned(subject.pruned_dir, which="dense", verify=False).model.float().eval()
     preds: list[np.ndarray] = []

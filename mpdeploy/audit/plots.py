@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from mpdeploy.figures import new_figure
+from mpdeploy.core.figures import new_figure
 
 from mpdeploy.audit.common import runtime_text
 from mpdeploy.audit.metrics import dense_margins, logit_distance

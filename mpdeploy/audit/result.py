@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from mpdeploy import artifacts
+from mpdeploy.core import artifacts
 
 from mpdeploy.audit.accuracy import AccuracyRun
 from mpdeploy.audit.common import SCHEMA, Findings, pattern_text
@@ -16,7 +16,7 @@ from mpdeploy.audit.subject import AuditSubject
 from mpdeploy.audit.timing import TimingPolicy, method_record
 
 if TYPE_CHECKING:
-    from mpdeploy.data import ImageData
+    from mpdeploy.models.data import ImageData
 
 logger = logging.getLogger(__name__)
 

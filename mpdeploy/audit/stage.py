@@ -43,10 +43,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mpdeploy import artifacts
-from mpdeploy.engines import load_config
-from mpdeploy.errors import MpdeployError
-from mpdeploy.kinds import AuditFolder, EngineFolder
+from mpdeploy.core import artifacts
+from mpdeploy.engine.stage import load_config
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.kinds import AuditFolder, EngineFolder
 
 from mpdeploy.audit.accuracy import AccuracyRun, check_reference, compare_with_pytorch, measure_accuracy
 from mpdeploy.audit.common import AUDIT_DIR, KIND, Findings, Progress, fmt_pct, host_info, loadavg
@@ -61,10 +61,10 @@ from mpdeploy.audit.result import EngineRun, LatencyRun, audit_record
 from mpdeploy.audit.subject import AuditSubject, load_eval_data, open_subject, timed_batch_sizes
 from mpdeploy.audit.timing import policies_for, sensitivity_budget
 from mpdeploy.audit.verdict import accuracy_gate, caveats, check_weights, speed_gate
-from mpdeploy.progress import progress_log
+from mpdeploy.core.progress import progress_log
 
 if TYPE_CHECKING:
-    from mpdeploy.data import ImageData
+    from mpdeploy.models.data import ImageData
 
 __all__ = ["AuditConfig", "audit", "audit_inputs", "audit_sources", "read_audit", "verdict_line"]
 

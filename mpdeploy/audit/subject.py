@@ -8,15 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mpdeploy.errors import MpdeployError
-from mpdeploy.kinds import EngineFolder, PrunedFolder
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.kinds import EngineFolder, PrunedFolder
 
 from mpdeploy.audit.common import ENGINE_PREFIX, Findings
 from mpdeploy.audit.config import AuditConfig
 from mpdeploy.audit.engine import engine_files, io_spec, pick_backend
 
 if TYPE_CHECKING:
-    from mpdeploy.data import ImageData
+    from mpdeploy.models.data import ImageData
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def open_subject(engine_root: Path, backend: str | None) -> AuditSubject:
 
 def load_eval_data(config: AuditConfig, subject: AuditSubject, findings: Findings) -> ImageData:
     """The evaluation images, shaped for the engine's input."""
-    from mpdeploy.data import load_images  # imports torch: only once an audit actually runs
+    from mpdeploy.models.data import load_images  # imports torch: only once an audit actually runs
 
     data = load_images(config.data, subject.chw, split="test", data_config=subject.data_config,
                        limit=config.max_eval_images or (256 if config.data == "synthetic" else None), seed=config.seed)

@@ -14,14 +14,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mpdeploy.errors import MpdeployError
+from mpdeploy.core.errors import MpdeployError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 VARIANTS = ("sparse", "dense")
 
 # name -> "module:Class"; order = preference for --backend auto.
 REGISTRY: dict[str, str] = {
-    "trt": "mpdeploy.backends.trt:TrtBackend",
+    "trt": "mpdeploy.backends.trt.backend:TrtBackend",
     "torch": "mpdeploy.backends.torch_sparse:TorchSparseBackend",
     "ort": "mpdeploy.backends.ort:OrtBackend",
 }

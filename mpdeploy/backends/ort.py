@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from mpdeploy.backends.base import Backend, BuildConfig, BuildInputs, BuiltEngine, Runner
-from mpdeploy.errors import MpdeployError
-from mpdeploy.machine import cpu_model
-from mpdeploy.onnx_precision import onnx_file_name, require_precision_file
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.machine import cpu_model
+from mpdeploy.onnx.precision import onnx_file_name, require_precision_file
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class OrtBackend(Backend):
         """The saved engine still computes what the export did, and its 2:4 weights survived optimization."""
         import onnx
 
-        from mpdeploy.onnx_sparsity import check_trt_sparsity
+        from mpdeploy.onnx.trt_rules import check_trt_sparsity
 
         def eligible_24(path: Path) -> int:
             return sum(v["eligible"] and v["is_2_4"] for v in check_trt_sparsity(onnx.load(str(path))).values())

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from mpdeploy.errors import MpdeployError
+from mpdeploy.core.errors import MpdeployError
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +112,9 @@ def _check_exported(model, input_shape, names: list[str]) -> dict[str, dict[str,
     """{layer: TensorRT's check of its weight} on a legacy ONNX export of `model` (CPU, float32)."""
     import onnx
 
-    from mpdeploy.onnx_map import map_initializers
-    from mpdeploy.onnx_sparsity import check_trt_sparsity
-    from mpdeploy.onnx_torch import bypass_weight_identities, torch_export
+    from mpdeploy.onnx.initializers import map_initializers
+    from mpdeploy.onnx.trt_rules import check_trt_sparsity
+    from mpdeploy.onnx.from_torch import bypass_weight_identities, torch_export
 
     with tempfile.TemporaryDirectory(prefix="mpdeploy-plan-") as tmp:
         path = Path(tmp) / "plan.onnx"

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from mpdeploy.backends.base import Backend, BuildConfig, BuildInputs, BuiltEngine, Runner
-from mpdeploy.errors import MpdeployError
+from mpdeploy.core.errors import MpdeployError
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ class TorchSparseBackend(Backend):
     def build(self, inputs: BuildInputs, variant: str, out_dir: Path, config: BuildConfig) -> BuiltEngine:
         import torch
 
-        from mpdeploy.weights import load_pruned
+        from mpdeploy.sparsity.pruned import load_pruned
 
         if inputs.pruned_dir is None:
             raise MpdeployError("the torch backend builds from the pruned artifact; pass its folder (pruned/)")
@@ -259,7 +259,7 @@ class TorchSparseBackend(Backend):
         copy = out_dir / PRUNED_COPY
         if not (copy / "manifest.json").exists():
             # Every file the pruned manifest lists, so load_pruned can verify the copy on its own.
-            from mpdeploy import artifacts
+            from mpdeploy.core import artifacts
 
             source = Path(inputs.pruned_dir)
             listed = artifacts.read_manifest(source, "pruned", verify=True).get("files") or {}
@@ -319,7 +319,7 @@ class TorchSparseBackend(Backend):
     def load(self, engine_path: Path, config: BuildConfig) -> Runner:
         import torch
 
-        from mpdeploy.weights import load_pruned
+        from mpdeploy.sparsity.pruned import load_pruned
 
         engine_path = Path(engine_path)
         try:

@@ -19,8 +19,8 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from mpdeploy.analyze import AnalyzeConfig, analyze
-    from mpdeploy.models import load_model_from_args
+    from mpdeploy.analyze.stage import AnalyzeConfig, analyze
+    from mpdeploy.models.load import load_model_from_args
 
     loaded = load_model_from_args(args)
     out = args.out or Path("engines") / loaded.name / "analyze"

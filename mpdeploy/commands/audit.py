@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpdeploy.data_args import DATA_SOURCES
-from mpdeploy.trust import add_trust_arguments
+from mpdeploy.commands.data_args import DATA_SOURCES
+from mpdeploy.core.trust import add_trust_arguments
 
 
 BACKENDS = ("trt", "torch", "ort")
@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from mpdeploy.audit import audit, read_audit, verdict_line
     from mpdeploy.backends.base import BuildConfig
-    from mpdeploy.commands._progress import stage_progress
+    from mpdeploy.commands.progress import stage_progress
 
     config = audit_config_from_args(args, args.data, args.backend, args.batch_sizes)
     runtime = BuildConfig(threads=args.threads) if args.threads is not None else None

@@ -14,7 +14,7 @@ from pathlib import Path
 from mpdeploy.commands._model_args import add_model_arguments
 from mpdeploy.commands.audit import add_audit_options, audit_config_from_args
 from mpdeploy.commands.prune import add_prune_arguments
-from mpdeploy.data_args import DATA_SOURCES, LABELLED_SOURCES
+from mpdeploy.commands.data_args import DATA_SOURCES, LABELLED_SOURCES
 
 DEFAULT_MODEL = "zoo:digits_vit"
 # With no MODEL the demo runs the whole method on the default: the calibrated default saliency (auto) on digits, then
@@ -24,7 +24,7 @@ DEFAULT_DISTILL_EPOCHS = 3
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
-    from mpdeploy.errors import MpdeployError
+    from mpdeploy.core.errors import MpdeployError
 
     try:
         sizes = tuple(int(v) for v in str(text).split(",") if v.strip())
@@ -114,9 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def configs_from_args(args: argparse.Namespace):
     """(prune, export, build, stage, distill, audit) configs; validates every flag before anything heavy runs."""
-    from mpdeploy.build import BuildStageConfig
+    from mpdeploy.pipeline.build import BuildStageConfig
     from mpdeploy.commands.prune import prune_config_from_args
-    from mpdeploy.export import ExportConfig
+    from mpdeploy.export.stage import ExportConfig
 
     if args.model is None and args.calib is None:
         args.calib = DEFAULT_CALIB
@@ -135,7 +135,7 @@ def configs_from_args(args: argparse.Namespace):
     if epochs is None:
         epochs = DEFAULT_DISTILL_EPOCHS if args.model is None else 0
     if epochs < 0:
-        from mpdeploy.errors import MpdeployError
+        from mpdeploy.core.errors import MpdeployError
 
         raise MpdeployError(f"--distill-epochs must be 0 or more, got {epochs}")
     distill_config = None
@@ -251,9 +251,9 @@ def print_summary(result) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mpdeploy.build import run_build
-    from mpdeploy.commands._progress import stage_progress
-    from mpdeploy.models import spec_from_args
+    from mpdeploy.pipeline.build import run_build
+    from mpdeploy.commands.progress import stage_progress
+    from mpdeploy.models.load import spec_from_args
 
     prune_config, export_config, build_config, stage, distill_config, audit_config = configs_from_args(args)
     spec = spec_from_args(args, default=DEFAULT_MODEL)

@@ -12,8 +12,8 @@ import argparse
 import os
 from pathlib import Path
 
-from mpdeploy.data_args import LABELLED_SOURCES
-from mpdeploy.trust import add_trust_arguments
+from mpdeploy.commands.data_args import LABELLED_SOURCES
+from mpdeploy.core.trust import add_trust_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,8 +69,8 @@ def main(args: argparse.Namespace) -> int:
         distill(args.pruned, config, args.out)
         return 0
 
-    from mpdeploy.artifacts import read_manifest
-    from mpdeploy.commands._progress import stage_progress
+    from mpdeploy.core.artifacts import read_manifest
+    from mpdeploy.commands.progress import stage_progress
 
     with stage_progress("distill") as progress:  # shows loss and images/s beside the bar
         path = distill(args.pruned, config, args.out, progress=progress)

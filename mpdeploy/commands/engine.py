@@ -10,8 +10,8 @@ import argparse
 from pathlib import Path
 
 from mpdeploy.commands.build import add_engine_options
-from mpdeploy.data_args import DATA_SOURCES
-from mpdeploy.trust import add_trust_arguments
+from mpdeploy.commands.data_args import DATA_SOURCES
+from mpdeploy.core.trust import add_trust_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,9 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from mpdeploy.backends.base import resolve_backend
-    from mpdeploy.commands._progress import stage_progress
+    from mpdeploy.commands.progress import stage_progress
     from mpdeploy.commands.build import build_config_from_args
-    from mpdeploy.engines import build_engines
+    from mpdeploy.engine.stage import build_engines
 
     build_config = build_config_from_args(args, calib=args.calib)
     backend, reason = resolve_backend(args.backend)

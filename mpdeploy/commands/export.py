@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpdeploy.trust import add_trust_arguments
+from mpdeploy.core.trust import add_trust_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mpdeploy.export import ExportConfig, export, load_sparsity
+    from mpdeploy.export.stage import ExportConfig, export, load_sparsity
 
     config = ExportConfig(
         opset=args.opset,

@@ -6,12 +6,12 @@ import argparse
 from pathlib import Path
 
 from mpdeploy.commands._model_args import add_model_arguments
-from mpdeploy.data_args import DATA_SOURCES
+from mpdeploy.commands.data_args import DATA_SOURCES
 
 
 def parse_tome(text: str | None):
     """`--tome 8` or a per-block list `--tome 8,8,4,...`."""
-    from mpdeploy.errors import MpdeployError
+    from mpdeploy.core.errors import MpdeployError
 
     if text is None:
         return 0
@@ -32,10 +32,10 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     # Names come from the budget / saliency registries, checked when the config is made: importing the
     # registries here would pull torch into `--help`. An unknown name gets one line listing the registered ones.
     g.add_argument("--budget", default="mp",
-                   help="layerwise budget from mpdeploy.budgets' registry: mp (default), damage, uniform, "
+                   help="layerwise budget from mpdeploy.sparsity.budgets' registry: mp (default), damage, uniform, "
                         "sensitivity, mp-sensitivity (these two measure each layer's effect on the outputs: need --calib)")
     g.add_argument("--saliency", default=None,
-                   help="what to keep in each group, from mpdeploy.saliency's registry: magnitude, wanda, block-cost, "
+                   help="what to keep in each group, from mpdeploy.sparsity.saliency's registry: magnitude, wanda, block-cost, "
                         "sparsegpt, auto (default: auto with --calib, else magnitude)")
     g.add_argument("--calib", default=None, help=f"calibration data: {DATA_SOURCES}")
     g.add_argument("--calib-batches", type=int, default=8)
@@ -49,11 +49,11 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def prune_config_from_args(args: argparse.Namespace):
-    from mpdeploy.patterns import parse_pattern
-    from mpdeploy.prune import PruneConfig
+    from mpdeploy.sparsity.patterns import parse_pattern
+    from mpdeploy.prune.stage import PruneConfig
 
-    from mpdeploy.budgets import get_budget
-    from mpdeploy.saliency import DEFAULT_CALIB_SALIENCY, get_saliency
+    from mpdeploy.sparsity.budgets import get_budget
+    from mpdeploy.sparsity.saliency import DEFAULT_CALIB_SALIENCY, get_saliency
 
     saliency = get_saliency(args.saliency or (DEFAULT_CALIB_SALIENCY if args.calib else "magnitude")).name
     get_budget(args.budget)
@@ -102,16 +102,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mpdeploy.commands._progress import stage_progress
-    from mpdeploy.models import load_model_from_args
-    from mpdeploy.prune import prune
+    from mpdeploy.commands.progress import stage_progress
+    from mpdeploy.models.load import load_model_from_args
+    from mpdeploy.prune.stage import prune
 
     config = backend_prune_config(prune_config_from_args(args), args)  # validate flags before loading anything heavy
     loaded = load_model_from_args(args)
     out = args.out or Path("engines") / loaded.name / "pruned"
     with stage_progress("prune") as progress:
         path = prune(loaded, config, out, progress=progress)
-    from mpdeploy.artifacts import read_manifest
+    from mpdeploy.core.artifacts import read_manifest
 
     totals = read_manifest(path, "pruned", verify=False)["totals"]
     print(

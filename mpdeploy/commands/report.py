@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mpdeploy.report import ReportConfig, report
+    from mpdeploy.audit.compare import ReportConfig, report
 
     print(report(args.engine_dirs, ReportConfig(out=args.out, plots=not args.no_plots)))
     return 0

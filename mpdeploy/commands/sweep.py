@@ -74,13 +74,13 @@ def _configs(args: argparse.Namespace):
     from mpdeploy.commands.audit import audit_config_from_args
     from mpdeploy.commands.build import build_config_from_args
     from mpdeploy.commands.prune import prune_config_from_args
-    from mpdeploy.errors import MpdeployError
-    from mpdeploy.export import ExportConfig
-    from mpdeploy.models import spec_from_args
-    from mpdeploy.sweep.pipeline import SweepRequest
-    from mpdeploy.sweep.space import parse_grid, parse_objective
-    from mpdeploy.sweep.store import Store
-    from mpdeploy.sweep.trial import SweepPlan
+    from mpdeploy.core.errors import MpdeployError
+    from mpdeploy.export.stage import ExportConfig
+    from mpdeploy.models.load import spec_from_args
+    from mpdeploy.pipeline.sweep.pipeline import SweepRequest
+    from mpdeploy.pipeline.sweep.space import parse_grid, parse_objective
+    from mpdeploy.pipeline.sweep.store import Store
+    from mpdeploy.pipeline.sweep.trial import SweepPlan
 
     for name in ("calib", "eval_data", "distill_data", "model"):
         setattr(args, name, _absolute(getattr(args, name)))
@@ -120,8 +120,8 @@ def _configs(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
-    from mpdeploy.commands._progress import stage_progress
-    from mpdeploy.sweep.pipeline import run_sweep
+    from mpdeploy.commands.progress import stage_progress
+    from mpdeploy.pipeline.sweep.pipeline import run_sweep
 
     plan, request = _configs(args)
     with stage_progress("sweep") as progress:

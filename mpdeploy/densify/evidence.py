@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mpdeploy.errors import MpdeployError
+from mpdeploy.core.errors import MpdeployError
 
 _PROFILE_SUFFIX = re.compile(r"\s*\[profile \d+\]\s*$")
 NOT_PICKED = "eligible, but TensorRT timed sparse and dense kernels and kept the dense one"

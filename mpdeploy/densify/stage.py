@@ -1,6 +1,6 @@
 """The densify stage: an engine's report -> a new pruned artifact whose dense-running layers are dense again.
 
-Input (opened only through mpdeploy.kinds, verified with its chain):
+Input (opened only through mpdeploy.core.kinds, verified with its chain):
 
     engine-trt/    its build report's picked list (or --trt-log, a recorded TensorRT build log)
     engine-torch/  its converted list
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mpdeploy import artifacts
+from mpdeploy.core import artifacts
 from mpdeploy.densify.evidence import (
     Evidence,
     add_slow_layers,
@@ -30,8 +30,8 @@ from mpdeploy.densify.evidence import (
     torch_evidence,
     trt_evidence,
 )
-from mpdeploy.errors import MpdeployError
-from mpdeploy.kinds import KINDS, EngineFolder, OnnxFolder, PrunedFolder
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.kinds import KINDS, EngineFolder, OnnxFolder, PrunedFolder
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def open_input(path: Path):
     if kind not in ("engine", "onnx", "pruned", "distilled"):
         raise MpdeployError(f"{path} is not an engine, onnx or pruned artifact; pass engines/<name>/engine-<backend>")
     if kind in ("pruned", "distilled"):
-        from mpdeploy.kinds import open_weights
+        from mpdeploy.core.kinds import open_weights
 
         return open_weights(path)
     return KINDS[kind].open(path)
@@ -79,7 +79,7 @@ def open_input(path: Path):
 
 def _trt_report_from_file(path: Path) -> dict[str, Any]:
     """{"eligible", "picked_sparse", "layers"} from a recorded log (text) or engine-inspector JSON."""
-    from mpdeploy.backends.trt_report import parse_engine_inspector, parse_sparsity_log
+    from mpdeploy.backends.trt.report import parse_engine_inspector, parse_sparsity_log
 
     try:
         text = Path(path).read_text(errors="replace")
@@ -118,7 +118,7 @@ def engine_evidence(engine: EngineFolder, weights: PrunedFolder, trt_log: str | 
 def torch_plan_evidence(weights: PrunedFolder, config: DensifyConfig) -> Evidence:
     """The torch backend's conversion plan of the pruned model, computed here (no GPU needed)."""
     from mpdeploy.backends.torch_sparse import TorchSparseBackend, plan_conversion
-    from mpdeploy.weights import load_pruned
+    from mpdeploy.sparsity.pruned import load_pruned
 
     defaults = {k: v[0] for k, v in TorchSparseBackend.options.items()}
     model = load_pruned(weights.path, "sparse", verify=False).model

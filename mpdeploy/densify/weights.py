@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mpdeploy.errors import MpdeployError
+from mpdeploy.core.errors import MpdeployError
 
 
 def layer_params(name: str, state: Mapping[str, torch.Tensor]) -> list[str]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mpdeploy import artifacts
+from mpdeploy.core import artifacts
 from mpdeploy.distill.config import KIND, DistillConfig, reuse_config
 from mpdeploy.distill.distributed import Dist
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpdeploy import artifacts
+from mpdeploy.core import artifacts
 from mpdeploy.distill.train import Training
 
 logger = logging.getLogger(__package__)  # the stage's logger: the CLI prints its name on every line

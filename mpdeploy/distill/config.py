@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpdeploy import artifacts
-from mpdeploy.errors import MpdeployError
+from mpdeploy.core import artifacts
+from mpdeploy.core.errors import MpdeployError
 
 logger = logging.getLogger(__package__)  # the stage's logger: the CLI prints its name on every line
 

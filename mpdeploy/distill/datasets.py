@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mpdeploy.distill.config import DistillConfig
-from mpdeploy.errors import MpdeployError
+from mpdeploy.core.errors import MpdeployError
 
 logger = logging.getLogger(__package__)  # the stage's logger: the CLI prints its name on every line
 
@@ -19,7 +19,7 @@ logger = logging.getLogger(__package__)  # the stage's logger: the CLI prints it
 def train_data(config: DistillConfig, manifest: dict[str, Any], num_outputs: int):
     """(training ImageData, validation ImageData carved from it or None, the labelled ImageData top-1 is
     measured on or None for a synthetic run)."""
-    from mpdeploy.data import load_images
+    from mpdeploy.models.data import load_images
 
     shape = tuple(manifest["model"]["input_shape"])
     data = load_images(config.data, shape, split="train", data_config=manifest["model"].get("data_config") or {},
@@ -48,7 +48,7 @@ def carve_validation(data, fraction: float, seed: int):
     too few images to spare any, or fraction 0. The evaluation data never chooses: its top-1 is reported."""
     from torch.utils.data import Subset
 
-    from mpdeploy.data import ImageData
+    from mpdeploy.models.data import ImageData
 
     n = len(data)
     if fraction <= 0 or data.synthetic or data.num_classes is None or n < MIN_TRAIN_FOR_VALIDATION:
@@ -68,7 +68,7 @@ EVAL_SAMPLE = 1024  # training images scored when no --eval-data is given
 def _eval_images(config: DistillConfig, manifest: dict[str, Any], num_outputs: int, train):
     """The labelled ImageData top-1 is measured on, its `description` saying what it is; None for a
     synthetic smoke run without --eval-data."""
-    from mpdeploy.data import load_images
+    from mpdeploy.models.data import load_images
 
     shape = tuple(manifest["model"]["input_shape"])
     data_config = manifest["model"].get("data_config") or {}
@@ -95,7 +95,7 @@ def _eval_images(config: DistillConfig, manifest: dict[str, Any], num_outputs: i
 @torch.no_grad()
 def evaluate(model: nn.Module, data, device: torch.device, batch_size: int = 256) -> float:
     """Top-1 accuracy (%) of `model` on `data` (an ImageData), in eval mode."""
-    from mpdeploy.data import loader
+    from mpdeploy.models.data import loader
 
     was_training = model.training
     model.eval()

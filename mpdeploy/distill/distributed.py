@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mpdeploy.errors import MpdeployError
+from mpdeploy.core.errors import MpdeployError
 
 
 @dataclass(frozen=True)

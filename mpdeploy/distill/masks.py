@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mpdeploy.errors import MpdeployError
-from mpdeploy.patterns import NM, is_nm_compliant
-from mpdeploy.weights import PrunedArtifact
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.sparsity.patterns import NM, is_nm_compliant
+from mpdeploy.sparsity.pruned import PrunedArtifact
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mpdeploy import artifacts
+from mpdeploy.core import artifacts
 from mpdeploy.distill.artifact import dump_state_hash, write_artifact
 from mpdeploy.distill.checkpoint import checkpoint_dir, load_checkpoint, restore_training, save_training
 from mpdeploy.distill.config import KIND, DistillConfig, default_out, resolve_settings, run_key
@@ -19,8 +19,8 @@ from mpdeploy.distill.distributed import Dist, init_distributed, pick_device, wr
 from mpdeploy.distill.masks import freeze_masks, verify_frozen
 from mpdeploy.distill.teacher import frozen_teacher, matching_outputs
 from mpdeploy.distill.train import Progress, Training, epoch_batches, new_training, run_epoch
-from mpdeploy.errors import MpdeployError
-from mpdeploy.weights import PrunedArtifact, load_pruned
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.sparsity.pruned import PrunedArtifact, load_pruned
 
 logger = logging.getLogger(__package__)  # the stage's logger: the CLI prints its name on every line
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from mpdeploy.distill.config import DistillConfig
-from mpdeploy.errors import MpdeployError
-from mpdeploy.weights import load_pruned
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.sparsity.pruned import load_pruned
 
 
 def load_teacher(config: DistillConfig, pruned_dir: Path, manifest: dict[str, Any]) -> tuple[nn.Module, dict]:
@@ -20,7 +20,7 @@ def load_teacher(config: DistillConfig, pruned_dir: Path, manifest: dict[str, An
         record = {"kind": "artifact", "file": "dense.safetensors",
                   "sha256": manifest.get("files", {}).get("dense.safetensors"), "model": manifest["model"]["source"]}
         return dense, record
-    from mpdeploy.models import ModelSpec, load_model
+    from mpdeploy.models.load import ModelSpec, load_model
 
     loaded = load_model(ModelSpec(source=config.teacher, input_shape=tuple(manifest["model"]["input_shape"])))
     return loaded.module, {"kind": "model", "spec": config.teacher, "source": loaded.source}

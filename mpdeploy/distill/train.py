@@ -16,7 +16,7 @@ from torch import nn
 from mpdeploy.distill.config import SGD_MOMENTUM, DistillConfig
 from mpdeploy.distill.distributed import Dist, share_epoch
 from mpdeploy.distill.masks import FrozenMasks, zero_masked_grads
-from mpdeploy.weights import apply_masks
+from mpdeploy.sparsity.pruned import apply_masks
 
 logger = logging.getLogger(__package__)  # the stage's logger: the CLI prints its name on every line
 

@@ -1,0 +1,1 @@
+"""The analyze stage: Marchenko-Pastur fit of every prunable layer -> `spectra/` artifact."""

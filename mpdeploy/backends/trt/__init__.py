@@ -1,0 +1,1 @@
+"""TensorRT backend: builder (through Polygraphy), build plan, build report."""

@@ -1,0 +1,138 @@
+"""Model flags and their parsing: --input-shape, --model-kwargs, --arch, --trust-pickle, preprocessing."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from mpdeploy.commands.data_args import add_data_arguments
+from mpdeploy.core.errors import MpdeployError
+
+# One image of at most 64 Mi values (e.g. 3x4096x4096) and 1,024 channels: larger is a typo, and would
+# fail later as an allocation error deep inside the first forward pass.
+MAX_INPUT_VALUES = 1 << 26
+MAX_INPUT_CHANNELS = 1024
+
+
+def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        dims = tuple(int(x) for x in str(text).replace("x", ",").split(",") if x.strip())
+    except ValueError:
+        raise MpdeployError(f"cannot parse --input-shape {text!r}: write C,H,W, e.g. 3,224,224") from None
+    if len(dims) != 3 or min(dims) < 1:
+        raise MpdeployError(f"--input-shape {text!r} must be three positive integers C,H,W, e.g. 3,224,224")
+    return bounded_input_shape(dims)
+
+
+def bounded_input_shape(dims) -> tuple[int, ...]:
+    dims = tuple(int(d) for d in dims)
+    values = 1
+    for d in dims:
+        values *= d
+    if dims[0] > MAX_INPUT_CHANNELS or values > MAX_INPUT_VALUES:
+        raise MpdeployError(
+            f"input shape {','.join(map(str, dims))} is too large ({values:,} values per image; the limit is "
+            f"{MAX_INPUT_VALUES:,} and {MAX_INPUT_CHANNELS} channels); pass the size the model was trained at"
+        )
+    return dims
+
+
+def parse_model_kwargs(text: str | None) -> tuple[tuple[str, Any], ...]:
+    """`in_chans=1,embed_dim=128,img_size=(32,32),global_pool=None` -> (("in_chans", 1), ...).
+
+    Values are Python literals read with ast.literal_eval (never eval); a bare word stays a string.
+    """
+    import ast
+
+    if not text or not str(text).strip():
+        return ()
+    pairs, depth, current = [], 0, ""
+    for ch in str(text) + ",":
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            if current.strip():
+                pairs.append(current)
+            current = ""
+        else:
+            current += ch
+    if depth != 0 or current.strip():
+        raise MpdeployError(f"--model-kwargs {text!r} has unbalanced brackets; write e.g. img_size=(32,32)")
+    out = []
+    for item in pairs:
+        key, eq, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not eq or not key.isidentifier() or not raw:
+            raise MpdeployError(f"--model-kwargs item {item.strip()!r} must be NAME=VALUE, e.g. in_chans=1")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            if not raw.replace("_", "").replace("-", "").replace(".", "").isalnum():
+                raise MpdeployError(f"--model-kwargs {key}={raw!r} is not a literal (number, True, None, "
+                                    "tuple or word)") from None
+            value = raw
+        if isinstance(value, list):
+            value = tuple(value)
+        out.append((key, value))
+    return tuple(out)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The model-loading flags shared by analyze / prune / build."""
+    nargs = None if required else "?"
+    parser.add_argument(
+        "model", nargs=nargs, default=None,
+        help="timm:NAME, zoo:NAME, or a model file (.pt/.pth/.pt2/.safetensors)",
+    )
+    group = parser.add_argument_group("model loading")
+    group.add_argument("--arch", help="architecture for a state_dict / safetensors file: a timm name, "
+                       "zoo:NAME, or module:Class (your own nn.Module class, importable from PYTHONPATH)")
+    group.add_argument("--checkpoint", type=Path, help="local weights for a timm: model (.safetensors or .pth)")
+    group.add_argument("--input-shape", help="input C,H,W when the model cannot tell (e.g. 3,224,224)")
+    group.add_argument("--num-classes", type=int, help="classifier size for --arch / timm models")
+    group.add_argument("--model-kwargs", default=None,
+                       help="architecture arguments for timm names / --arch, e.g. in_chans=1,embed_dim=128,"
+                            "img_size=32 (Python literals, never evaluated as code)")
+    group.add_argument("--weights", default="auto", choices=["auto", "pretrained", "random"],
+                       help="timm weights: auto = pretrained when reachable, else random init (default: auto)")
+    add_data_arguments(parser.add_argument_group("input preprocessing (ImageFolder data)"))
+    group.add_argument("--trust-pickle", action="store_true",
+                       help="allow files that carry code: full pickles, TorchScript, torch.export .pt2 "
+                            "(loading them runs code from the file; recorded so later stages re-open it)")
+
+
+def spec_from_args(args: argparse.Namespace, default: str | None = None):
+    from mpdeploy.models.data import data_spec_from_args
+
+    source = args.model or default
+    if source is None:
+        raise MpdeployError("no model given; pass timm:NAME, zoo:NAME or a model file")
+    from mpdeploy.models.load import ModelSpec
+
+    return ModelSpec(
+        source=source,
+        arch=args.arch,
+        checkpoint=args.checkpoint,
+        input_shape=parse_input_shape(args.input_shape),
+        num_classes=args.num_classes,
+        weights=args.weights,
+        trust_pickle=args.trust_pickle,
+        model_kwargs=parse_model_kwargs(getattr(args, "model_kwargs", None)),
+        data_spec=data_spec_from_args(args),
+        data_sources=tuple(str(v) for v in (getattr(args, f, None) for f in DATA_SOURCE_FLAGS) if v),
+    )
+
+
+# Data flags whose sources are checked against the model before any stage runs.
+DATA_SOURCE_FLAGS = ("calib", "distill_data", "data")
+
+
+def load_model_from_args(args: argparse.Namespace, default: str | None = None):
+    from mpdeploy.models.load import load_model
+
+    return load_model(spec_from_args(args, default))

@@ -1,0 +1,205 @@
+"""Typed artifact kinds: the only code that knows each artifact's file names and manifest fields.
+
+    pruned/     PrunedFolder     model.safetensors, dense.safetensors, masks.safetensors
+    distilled/  DistilledFolder  the same files, recovered weights; source "pruned"
+    onnx/       OnnxFolder       model.onnx, model.dense.onnx, sparsity.json; source "weights"
+    engine-*/   EngineFolder     one file per variant, build_report.json; sources "onnx", "weights"
+    audit/      AuditFolder      audit.json, audit.md, plots; sources "engine", "weights"
+
+`X.open(path)` verifies the folder (every listed file's hash, no unlisted file) and the whole chain
+behind it (each recorded source unchanged since it was used), and refuses anything else with a
+one-line MpdeployError. Consumers open inputs here and follow `source(role)`, never folder names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from mpdeploy.core import artifacts
+from mpdeploy.core.errors import MpdeployError
+
+
+@dataclass(frozen=True)
+class ArtifactFolder:
+    """One verified artifact folder and its manifest."""
+
+    KIND: ClassVar[str] = ""
+    path: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: Path | str, verify: bool = True):
+        path = Path(path)
+        manifest = artifacts.read_manifest(path, cls.KIND, verify=verify)
+        return cls(path, manifest)
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def config(self) -> Any:
+        return self.manifest.get("config")
+
+    @property
+    def manifest_sha256(self) -> str:
+        return artifacts.manifest_hash(self.path)
+
+    @property
+    def sources(self) -> dict[str, dict[str, str]]:
+        """role -> {"path": relative to this folder, "manifest_sha256": ...}."""
+        return dict(self.manifest.get("sources") or {})
+
+    def source_path(self, role: str) -> Path | None:
+        rec = self.sources.get(role)
+        return None if rec is None else Path(self.path) / rec["path"]
+
+    def file(self, rel: str) -> Path:
+        """A file the manifest lists (so its hash was checked when the folder was opened)."""
+        if rel not in (self.manifest.get("files") or {}):
+            raise MpdeployError(f"{self.path}: its manifest lists no {rel}; re-create the artifact")
+        return Path(self.path) / rel
+
+
+@dataclass(frozen=True)
+class PrunedFolder(ArtifactFolder):
+    """Pruned weights, their dense twin and the masks (also the base of a distilled artifact)."""
+
+    KIND: ClassVar[str] = "pruned"
+    WEIGHTS: ClassVar[dict[str, str]] = {"sparse": "model.safetensors", "dense": "dense.safetensors"}
+    MASKS: ClassVar[str] = "masks.safetensors"
+
+    def weights_file(self, which: str = "sparse") -> Path:
+        return self.file(self.WEIGHTS[which])
+
+    @property
+    def masks_file(self) -> Path:
+        return self.file(self.MASKS)
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        return dict(self.manifest.get("model") or {})
+
+    @property
+    def layers(self) -> list[dict[str, Any]]:
+        return list(self.manifest.get("layers") or [])
+
+    @property
+    def totals(self) -> dict[str, Any]:
+        return dict(self.manifest.get("totals") or {})
+
+
+@dataclass(frozen=True)
+class DistilledFolder(PrunedFolder):
+    KIND: ClassVar[str] = "distilled"
+
+    @property
+    def record(self) -> dict[str, Any]:
+        return dict(self.manifest.get("distill") or {})
+
+
+def open_weights(path: Path | str, verify: bool = True, chain: bool = True) -> PrunedFolder:
+    """A pruned or a distilled artifact (whichever the folder is): what export, engines and the audit read.
+
+    `chain=False` checks the folder's own files only (a copy inside an engine folder, whose sources
+    stayed behind: the engine's manifest hashes the copy)."""
+    manifest = artifacts.read_manifest(Path(path), "pruned", verify=verify and chain)
+    if verify and not chain:
+        artifacts.verify_files(Path(path), manifest)
+    cls = DistilledFolder if manifest["kind"] == "distilled" else PrunedFolder
+    return cls(Path(path), manifest)
+
+
+@dataclass(frozen=True)
+class OnnxFolder(ArtifactFolder):
+    KIND: ClassVar[str] = "onnx"
+
+    @property
+    def sparse_model(self) -> Path:
+        return self.file("model.onnx")
+
+    @property
+    def dense_model(self) -> Path:
+        return self.file("model.dense.onnx")
+
+    def sparsity(self) -> dict[str, Any]:
+        return artifacts.read_json(self.file("sparsity.json"), what="sparsity record")
+
+    def weights(self, verify: bool = False) -> PrunedFolder | None:
+        """The weights this ONNX was exported from (verified with the chain when this was opened)."""
+        path = self.source_path("weights")
+        return None if path is None else open_weights(path, verify=verify)
+
+
+@dataclass(frozen=True)
+class EngineFolder(ArtifactFolder):
+    KIND: ClassVar[str] = "engine"
+    REPORT: ClassVar[str] = "build_report.json"
+
+    @property
+    def backend(self) -> str | None:
+        return self.manifest.get("backend")
+
+    @property
+    def precision(self) -> str | None:
+        return self.manifest.get("precision")
+
+    def variant_files(self) -> dict[str, Path]:
+        return {v: self.file(rel) for v, rel in (self.manifest.get("variants") or {}).items()}
+
+    def report(self) -> dict[str, Any]:
+        return artifacts.read_json(self.file(self.REPORT), what="build report")
+
+    def weights(self, verify: bool = False) -> PrunedFolder | None:
+        """The exact weights this engine was built from (its recorded source), or None for old engines."""
+        path = self.source_path("weights")
+        return None if path is None else open_weights(path, verify=verify)
+
+    def onnx(self, verify: bool = False) -> OnnxFolder | None:
+        path = self.source_path("onnx")
+        return None if path is None else OnnxFolder.open(path, verify=verify)
+
+
+@dataclass(frozen=True)
+class AuditFolder(ArtifactFolder):
+    KIND: ClassVar[str] = "audit"
+    SCHEMA: ClassVar[str] = "mpdeploy.audit/1"
+
+    def result(self) -> dict[str, Any]:
+        path = self.file("audit.json")
+        data = artifacts.read_json(path, what="audit")
+        if not isinstance(data, dict) or data.get("schema") != self.SCHEMA:
+            raise MpdeployError(f"{path} is not a {self.SCHEMA} audit; re-run mpdeploy audit")
+        if data.get("passed") != self.manifest.get("passed"):
+            raise MpdeployError(f"{path} disagrees with its manifest about the verdict; re-run mpdeploy audit")
+        return data
+
+    def engine(self) -> EngineFolder | None:
+        path = self.source_path("engine")
+        return None if path is None else EngineFolder.open(path, verify=False)
+
+
+KINDS: dict[str, type[ArtifactFolder]] = {c.KIND: c for c in (PrunedFolder, DistilledFolder, OnnxFolder,
+                                                        EngineFolder, AuditFolder)}
+
+
+# --- sweep (mpdeploy.pipeline.sweep): the sweep's own artifacts -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScreenFolder(ArtifactFolder):
+    """A sweep's first look at pruned weights: accuracy.json (PyTorch, sparse vs dense); source "weights"."""
+
+    KIND: ClassVar[str] = "screen"
+
+
+@dataclass(frozen=True)
+class SweepFolder(ArtifactFolder):
+    """sweep.json, sweep.md, frontier.png; sources "audit:<trial>" / "screen:<trial>" for every row read."""
+
+    KIND: ClassVar[str] = "sweep"
+
+
+KINDS.update({c.KIND: c for c in (ScreenFolder, SweepFolder)})

@@ -1,0 +1,1 @@
+"""The engine stage: `onnx/` artifact -> `engine-<backend>/` artifact."""

@@ -1,0 +1,181 @@
+"""The engine stage: an `onnx/` artifact (and the weights it was exported from) -> `engine-<backend>/`.
+
+    engine-<backend>/  one engine file per variant (sparse, dense), build_report.json, manifest.json
+
+The manifest records its sources ("onnx", and "weights": the exact pruned or distilled artifact the
+ONNX came from, which the torch backend builds from and the audit compares with), the run-time
+options (threads, providers) the engines are to be run with, and the device fingerprint, which enters
+the reuse key so an engine is never reused on a machine it was not built for. `mpdeploy engine` runs
+this stage alone; `mpdeploy build` runs it after export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from mpdeploy.core import artifacts
+from mpdeploy.backends.base import BuildConfig, BuildInputs, backend_class, create_backend
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.kinds import OnnxFolder
+from mpdeploy.core.runner import Progress, StageResult, run_stage, step_progress
+
+logger = logging.getLogger(__name__)
+
+ENGINE_KIND = "engine"
+ENGINE_PREFIX = "engine-"
+REPORT_SCHEMA = "mpdeploy.build_report/1"
+
+
+def options_for(backend: str, config: BuildConfig) -> BuildConfig:
+    """Keep only the backend options the chosen backend knows (CLI flags of other backends are dropped)."""
+    known = backend_class(backend).options
+    keep = {k: v for k, v in config.backend_options if k in known}
+    dropped = sorted(k for k, _ in config.backend_options if k not in known)
+    if dropped:
+        logger.info("options %s do not apply to backend %s; ignored", ", ".join(dropped), backend)
+    return dataclasses.replace(config, backend_options=tuple(keep.items()))
+
+
+def runtime_options(config: BuildConfig) -> dict[str, Any]:
+    """What a runner of these engines needs beyond the build (recorded; the audit and ship read it)."""
+    return {"threads": config.threads, "backend_options": [list(kv) for kv in config.backend_options]}
+
+
+def load_config(manifest: dict[str, Any], batch_sizes, threads: int | None = None) -> BuildConfig:
+    """The BuildConfig to load an engine with: its precision and recorded options; `threads` overrides."""
+    from mpdeploy.backends.base import PRECISIONS
+
+    runtime = manifest.get("runtime") or {}
+    recorded = runtime.get("backend_options") or ((manifest.get("config") or {}).get("build") or {}).get(
+        "backend_options") or []
+    # A hand-edited manifest (re-hashed) can hold anything here: one line, not a traceback.
+    if not isinstance(recorded, list) or not all(isinstance(kv, list) and len(kv) == 2 for kv in recorded) \
+            or not isinstance(runtime.get("threads") or 0, int):
+        raise MpdeployError("the engine manifest's runtime options are damaged (edited by hand?); rebuild the engine")
+    options = tuple(tuple(kv) for kv in recorded)
+    precision = manifest.get("precision")
+    return BuildConfig(precision=precision if precision in PRECISIONS else None, batch_sizes=tuple(batch_sizes),
+                       backend_options=options, threads=threads or runtime.get("threads"))
+
+
+def onnx_io(onnx_path: Path) -> dict[str, Any]:
+    """The engine manifest's `io` from the exported ONNX (names, float32, -1 for the dynamic batch)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    dtypes = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
+
+    def spec(value) -> dict[str, Any]:
+        t = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in t.shape.dim]
+        return {"name": value.name, "dtype": dtypes.get(t.elem_type, str(t.elem_type)), "shape": shape}
+
+    return {"inputs": [spec(v) for v in model.graph.input], "outputs": [spec(v) for v in model.graph.output]}
+
+
+def engine_details(report: dict[str, Any]) -> dict[str, Any]:
+    details: dict[str, Any] = {"precision": report.get("precision"), "warnings": len(report.get("warnings") or [])}
+    for variant, info in (report.get("variants") or {}).items():
+        details[f"{variant}_bytes"] = info.get("size_bytes")
+        if info.get("eligible") is not None:
+            details["eligible"] = len(info["eligible"])
+            details["picked_sparse"] = len(info.get("picked_sparse") or [])
+        if "converted_layers" in info and variant == "sparse":
+            details["converted_layers"] = len(info["converted_layers"])
+    providers = (report.get("device") or {}).get("providers_preferred")
+    if providers:
+        details["providers"] = providers
+    return details
+
+
+def _notes(backend_name: str, device: dict[str, Any], variants) -> list[str]:
+    notes = []
+    if backend_name == "trt":
+        notes.append("TensorRT finds 2:4 from the zeros in dense weights: the sparse engine is built from "
+                     "model.onnx with SPARSE_WEIGHTS on, the dense twin from model.dense.onnx with it off")
+    if device.get("note"):
+        notes.append(device["note"])
+    if tuple(variants) != ("sparse", "dense"):
+        notes.append("dense-only build (no --sparse): prune and export ran for the dense twin; no sparse engine")
+    return notes
+
+
+def _write_engines(backend, backend_name, backend_reason, variants, build_config, precision, device, onnx,
+                   weights_dir, folder, config, inputs, step) -> dict[str, Any]:
+    sources = {"onnx": onnx.path, "weights": weights_dir}
+    with artifacts.atomic_dir(folder, kind=ENGINE_KIND) as tmp:
+        files, per_variant, warnings = {}, {}, []
+        for i, variant in enumerate(variants):
+            step(f"build {backend_name}", i, len(variants))
+            v0 = time.perf_counter()
+            built = backend.build(BuildInputs(onnx_dir=onnx.path, pruned_dir=weights_dir), variant, tmp, build_config)
+            seconds = time.perf_counter() - v0
+            files[variant] = built.file
+            per_variant[variant] = {"file": built.file, "build_seconds": round(seconds, 3),
+                                    "size_bytes": (tmp / built.file).stat().st_size, **built.report}
+            warnings += [f"{variant}: {w}" for w in built.report.get("warnings") or []]
+            logger.info("built %s %s engine in %.1fs", backend_name, variant, seconds)
+        step(f"build {backend_name}", len(variants), len(variants))
+        weights_manifest = artifacts.read_manifest(weights_dir, "pruned", verify=False)
+        report = {
+            "schema": REPORT_SCHEMA, "backend": backend_name, "backend_reason": backend_reason, "device": device,
+            "precision": precision,
+            "flags": {"variants": list(variants), "batch_sizes": list(build_config.batch_sizes),
+                      "profile_batches": list(build_config.profile_batches),
+                      "backend_options": backend.resolve_options(build_config),
+                      "workspace_mib": build_config.workspace_mib, "calib": build_config.calib},
+            "build_seconds": {v: per_variant[v]["build_seconds"] for v in variants},
+            "engine_bytes": {v: per_variant[v]["size_bytes"] for v in variants},
+            "variants": per_variant, "warnings": warnings, "notes": _notes(backend_name, device, variants),
+            "onnx_sparsity_summary": onnx.sparsity().get("summary"),
+            "prune_totals": weights_manifest.get("totals"),
+        }
+        artifacts.write_json(tmp / "build_report.json", report)
+        artifacts.write_manifest(
+            tmp, ENGINE_KIND, config, inputs=inputs, sources=sources, target=folder,
+            extra={"backend": backend_name, "precision": precision,
+                   "variants": files,  # the engine contract: variant -> file name (hashed in `files`)
+                   "io": onnx_io(onnx.sparse_model), "device": device, "runtime": runtime_options(build_config),
+                   "file_sha256": {rel: artifacts.sha256_file(tmp / rel) for rel in files.values()},
+                   "backend_reason": backend_reason, "model": onnx.manifest.get("model")},
+        )
+    return report
+
+
+def build_engines(onnx_dir: Path, backend_name: str, build_config: BuildConfig, out: Path | None = None,
+                  variants=("sparse", "dense"), force: bool = False, progress: Progress | None = None,
+                  backend_reason: str = "asked for") -> StageResult:
+    """Build the `variants` engines of `onnx_dir` on `backend_name` into `out` (default: engine-<backend>/
+    beside onnx/). Reused when the onnx, its weights, the build config and the device are the same."""
+    onnx = OnnxFolder.open(onnx_dir)  # verified, with the weights it came from
+    weights_dir = onnx.source_path("weights")
+    if weights_dir is None:
+        raise MpdeployError(f"{onnx_dir} records no weights source (made by an older mpdeploy); re-run export")
+    build_config = options_for(backend_name, build_config)
+    folder = Path(out) if out is not None else Path(onnx_dir).parent / f"{ENGINE_PREFIX}{backend_name}"
+    backend = create_backend(backend_name)
+    precision = backend.resolve_precision(build_config)
+    backend.resolve_options(build_config)  # unknown option values fail before any work
+    device = backend.device_info()
+    config = {"backend": backend_name, "variants": list(variants), "precision": precision,
+              "build": build_config.build_fields()}
+    inputs = {"onnx": artifacts.manifest_hash(onnx.path), "pruned_manifest": artifacts.manifest_hash(weights_dir),
+              "device": artifacts.sha256_json(device.get("fingerprint", device))}
+    step = step_progress(progress, f"build {backend_name}")
+    made: dict[str, Any] = {}
+
+    def make() -> None:
+        made["report"] = _write_engines(backend, backend_name, backend_reason, variants, build_config, precision,
+                                        device, onnx, weights_dir, folder, config, inputs, step)
+
+    result = run_stage("build", folder, ENGINE_KIND, config, make, force=force, inputs=inputs,
+                       sources={"onnx": onnx.path, "weights": weights_dir})
+    if result.status == "reused":  # run-time options are not in the reuse key: callers pass theirs to runners
+        step(f"build {backend_name}", len(variants), len(variants))
+    report = made.get("report") or artifacts.read_json(folder / "build_report.json", what="build report")
+    result.details = engine_details(report)
+    return result

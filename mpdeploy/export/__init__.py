@@ -1,0 +1,1 @@
+"""The export stage: `pruned/` (or `distilled/`) artifact -> `onnx/` artifact."""

@@ -1,0 +1,1 @@
+"""Models: the model spec, loading (timm / zoo / files / programs), data and preprocessing."""

@@ -1,0 +1,1 @@
+"""Pipeline: the only code that knows the order of the chain (build, sweep)."""

@@ -1,0 +1,167 @@
+"""Ray Tune runs the trials: the grid (tune.grid_search) or an Optuna search (OptunaSearch, for spaces too large
+to grid), each trial with its placement-group resources, retried by Tune (FailureConfig) when its worker dies.
+
+Tune's own experiment folder lives under `<out>/tune/`; the rows come back through `tune.report` and every
+number in them was read from a verified artifact. A re-run does not restore Tune's pickled results: it runs
+the trials again, and every step that verifies is reused (nothing is recomputed), so what the sweep reports
+is always what the artifacts on disk say.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mpdeploy.pipeline.sweep.cluster import trial_bundles
+from mpdeploy.pipeline.sweep.space import Objective, describe, trial_id
+from mpdeploy.pipeline.sweep.trial import KIND_KEY, SweepPlan, run_trial
+
+logger = logging.getLogger(__name__)
+
+TUNE_DIR = "tune"
+Progress = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    concurrent: int  # trials at once
+    retries: int = 2  # Tune's FailureConfig(max_failures): a trial whose worker died is run again
+    search: str = "grid"  # "grid" | "optuna"
+    samples: int | None = None  # optuna: how many trials
+    kind: str | None = None  # the GPU kind the trials' engine steps ask for (one Tune run per kind)
+    seed: int = 0
+
+
+def _trainable(config: dict[str, Any], plan: SweepPlan, phase: str) -> None:
+    from ray import tune
+
+    values = dict(config.get("trial") or config)
+    row = run_trial(values, plan, phase)
+    tune.report({"row": json.dumps(row), "ok": row["status"] == "ok", **_search_metrics(row, plan.objective)})
+
+
+def _search_metrics(row: dict[str, Any], objective: Objective) -> dict[str, float | None]:
+    """What Optuna optimizes: the objective (of the sparse engine, or -top1 in the screen) and the top-1 drop."""
+    drop = row.get("top1_drop")
+    value = None
+    if row.get("phase") == "full":
+        stats = ((row.get("latency") or {}).get(str(objective.batch)) or {}).get("sparse") or {}
+        value = objective.of(stats)
+    return {"objective": value, "top1_drop": drop if isinstance(drop, (int, float)) else None}
+
+
+class _TrialLog:
+    """One log line per finished trial, with the best so far; forwards to the CLI's bar."""
+
+    def __init__(self, total: int | None, objective: Objective, max_drop: float, progress: Progress | None,
+                 phase: str) -> None:
+        from ray.tune import Callback
+
+        log = self
+
+        class TrialLog(Callback):
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                log.finished(json.loads(result["row"]))
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                log.errored(trial)
+
+        self.callback = TrialLog()
+        self.total, self.objective, self.max_drop, self.progress, self.phase = total, objective, max_drop, progress, phase
+        self.done, self.best = 0, None
+
+    def _better(self, row: dict[str, Any]) -> bool:
+        drop = row.get("top1_drop")
+        if row.get("status") != "ok" or not isinstance(drop, (int, float)) or drop > self.max_drop:
+            return False
+        value = _search_metrics(row, self.objective)["objective"]
+        if self.phase == "screen":
+            return self.best is None or drop < self.best[1]
+        return value is not None and (self.best is None or self.objective.better(value, self.best[1]))
+
+    def finished(self, row: dict[str, Any]) -> None:
+        self.done += 1
+        value = _search_metrics(row, self.objective)["objective"] if self.phase == "full" else row.get("top1_drop")
+        if self._better(row):
+            self.best = (row["id"], value)
+        what = (f"{row['status']}" + (f" ({row['reason']})" if row.get("reason") else "")
+                + (f", top-1 drop {row['top1_drop']:.2%}" if isinstance(row.get("top1_drop"), float) else "")
+                + (f", {self.objective.label} {value:.4g} {self.objective.unit}"
+                   if self.phase == "full" and isinstance(value, float) else ""))
+        best = "none yet" if self.best is None else f"{self.best[0]}"
+        logger.info("%s trial %d/%s %s [%s]: %s; best so far: %s", self.phase, self.done, self.total or "?",
+                    row["id"], describe(row["config"]), what, best)
+        if self.progress:
+            self.progress(f"{self.phase} trials", self.done, self.total or self.done, best=best)
+
+    def errored(self, trial) -> None:
+        self.done += 1
+        logger.info("%s trial %d/%s %s failed after its retries: %s", self.phase, self.done, self.total or "?",
+                    trial.trial_id, _error_line(getattr(trial, "error_file", None)))
+        if self.progress:
+            self.progress(f"{self.phase} trials", self.done, self.total or self.done)
+
+
+def _error_line(error: Any) -> str:
+    text = str(error or "").strip()
+    if text and Path(text).is_file():
+        text = Path(text).read_text(errors="replace").strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (lines[-1] if lines else "the trial's worker failed")[:300]
+
+
+def run_phase(plan: SweepPlan, phase: str, space: dict[str, Sequence[str]] | list[dict[str, str]],
+              settings: TuneSettings, name: str, max_drop: float, progress: Progress | None = None) -> list[dict[str, Any]]:
+    """Run one phase ("screen" or "full") of a sweep with Tune; returns a row per trial (failed ones too)."""
+    from ray import tune
+
+    # Tune's newer console output prints a boxed header and paths on stdout even at verbose=0; the sweep
+    # reports through logging (and the CLI's bar) only.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    trainable = tune.with_resources(tune.with_parameters(_trainable, plan=plan, phase=phase),
+                                    tune.PlacementGroupFactory(trial_bundles(plan.threads, settings.kind),
+                                                               strategy="PACK"))
+    kinds = {KIND_KEY: settings.kind} if settings.kind else {}
+    search_alg, samples = None, 1
+    if isinstance(space, list):  # chosen trials (after the screen): a grid over exactly these
+        param_space = {"trial": tune.grid_search([{**t, **kinds} for t in space])}
+        total = len(space)
+    elif settings.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        param_space = {**{k: tune.choice(list(v)) for k, v in space.items()},
+                       **{k: v for k, v in kinds.items()}}
+        metric, mode = (["top1_drop"], ["min"]) if phase == "screen" else (
+            ["objective", "top1_drop"], [plan.objective.mode, "min"])
+        search_alg = OptunaSearch(metric=metric, mode=mode, seed=settings.seed)
+        samples = total = settings.samples or 16
+    else:
+        param_space = {**{k: tune.grid_search(list(v)) for k, v in space.items()}, **kinds}
+        total = 1
+        for v in space.values():
+            total *= len(v)
+    log = _TrialLog(total, plan.objective, max_drop, progress, phase)
+    tuner = tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(num_samples=samples, search_alg=search_alg,
+                                    max_concurrent_trials=settings.concurrent, reuse_actors=False),
+        run_config=tune.RunConfig(name=name, storage_path=str(plan.store.root.resolve() / TUNE_DIR),
+                                  failure_config=tune.FailureConfig(max_failures=settings.retries), verbose=0,
+                                  callbacks=[log.callback], log_to_file=True))
+    results = tuner.fit()
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        if "row" in metrics:
+            rows.append(json.loads(metrics["row"]))
+            continue
+        values = dict((result.config or {}).get("trial") or result.config or {})
+        rows.append({"id": trial_id(values), "config": values, "phase": phase, "status": "failed",
+                     "kind": values.get(KIND_KEY), "backend": plan.backend,
+                     "reason": f"the trial's worker failed {settings.retries + 1} time(s): {_error_line(result.error)}"})
+    return rows

@@ -1,0 +1,1 @@
+"""The prune stage: model + calibration data -> `pruned/` artifact."""

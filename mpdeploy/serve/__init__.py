@@ -1,0 +1,1 @@
+"""The serve stage: an audited engine into a Triton model repository."""

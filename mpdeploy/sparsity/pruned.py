@@ -1,0 +1,79 @@
+"""Re-creating the models a pruned (or distilled) artifact holds: architecture + weights + masks.
+
+Below the stages: backends (torch engines) and the audit load models through here, never through
+mpdeploy.prune.stage. The folder is opened through mpdeploy.core.kinds, which verifies it and its sources.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.kinds import open_weights
+from mpdeploy.models.load import recreate_architecture
+from mpdeploy.sparsity.patterns import NM, parse_pattern
+
+
+@dataclass
+class PrunedArtifact:
+    path: Path
+    manifest: dict[str, Any]
+    model: nn.Module
+    masks: dict[str, torch.Tensor]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["model"]["input_shape"])
+
+    @property
+    def name(self) -> str:
+        return self.manifest["model"]["name"]
+
+    def patterns(self) -> dict[str, NM]:
+        return {r["param"]: parse_pattern(r["pattern"]) for r in self.manifest["layers"] if r["pattern"]}
+
+
+def build_architecture(manifest: dict[str, Any]) -> nn.Module:
+    model = recreate_architecture(manifest["model"]["source"])
+    tome = manifest.get("tome")
+    if tome:
+        from mpdeploy.sparsity.tome import apply_tome
+
+        apply_tome(model, tome["r"])
+    return model.eval()
+
+
+def load_pruned(path: Path, which: str = "sparse", verify: bool = True, chain: bool = True) -> PrunedArtifact:
+    """Re-create the pruned (or, with which="dense", the dense twin) model from the artifact.
+
+    `verify` checks the folder's files and (with `chain`) the artifacts it was made from."""
+    from safetensors.torch import load_file
+
+    from mpdeploy.models.load import load_weights_strict
+
+    path = Path(path)
+    folder = open_weights(path, verify=verify, chain=chain)
+    manifest = folder.manifest
+    model = build_architecture(manifest)
+    weights = folder.weights_file(which)
+    try:
+        state = load_file(str(weights))
+        masks = {k: v.bool() for k, v in load_file(str(folder.masks_file)).items()}
+    except Exception as exc:
+        raise MpdeployError(f"{path}: cannot read {weights.name} / masks.safetensors ({exc}); re-run `mpdeploy prune`") from None
+    load_weights_strict(model, state, where=str(weights), arch=manifest["model"]["name"])
+    return PrunedArtifact(path, manifest, model.eval(), masks)
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero every masked-out weight (after an optimizer step, masks must never drift)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            param = params[name]
+            param.mul_(mask.to(device=param.device, dtype=param.dtype))
