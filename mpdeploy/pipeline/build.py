@@ -41,15 +41,12 @@ from mpdeploy.core.artifacts import clean_stale_temps  # noqa: F401  (old import
 from mpdeploy.backends.base import REGISTRY, BuildConfig, create_backend, resolve_backend
 from mpdeploy.engine.stage import ENGINE_KIND, build_engines, options_for  # noqa: F401
 from mpdeploy.core.errors import MpdeployError
-from mpdeploy.core.runner import (
-    StageResult,
-    audit_stage,
-    densify_stage,
-    distill_stage,
-    export_stage,
-    prune_stage,
-    sparse_use_check,
-)
+from mpdeploy.audit.run import audit_stage
+from mpdeploy.core.runner import StageResult
+from mpdeploy.densify.run import densify_stage, sparse_use_check
+from mpdeploy.distill.run import distill_stage
+from mpdeploy.export.run import export_stage
+from mpdeploy.prune.run import prune_stage
 
 logger = logging.getLogger(__name__)
 

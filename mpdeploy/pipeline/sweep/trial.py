@@ -125,7 +125,8 @@ def _load(spec, seed: int):
 def _weights(plan: SweepPlan, configs: TrialConfigs, row: dict[str, Any]) -> tuple[str, Path]:
     """prune [-> distill]; returns (step key, folder) of the weights the rest of the chain reads."""
     from mpdeploy.pipeline.build import model_fingerprint
-    from mpdeploy.core.runner import distill_stage, prune_stage
+    from mpdeploy.distill.run import distill_stage
+    from mpdeploy.prune.run import prune_stage
 
     loaded = _load(plan.spec, configs.prune.seed)
     model_hash = model_fingerprint(loaded)
@@ -211,7 +212,7 @@ def screen_accuracy(weights: Path, audit_config) -> dict[str, Any]:
 
 def _engine_chain(plan: SweepPlan, configs: TrialConfigs, weights_key: str, weights: Path, kind: str | None,
                   row: dict[str, Any]) -> None:
-    from mpdeploy.core.runner import export_stage
+    from mpdeploy.export.run import export_stage
 
     key, step = plan.store.step("export", weights_key, configs.export)
     with plan.store.lock(step):
@@ -236,7 +237,7 @@ def _engine_chain(plan: SweepPlan, configs: TrialConfigs, weights_key: str, weig
 def engine_and_audit(plan: SweepPlan, build_config, onnx_dir: Path, step: Path) -> dict[str, Any]:
     """Build the engines into `step/engine-<backend>/` and audit them into `step/audit/` (under the step lock)."""
     from mpdeploy.engine.stage import build_engines
-    from mpdeploy.core.runner import audit_stage
+    from mpdeploy.audit.run import audit_stage
 
     _limit_threads(plan.threads)
     with plan.store.lock(step):
