@@ -44,7 +44,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mpdeploy.core import artifacts
-from mpdeploy.engine.stage import load_config
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.core.kinds import AuditFolder, EngineFolder
 
@@ -156,10 +155,10 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
 def _run_engines(config: AuditConfig, subject: AuditSubject, data: ImageData, findings: Findings, clock: _Stopwatch,
                  step: Progress, threads: int | None) -> EngineRun:
     """Load both engines on one backend, measure accuracy, latency and the PyTorch reference, close them."""
-    from mpdeploy.backends.base import create_backend
+    from mpdeploy.backends.base import create_backend, engine_load_config
 
     backend = create_backend(subject.backend)
-    runner_config = load_config(subject.manifest, config.batch_sizes, threads)
+    runner_config = engine_load_config(subject.manifest, config.batch_sizes, threads)
     runners: dict[str, Any] = {}
     try:
         _load_runners(backend, subject, runner_config, runners)

@@ -146,6 +146,22 @@ class Backend(abc.ABC):
         return {}
 
 
+def engine_load_config(manifest: dict[str, Any], batch_sizes, threads: int | None = None) -> BuildConfig:
+    """The BuildConfig to load an engine with, from its manifest (the precision and the run-time options
+    the engine stage recorded); `threads` overrides."""
+    runtime = manifest.get("runtime") or {}
+    recorded = runtime.get("backend_options") or ((manifest.get("config") or {}).get("build") or {}).get(
+        "backend_options") or []
+    # A hand-edited manifest (re-hashed) can hold anything here: one line, not a traceback.
+    if not isinstance(recorded, list) or not all(isinstance(kv, list) and len(kv) == 2 for kv in recorded) \
+            or not isinstance(runtime.get("threads") or 0, int):
+        raise MpdeployError("the engine manifest's runtime options are damaged (edited by hand?); rebuild the engine")
+    options = tuple(tuple(kv) for kv in recorded)
+    precision = manifest.get("precision")
+    return BuildConfig(precision=precision if precision in PRECISIONS else None, batch_sizes=tuple(batch_sizes),
+                       backend_options=options, threads=threads or runtime.get("threads"))
+
+
 def backend_class(name: str) -> type[Backend]:
     if name not in REGISTRY:
         raise MpdeployError(f"unknown backend {name!r}; choose auto or one of {', '.join(REGISTRY)}")

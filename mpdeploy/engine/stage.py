@@ -45,23 +45,6 @@ def runtime_options(config: BuildConfig) -> dict[str, Any]:
     return {"threads": config.threads, "backend_options": [list(kv) for kv in config.backend_options]}
 
 
-def load_config(manifest: dict[str, Any], batch_sizes, threads: int | None = None) -> BuildConfig:
-    """The BuildConfig to load an engine with: its precision and recorded options; `threads` overrides."""
-    from mpdeploy.backends.base import PRECISIONS
-
-    runtime = manifest.get("runtime") or {}
-    recorded = runtime.get("backend_options") or ((manifest.get("config") or {}).get("build") or {}).get(
-        "backend_options") or []
-    # A hand-edited manifest (re-hashed) can hold anything here: one line, not a traceback.
-    if not isinstance(recorded, list) or not all(isinstance(kv, list) and len(kv) == 2 for kv in recorded) \
-            or not isinstance(runtime.get("threads") or 0, int):
-        raise MpdeployError("the engine manifest's runtime options are damaged (edited by hand?); rebuild the engine")
-    options = tuple(tuple(kv) for kv in recorded)
-    precision = manifest.get("precision")
-    return BuildConfig(precision=precision if precision in PRECISIONS else None, batch_sizes=tuple(batch_sizes),
-                       backend_options=options, threads=threads or runtime.get("threads"))
-
-
 def onnx_io(onnx_path: Path) -> dict[str, Any]:
     """The engine manifest's `io` from the exported ONNX (names, float32, -1 for the dynamic batch)."""
     import onnx
