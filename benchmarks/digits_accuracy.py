@@ -43,7 +43,8 @@ from mpdeploy.audit import certified_mask  # noqa: E402
 from mpdeploy.models.data import digits_tensors  # noqa: E402
 from mpdeploy.core.errors import MpdeployError  # noqa: E402
 from mpdeploy.sparsity.patterns import NM  # noqa: E402
-from mpdeploy.prune.stage import PruneConfig, load_pruned, prune  # noqa: E402
+from mpdeploy.prune.stage import PruneConfig, prune  # noqa: E402
+from mpdeploy.sparsity.pruned import load_pruned  # noqa: E402
 from mpdeploy.models.zoo import load_zoo_model  # noqa: E402
 from mpdeploy.core.machine import cpu_model  # noqa: E402
 import provenance  # noqa: E402  (benchmarks/provenance.py, beside this script)

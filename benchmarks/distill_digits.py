@@ -26,10 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mpdeploy.core import artifacts  # noqa: E402
+from mpdeploy.core import artifacts, atomic  # noqa: E402
 from mpdeploy.models.data import load_images  # noqa: E402
 from mpdeploy.distill import PAPER_LR, DistillConfig, distill, evaluate  # noqa: E402
-from mpdeploy.prune.stage import PruneConfig, load_pruned, prune  # noqa: E402
+from mpdeploy.prune.stage import PruneConfig, prune  # noqa: E402
+from mpdeploy.sparsity.pruned import load_pruned  # noqa: E402
 from mpdeploy.models.zoo import load_zoo_model, zoo_sha256  # noqa: E402
 import provenance  # noqa: E402  (benchmarks/provenance.py, beside this script)
 
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             prov.zoo(name)
             result["results"].append({**r, "model_sha256": prov.models[f"zoo:{name}"]["sha256"]})
     result = provenance.write_results(args.out, result, prov)
-    artifacts.atomic_write_text(args.out.with_suffix(".md"), markdown(result))
+    atomic.atomic_write_text(args.out.with_suffix(".md"), markdown(result))
     return 0 if args.smoke or all(r["within_1pt"] for r in result["results"]) else 1
 
 

@@ -52,7 +52,7 @@ def machine_info() -> dict:
     import torch
 
     from mpdeploy import __version__
-    from mpdeploy.backends.ort import cpu_model
+    from mpdeploy.core.machine import cpu_model
     from mpdeploy.backends.torch_sparse import TorchSparseBackend
 
     info = {

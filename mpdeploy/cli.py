@@ -110,7 +110,7 @@ def _run(argv: list[str]) -> int:
         _say_interrupted(args.command)
         return INTERRUPTED
     except OSError as exc:  # a full disk or an over-long path anywhere: one line, not a traceback
-        from mpdeploy.core.artifacts import os_error_message
+        from mpdeploy.core.atomic import os_error_message
 
         message = os_error_message(exc, exc.filename or "the output")
         if message is None:

@@ -209,6 +209,42 @@ def test_absolute_imports_only_and_no_reexport_shims(module):
     assert "noqa: F401" not in path.read_text(), f"{module}: a re-export shim (noqa: F401); import from the owner"
 
 
+def _defined_and_reimported(path: Path) -> tuple[set[str], dict[str, tuple[str, str]]]:
+    """Top-level names a module defines itself, and those it imports from another mpdeploy module."""
+    defined: set[str] = set()
+    reimported: dict[str, tuple[str, str]] = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "mpdeploy":
+            reimported.update({a.asname or a.name: (node.module, a.name) for a in node.names})
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        else:
+            for sub in ast.walk(node):
+                if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    defined.add(sub.name)
+                elif isinstance(sub, (ast.Name, ast.arg)) and isinstance(getattr(sub, "ctx", ast.Store()), ast.Store):
+                    defined.add(sub.id if isinstance(sub, ast.Name) else sub.arg)
+    return defined, reimported
+
+
+@pytest.mark.parametrize("path", sorted([*PACKAGE.rglob("*.py"), *(ROOT / "tests").glob("*.py")]),
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_one_import_path_per_name(path):
+    """`from mpdeploy.x import n` takes n from the module that defines it, not from one that imported it
+    (a package's __init__ API, like `mpdeploy.audit.audit`, is the one exception)."""
+    second_paths = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.ImportFrom) and node.module in MODULES
+                and MODULES[node.module].name != "__init__.py"):
+            continue
+        defined, reimported = _defined_and_reimported(MODULES[node.module])
+        for alias in node.names:
+            if f"{node.module}.{alias.name}" not in MODULES and alias.name not in defined and alias.name in reimported:
+                second_paths.append(f"line {node.lineno}: {alias.name} from {node.module} (defined in "
+                                    f"{reimported[alias.name][0]})")
+    assert not second_paths, second_paths
+
+
 def _private_imports(path: Path) -> list[str]:
     out = []
     for node in ast.walk(ast.parse(path.read_text())):

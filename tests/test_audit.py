@@ -73,7 +73,8 @@ def _write_engine_manifest(root: Path, shape, classes: int, precision: str) -> N
 @pytest.fixture(scope="module")
 def base_root(tmp_path_factory) -> Path:
     """engines/digits_cnn: 2:4 on the zoo CNN's cheapest 20% of MACs (mp budget) + its ORT engine pair."""
-    from mpdeploy.prune.stage import PruneConfig, load_pruned, prune
+    from mpdeploy.prune.stage import PruneConfig, prune
+    from mpdeploy.sparsity.pruned import load_pruned
     from mpdeploy.models.zoo import load_zoo_model
 
     loaded = load_zoo_model("digits_cnn")
@@ -93,7 +94,7 @@ def fast(base_root) -> dict:
     varying with the training run), so the gate follows the pruned model's own measured cost: a correct
     engine reproduces it, a broken one does not.
     """
-    from mpdeploy.prune.stage import load_pruned
+    from mpdeploy.sparsity.pruned import load_pruned
     from mpdeploy.models.zoo import digits_top1
 
     dense = load_pruned(base_root / "pruned", "dense")
@@ -105,7 +106,7 @@ def fast(base_root) -> dict:
 
 def _variant(base: Path, tmp_path_factory, name: str, breaker) -> Path:
     """A copy of the base engine root whose sparse engine is rebuilt from `breaker(dense, sparse, masks)`."""
-    from mpdeploy.prune.stage import load_pruned
+    from mpdeploy.sparsity.pruned import load_pruned
 
     root = tmp_path_factory.mktemp(name) / name
     shutil.copytree(base / "pruned", root / "pruned")

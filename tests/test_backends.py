@@ -93,7 +93,7 @@ def ort_engines(artifact, tmp_path_factory) -> Path:
 def test_ort_engine_matches_onnxruntime_and_pytorch(artifact, ort_engines):
     import onnxruntime as ort
 
-    from mpdeploy.prune.stage import load_pruned
+    from mpdeploy.sparsity.pruned import load_pruned
 
     backend = create_backend("ort")
     x = _sample(artifact)
@@ -206,10 +206,10 @@ def test_torch_plan_for_pruning_leaves_out_the_pattern_check():
 
 def test_conv1x1_as_linear_matches_the_conv():
     # The reshaping the torch backend uses for 1x1 convs, checked dense on CPU (NCHW and channels_last in).
-    from mpdeploy.backends.torch_sparse import _conv1x1_as_linear_class
+    from mpdeploy.backends.torch_sparse import conv1x1_as_linear_class
 
     conv = nn.Conv2d(256, 128, 1)
-    wrapped = _conv1x1_as_linear_class()(conv)
+    wrapped = conv1x1_as_linear_class()(conv)
     x = torch.randn(2, 256, 5, 7)
     with torch.no_grad():
         torch.testing.assert_close(wrapped(x), conv(x))
@@ -241,7 +241,7 @@ def test_torch_precision_rules():
 @pytest.mark.skipif(not SM80, reason="needs a CUDA GPU with compute capability >= 8.0 (2:4 sparse tensor cores)")
 @pytest.mark.parametrize("kernel", ["cusparselt", "cutlass"])
 def test_torch_sparse_engine_on_gpu(artifact, tmp_path, kernel):
-    from mpdeploy.prune.stage import load_pruned
+    from mpdeploy.sparsity.pruned import load_pruned
 
     backend = create_backend("torch")
     config = BuildConfig(backend_options=(("kernel", kernel),))

@@ -33,7 +33,7 @@ def _mtimes(folder: Path) -> dict[str, int]:
 def _check_engine_folder(root: Path, variants: tuple[str, ...], chw: list[int], classes: int,
                          weights: str = "pruned") -> dict:
     """The engine contract ship.py and audit.py read."""
-    from mpdeploy.export.stage import check_trt_sparsity
+    from mpdeploy.onnx.trt_rules import check_trt_sparsity
 
     engine = root / "engine-ort"
     manifest = json.loads((engine / "manifest.json").read_text())
@@ -189,17 +189,17 @@ def test_kill_during_export_leaves_nothing_a_rerun_reuses(tmp_path):
 
 
 def test_model_fingerprint_follows_the_seed():
-    from mpdeploy.pipeline.build import _load, model_fingerprint
+    from mpdeploy.pipeline.build import load_seeded_model, model_fingerprint
     from mpdeploy.models.load import ModelSpec
 
     spec = ModelSpec("timm:test_resnet", weights="random", input_shape=(3, 32, 32))
-    a, b, c = _load(spec, 0), _load(spec, 0), _load(spec, 1)
+    a, b, c = load_seeded_model(spec, 0), load_seeded_model(spec, 0), load_seeded_model(spec, 1)
     assert model_fingerprint(a) == model_fingerprint(b) != model_fingerprint(c)
     assert a.source["init_seed"] == 0
 
 
 def test_stale_temp_cleanup_spares_live_processes(tmp_path):
-    from mpdeploy.pipeline.build import clean_stale_temps
+    from mpdeploy.core.atomic import clean_stale_temps
 
     target = tmp_path / "onnx"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -28,7 +28,8 @@ from mpdeploy.distill import DistillConfig, distill, kd_loss, state_hash
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.models.load import LoadedModel
 from mpdeploy.sparsity.patterns import NM, is_nm_compliant
-from mpdeploy.prune.stage import PruneConfig, load_pruned, prune
+from mpdeploy.prune.stage import PruneConfig, prune
+from mpdeploy.sparsity.pruned import load_pruned
 
 ROOT = Path(__file__).resolve().parents[1]
 KWARGS = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, depth=2, embed_dim=32, num_heads=2)

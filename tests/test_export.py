@@ -30,11 +30,17 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from sparsity_helpers import ours, polygraphy_check  # noqa: E402
 
 from mpdeploy import cli  # noqa: E402
+from mpdeploy.core import artifacts  # noqa: E402
+from mpdeploy.core.errors import MpdeployError  # noqa: E402
 from mpdeploy.export import stage as export_mod  # noqa: E402
-from mpdeploy.export.stage import ExportConfig, check_trt_sparsity, export, load_sparsity  # noqa: E402
+from mpdeploy.export.stage import ExportConfig, export, load_sparsity  # noqa: E402
+from mpdeploy.onnx.annotate import per_tensor_metadata_supported  # noqa: E402
+from mpdeploy.onnx.initializers import Mapped, map_initializers  # noqa: E402
+from mpdeploy.onnx.trt_rules import check_trt_sparsity, nm_compliant_along  # noqa: E402
 from mpdeploy.models.load import ModelSpec, load_model  # noqa: E402
 from mpdeploy.sparsity.patterns import NM  # noqa: E402
-from mpdeploy.prune.stage import PruneConfig, load_pruned, prune  # noqa: E402
+from mpdeploy.prune.stage import PruneConfig, prune  # noqa: E402
+from mpdeploy.sparsity.pruned import load_pruned  # noqa: E402
 
 SMALL = ["resnet18", "vit_tiny_patch16_224", "convnext_atto"]
 BIG = ["vit_base_patch16_224", "resnet50", "convnextv2_base"]
@@ -126,7 +132,7 @@ def assert_export_ok(pruned_dir: Path, onnx_dir: Path) -> dict:
     record = load_sparsity(onnx_dir)  # verifies the manifest hashes too
     manifest = json.loads((onnx_dir / "manifest.json").read_text())
     assert manifest["kind"] == "onnx"
-    assert manifest["inputs"] == {"pruned_manifest": export_mod.artifacts.sha256_file(pruned_dir / "manifest.json")}
+    assert manifest["inputs"] == {"pruned_manifest": artifacts.sha256_file(pruned_dir / "manifest.json")}
     assert {"model.onnx", "model.dense.onnx", "sparsity.json"} <= set(manifest["files"])
     assert record["schema"] == "mpdeploy.sparsity/1"
 
@@ -160,7 +166,7 @@ def assert_export_ok(pruned_dir: Path, onnx_dir: Path) -> dict:
     header = json.loads(meta["mpdeploy.sparsity"])
     assert header["source_pruned_manifest_sha256"] == manifest["inputs"]["pruned_manifest"]
     assert set(header["tensors"]) == {t["initializer"] for t in record["tensors"]}
-    if export_mod.per_tensor_metadata_supported():
+    if per_tensor_metadata_supported():
         inits = {i.name: i for i in proto.graph.initializer}
         for t in record["tensors"]:
             props = {p.key: p.value for p in inits[t["initializer"]].metadata_props}
@@ -316,7 +322,7 @@ def test_ineligible_layers_refused_or_recorded(workspace, tmp_path, monkeypatch)
         return report
 
     monkeypatch.setattr(export_mod, "check_trt_sparsity", one_ineligible)
-    with pytest.raises(export_mod.MpdeployError, match="not 2:4-eligible.*--allow-ineligible"):
+    with pytest.raises(MpdeployError, match="not 2:4-eligible.*--allow-ineligible"):
         export(pruned_dir, ExportConfig(), tmp_path / "refused")
     assert not (tmp_path / "refused").exists() and not list(tmp_path.glob(".refused*"))
     out = export(pruned_dir, ExportConfig(allow_ineligible=True), tmp_path / "allowed")
@@ -326,11 +332,11 @@ def test_ineligible_layers_refused_or_recorded(workspace, tmp_path, monkeypatch)
 
 
 def test_config_validation():
-    with pytest.raises(export_mod.MpdeployError, match="exporter"):
+    with pytest.raises(MpdeployError, match="exporter"):
         ExportConfig(exporter="tf2onnx")
-    with pytest.raises(export_mod.MpdeployError, match="opset"):
+    with pytest.raises(MpdeployError, match="opset"):
         ExportConfig(opset=7)
-    with pytest.raises(export_mod.MpdeployError, match="batch"):
+    with pytest.raises(MpdeployError, match="batch"):
         ExportConfig(check_batch=0)
 
 
@@ -448,7 +454,7 @@ def test_checker_conv_axis1():
 
 def test_checker_conv_axis0_only_is_not_24():
     w = _24((16, 8, 3, 3), axis=0)
-    assert export_mod.nm_compliant_along(w, 0, NM(2, 4)) and not export_mod.nm_compliant_along(w, 1, NM(2, 4))
+    assert nm_compliant_along(w, 0, NM(2, 4)) and not nm_compliant_along(w, 1, NM(2, 4))
     report = check_trt_sparsity(_conv(w))
     assert report["W"]["eligible"] and not report["W"]["is_2_4"]
     assert polygraphy_check(_conv(w)) == ({"W": 1}, set())
@@ -557,10 +563,10 @@ def test_checker_matmul_constant_a_not_eligible():
 def test_name_map_ambiguity_names_the_layer():
     w = np.zeros((8, 8), np.float32)
     m = _model([], {"a": w, "b": w.copy()}, [("x", [1])])
-    with pytest.raises(export_mod.MpdeployError, match="layer blocks.0.fc"):
-        export_mod.map_initializers(m, {"blocks.0.fc.weight": w}, {"blocks.0.fc.weight": "blocks.0.fc"})
+    with pytest.raises(MpdeployError, match="layer blocks.0.fc"):
+        map_initializers(m, {"blocks.0.fc.weight": w}, {"blocks.0.fc.weight": "blocks.0.fc"})
     m2 = _model([], {"blocks.0.fc.weight": w, "b": w.copy()}, [("x", [1])])
-    mapped = export_mod.map_initializers(m2, {"blocks.0.fc.weight": w}, {})
+    mapped = map_initializers(m2, {"blocks.0.fc.weight": w}, {})
     assert mapped["blocks.0.fc.weight"].initializer == "blocks.0.fc.weight"  # the name breaks the tie
 
 
@@ -572,10 +578,10 @@ def test_name_map_folded_batchnorm():
     p[:, 1::2] = 0
     scale = rng.uniform(0.5, 2.0, 8).astype(np.float32)
     m = _model([], {"zeros": np.zeros_like(p), "folded": p * scale[:, None, None, None]}, [("x", [1])])
-    mapped = export_mod.map_initializers(m, {"conv.weight": p}, {})
-    assert mapped["conv.weight"] == export_mod.Mapped("folded", False, "value-scaled")
-    with pytest.raises(export_mod.MpdeployError, match="no ONNX initializer holds the pruned weight of conv"):
-        export_mod.map_initializers(_model([], {"other": p + 1}, [("x", [1])]), {"conv.weight": p},
+    mapped = map_initializers(m, {"conv.weight": p}, {})
+    assert mapped["conv.weight"] == Mapped("folded", False, "value-scaled")
+    with pytest.raises(MpdeployError, match="no ONNX initializer holds the pruned weight of conv"):
+        map_initializers(_model([], {"other": p + 1}, [("x", [1])]), {"conv.weight": p},
                                     {"conv.weight": "conv"})
 
 
@@ -585,7 +591,7 @@ def test_name_map_by_name_only_warns(caplog):
     p = np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32)
     m = _model([], {"conv.weight": p + 1}, [("x", [1])])
     with caplog.at_level("WARNING", logger="mpdeploy.onnx.initializers"):
-        mapped = export_mod.map_initializers(m, {"conv.weight": p}, {})
+        mapped = map_initializers(m, {"conv.weight": p}, {})
     assert mapped["conv.weight"].initializer == "conv.weight" and mapped["conv.weight"].method == "name"
     assert "matched by name only" in caplog.text
 
@@ -623,7 +629,7 @@ def _record_result(model: str, data: dict) -> None:
     results.setdefault("machine", {
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "python": platform.python_version(),
-        "tool_versions": export_mod.artifacts.tool_versions(), "torch_threads": torch.get_num_threads(),
+        "tool_versions": artifacts.tool_versions(), "torch_threads": torch.get_num_threads(),
     })
     results.setdefault("models", {})[model] = data
     path.write_text(json.dumps(results, indent=2) + "\n")

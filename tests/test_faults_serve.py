@@ -19,7 +19,8 @@ pytest.importorskip("tritonclient.grpc.model_config_pb2")
 from faults_helpers import assert_one_line_error, cli_command, cli_env, run_cli, tree_hash  # noqa: E402
 from ship_engine import make_engine  # noqa: E402
 
-from mpdeploy.serve.ship import ShipConfig, parse_config, ship  # noqa: E402
+from mpdeploy.serve.ship import ShipConfig, ship  # noqa: E402
+from mpdeploy.serve.triton_config import parse_config  # noqa: E402
 
 # Runs the CLI after replacing one function of mpdeploy.serve.ship (argv: FUNC MODE CLI-ARGS...).
 _FAULT_WRAPPER = """

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from mpdeploy.cli import main as cli_main
 from mpdeploy.sparsity.patterns import NM, is_nm_compliant
-from mpdeploy.prune.stage import load_pruned
+from mpdeploy.sparsity.pruned import load_pruned
 from mpdeploy.core.trust import granted
 
 SIZE = 16

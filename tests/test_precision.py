@@ -22,7 +22,7 @@ from sparsity_helpers import ours, polygraphy_check
 
 from mpdeploy.backends.base import BuildConfig, BuildInputs, create_backend
 from mpdeploy.backends.trt.plan import TRT10, TRT11, TrtCapabilities, plan_trt_build
-from mpdeploy.backends.trt.report import qdq_graph_findings
+from mpdeploy.onnx.qdq import qdq_graph_findings
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.export.stage import ExportConfig, export, load_sparsity
 from mpdeploy.onnx.precision import onnx_file_name, quantized_weight, weight_quantization

@@ -9,7 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.models.load import LoadedModel, ModelSpec, load_model
 from mpdeploy.sparsity.patterns import NM, is_nm_compliant, reduction_view
-from mpdeploy.prune.stage import PruneConfig, load_pruned, prune, prune_model
+from mpdeploy.prune.stage import PruneConfig, prune, prune_model
+from mpdeploy.sparsity.pruned import load_pruned
 
 
 def _independent_macs(model: nn.Module, input_shape) -> tuple[int, dict[str, int]]:

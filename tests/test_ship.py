@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from mpdeploy.core.errors import MpdeployError
-from mpdeploy.serve.ship import ShipConfig, parse_config, ship
+from mpdeploy.serve.ship import ShipConfig, ship
+from mpdeploy.serve.triton_config import parse_config
 
 ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")

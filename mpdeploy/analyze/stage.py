@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from mpdeploy.sparsity import spectral
-from mpdeploy.core.artifacts import atomic_dir, write_json, write_manifest
+from mpdeploy.core.artifacts import atomic_dir, write_manifest
+from mpdeploy.core.atomic import write_json
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.core.figures import new_figure
 from mpdeploy.sparsity.layers import LayerInfo, find_layers

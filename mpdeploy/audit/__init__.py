@@ -20,7 +20,8 @@ from mpdeploy.audit.metrics import (
     measure_latency,
     topk_correct,
 )
-from mpdeploy.audit.stage import AuditConfig, audit, read_audit, verdict_line
+from mpdeploy.audit.config import AuditConfig
+from mpdeploy.audit.stage import audit, read_audit, verdict_line
 
 __all__ = [
     "SCHEMA", "AuditConfig", "audit", "read_audit", "verdict_line", "certified_mask", "dense_margins",

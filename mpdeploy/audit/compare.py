@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mpdeploy.core import artifacts
+from mpdeploy.core import atomic
 from mpdeploy.audit.common import pattern_text, runtime_text
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.core.figures import new_figure
@@ -194,7 +194,7 @@ def report(engine_roots: Sequence[Path], config: ReportConfig) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise MpdeployError(artifacts.os_error_message(exc, out) or f"cannot create {out.parent} ({exc.strerror}); "
+        raise MpdeployError(atomic.os_error_message(exc, out) or f"cannot create {out.parent} ({exc.strerror}); "
                             "choose another --out") from None
     png = out.with_suffix(".png") if config.plots else None
     if png is not None:
@@ -202,7 +202,7 @@ def report(engine_roots: Sequence[Path], config: ReportConfig) -> Path:
 
         buffer = io.BytesIO()
         _plot(rows, buffer)
-        artifacts.atomic_write_bytes(png, buffer.getvalue())
-    artifacts.atomic_write_text(out, render(rows, png.name if png else None, out.parent))
+        atomic.atomic_write_bytes(png, buffer.getvalue())
+    atomic.atomic_write_text(out, render(rows, png.name if png else None, out.parent))
     logger.info("compared %d audits -> %s", len(rows), out)
     return out

@@ -136,7 +136,7 @@ def check_engine_weights(onnx_path: Path, layers: Sequence[Mapping[str, Any]],
     """
     import onnx
 
-    from mpdeploy.export.stage import check_trt_sparsity, nm_compliant_along, tensor_array
+    from mpdeploy.onnx.trt_rules import check_trt_sparsity, nm_compliant_along, tensor_array
     from mpdeploy.sparsity.patterns import NM, parse_pattern
 
     proto = onnx.load(str(onnx_path))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from mpdeploy.core import artifacts
+from mpdeploy.core import atomic
 from mpdeploy.core.runner import StageResult, run_stage, step_progress
 
 
@@ -26,7 +26,7 @@ def audit_stage(engine_dir: Path, audit_config, runtime, force: bool, progress) 
     result = run_stage("audit", root / "audit", "audit", asdict(audit_config), make, force=force,
                        inputs=audit_inputs(engine), sources=sources)
     step("audit", 1, 1)
-    data = artifacts.read_json(result.path / "audit.json", what="audit")
+    data = atomic.read_json(result.path / "audit.json", what="audit")
     result.details = {"passed": data.get("passed"), "failures": data.get("failures") or [],
                       "summary": data.get("summary") or {}}
     return result

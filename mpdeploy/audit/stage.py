@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mpdeploy.core import artifacts
+from mpdeploy.core import artifacts, atomic
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.core.kinds import AuditFolder, EngineFolder
 
@@ -241,8 +241,8 @@ def _write_audit(config: AuditConfig, subject: AuditSubject, result: dict[str, A
         result["plots"] = plots
         clock.lap("plots_s")
         result["seconds"] = clock.total()
-        artifacts.write_json(tmp / "audit.json", result)
-        artifacts.atomic_write_text(tmp / "audit.md", render_markdown(result, subject.root))
+        atomic.write_json(tmp / "audit.json", result)
+        atomic.atomic_write_text(tmp / "audit.md", render_markdown(result, subject.root))
         artifacts.write_manifest(tmp, KIND, config, inputs=audit_inputs(subject.engine),
                                  sources=audit_sources(subject.engine), target=out,
                                  extra={"backend": subject.backend, "passed": not result["failures"]})

@@ -124,7 +124,7 @@ def plan_conversion(model, kernel: str = "cusparselt", precision: str = "fp16", 
     return plan
 
 
-def _conv1x1_as_linear_class():
+def conv1x1_as_linear_class():
     import torch
     from torch import nn
 
@@ -153,7 +153,7 @@ def convert_model(model, plan: list[dict[str, Any]], kernel: str):
     from torch import nn
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
-    wrapper = _conv1x1_as_linear_class()
+    wrapper = conv1x1_as_linear_class()
     previous = SparseSemiStructuredTensor._FORCE_CUTLASS
     SparseSemiStructuredTensor._FORCE_CUTLASS = kernel == "cutlass"  # read at conversion time only
     try:

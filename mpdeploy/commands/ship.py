@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpdeploy.serve.ship import ENGINE_BACKENDS, KINDS, SERVE_BACKENDS, VARIANTS, ShipConfig, ship_verified
+from mpdeploy.serve.inputs import ENGINE_BACKENDS
+from mpdeploy.serve.ship import KINDS, SERVE_BACKENDS, VARIANTS, ShipConfig, ship_verified
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,15 +22,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from mpdeploy.core.atomic import (  # noqa: F401  (re-exported: the old import path of these helpers)
-    atomic_write_bytes,
-    atomic_write_text,
+from mpdeploy.core.atomic import (
     check_target,
     clean_stale_temps,
-    disk_full,
     json_default,
     normal_modes,
-    os_error_message,
     read_json,
     swap_into_place,
     translate_os_errors,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mpdeploy.core import artifacts
+from mpdeploy.core import artifacts, atomic
 from mpdeploy.core.errors import MpdeployError
 
 
@@ -125,7 +125,7 @@ class OnnxFolder(ArtifactFolder):
         return self.file("model.dense.onnx")
 
     def sparsity(self) -> dict[str, Any]:
-        return artifacts.read_json(self.file("sparsity.json"), what="sparsity record")
+        return atomic.read_json(self.file("sparsity.json"), what="sparsity record")
 
     def weights(self, verify: bool = False) -> PrunedFolder | None:
         """The weights this ONNX was exported from (verified with the chain when this was opened)."""
@@ -150,7 +150,7 @@ class EngineFolder(ArtifactFolder):
         return {v: self.file(rel) for v, rel in (self.manifest.get("variants") or {}).items()}
 
     def report(self) -> dict[str, Any]:
-        return artifacts.read_json(self.file(self.REPORT), what="build report")
+        return atomic.read_json(self.file(self.REPORT), what="build report")
 
     def weights(self, verify: bool = False) -> PrunedFolder | None:
         """The exact weights this engine was built from (its recorded source), or None for old engines."""
@@ -169,7 +169,7 @@ class AuditFolder(ArtifactFolder):
 
     def result(self) -> dict[str, Any]:
         path = self.file("audit.json")
-        data = artifacts.read_json(path, what="audit")
+        data = atomic.read_json(path, what="audit")
         if not isinstance(data, dict) or data.get("schema") != self.SCHEMA:
             raise MpdeployError(f"{path} is not a {self.SCHEMA} audit; re-run mpdeploy audit")
         if data.get("passed") != self.manifest.get("passed"):

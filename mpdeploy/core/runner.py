@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mpdeploy.core import artifacts
+from mpdeploy.core import artifacts, atomic
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def run_stage(name: str, folder: Path, kind: str, config: Any, make: Callable[[]
     """Reuse `folder` if the one reuse rule holds, else call `make()` (which writes it atomically)."""
     t0 = time.perf_counter()
     folder = Path(folder)
-    artifacts.clean_stale_temps(folder)
+    atomic.clean_stale_temps(folder)
     key = artifacts.config_hash(config)
     if not force and artifacts.is_complete(folder, kind, key, inputs or {}, sources):
         logger.info("%s: reusing %s (same config and inputs)", name, folder)

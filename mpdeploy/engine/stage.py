@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mpdeploy.core import artifacts
+from mpdeploy.core import artifacts, atomic
 from mpdeploy.backends.base import BuildConfig, BuildInputs, backend_class, create_backend
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.core.kinds import OnnxFolder
@@ -117,7 +117,7 @@ def _write_engines(backend, backend_name, backend_reason, variants, build_config
             "onnx_sparsity_summary": onnx.sparsity().get("summary"),
             "prune_totals": weights_manifest.get("totals"),
         }
-        artifacts.write_json(tmp / "build_report.json", report)
+        atomic.write_json(tmp / "build_report.json", report)
         artifacts.write_manifest(
             tmp, ENGINE_KIND, config, inputs=inputs, sources=sources, target=folder,
             extra={"backend": backend_name, "precision": precision,
@@ -159,6 +159,6 @@ def build_engines(onnx_dir: Path, backend_name: str, build_config: BuildConfig, 
                        sources={"onnx": onnx.path, "weights": weights_dir})
     if result.status == "reused":  # run-time options are not in the reuse key: callers pass theirs to runners
         step(f"build {backend_name}", len(variants), len(variants))
-    report = made.get("report") or artifacts.read_json(folder / "build_report.json", what="build report")
+    report = made.get("report") or atomic.read_json(folder / "build_report.json", what="build report")
     result.details = engine_details(report)
     return result

@@ -95,7 +95,7 @@ def write_precision_files(tmp: Path, precision: str, records: list[dict], manife
     """Convert both FP32 files in `tmp` to `precision`, check them, return the sparsity.json `precision` record."""
     import onnx
 
-    from mpdeploy.backends.trt.report import qdq_graph_findings
+    from mpdeploy.onnx.qdq import qdq_graph_findings
 
     batches, calib = (None, None)
     if precision == "int8":

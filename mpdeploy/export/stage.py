@@ -27,31 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from mpdeploy.core import artifacts
+from mpdeploy.core import artifacts, atomic
 from mpdeploy.core.errors import MpdeployError
-from mpdeploy.onnx.annotate import (  # noqa: F401 - per_tensor_metadata_supported is re-exported
-    METADATA_KEY,
-    annotate,
-    per_tensor_metadata_supported,
-    round_to_fp16,
-    weights_to_fp16,
-)
-from mpdeploy.onnx.initializers import Mapped, map_initializers  # noqa: F401 - re-exported
+from mpdeploy.onnx.annotate import annotate, round_to_fp16, weights_to_fp16
+from mpdeploy.onnx.initializers import Mapped, map_initializers
 from mpdeploy.onnx.precision import PRECISIONS
-from mpdeploy.onnx.trt_rules import (  # noqa: F401 - re-exported: the rules used to live here
-    DATA_MOVEMENT_OPS,
-    SEE_THROUGH_OPS,
-    check_trt_sparsity,
-    nm_compliant_along,
-    tensor_array,
-)
-from mpdeploy.onnx.from_torch import (  # noqa: F401 - the names are re-exported
-    BATCH_DIM,
-    INPUT_NAME,
-    OUTPUT_NAME,
-    bypass_weight_identities,
-    torch_export,
-)
+from mpdeploy.onnx.trt_rules import check_trt_sparsity, nm_compliant_along, tensor_array
+from mpdeploy.onnx.from_torch import INPUT_NAME, OUTPUT_NAME, bypass_weight_identities, torch_export
 from mpdeploy.sparsity.patterns import parse_pattern
 
 logger = logging.getLogger(__name__)
@@ -280,7 +262,7 @@ def export(pruned_dir: Path, config: ExportConfig, out_dir: Path) -> Path:
     import torch
 
     from mpdeploy import __version__
-    from mpdeploy.prune.stage import load_pruned
+    from mpdeploy.sparsity.pruned import load_pruned
 
     pruned_dir, out_dir = Path(pruned_dir), Path(out_dir)
     artifacts.read_manifest(pruned_dir, "pruned", verify=True)  # bad input fails before anything is made
@@ -339,7 +321,7 @@ def export(pruned_dir: Path, config: ExportConfig, out_dir: Path) -> Path:
         summary = _summary(records, ineligible, trt)
         sparsity = _sparsity_record(config, source_hash, per_tensor, records, trt, annotations, ort_check, summary,
                                     precision)
-        artifacts.write_json(tmp / "sparsity.json", sparsity)
+        atomic.write_json(tmp / "sparsity.json", sparsity)
         artifacts.write_manifest(
             tmp, KIND, config, inputs={"pruned_manifest": source_hash}, sources={"weights": pruned_dir},
             extra={
@@ -364,4 +346,4 @@ def load_sparsity(onnx_dir: Path, verify: bool = True) -> dict[str, Any]:
     """Read a checked `onnx/` artifact's sparsity.json (the manifest, and with `verify` its hashes, first)."""
     onnx_dir = Path(onnx_dir)
     artifacts.read_manifest(onnx_dir, KIND, verify=verify)
-    return artifacts.read_json(onnx_dir / "sparsity.json", what="sparsity record")
+    return atomic.read_json(onnx_dir / "sparsity.json", what="sparsity record")

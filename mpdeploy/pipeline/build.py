@@ -36,10 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mpdeploy.core import artifacts
-from mpdeploy.core.artifacts import clean_stale_temps  # noqa: F401  (old import path)
+from mpdeploy.core import artifacts, atomic
 from mpdeploy.backends.base import REGISTRY, BuildConfig, create_backend, resolve_backend
-from mpdeploy.engine.stage import ENGINE_KIND, build_engines, options_for  # noqa: F401
+from mpdeploy.engine.stage import build_engines, options_for
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.audit.run import audit_stage
 from mpdeploy.core.runner import StageResult
@@ -119,10 +118,12 @@ def _safe_name(name: str) -> str:
     return cleaned
 
 
-def _load(model, seed: int):
+def load_seeded_model(model, seed: int):
+    """The model to prune (a source, a ModelSpec or a LoadedModel), random init seeded so a re-run matches."""
     import torch
 
-    from mpdeploy.models.load import LoadedModel, ModelSpec, load_model
+    from mpdeploy.models.spec import LoadedModel, ModelSpec
+    from mpdeploy.models.load import load_model
 
     if isinstance(model, LoadedModel):
         return model
@@ -247,7 +248,7 @@ def run_build(model, prune_config, export_config, build_config: BuildConfig, sta
     if stage.out is not None:
         _check_root(Path(stage.out))
 
-    loaded = _load(model, prune_config.seed)
+    loaded = load_seeded_model(model, prune_config.seed)
     model_hash = model_fingerprint(loaded)
     root = Path(stage.out) if stage.out else Path(stage.out_root) / _safe_name(stage.name or loaded.name)
     _check_root(root)
@@ -255,7 +256,7 @@ def run_build(model, prune_config, export_config, build_config: BuildConfig, sta
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise MpdeployError(artifacts.os_error_message(exc, root) or f"cannot create {root} ({exc.strerror}); "
+        raise MpdeployError(atomic.os_error_message(exc, root) or f"cannot create {root} ({exc.strerror}); "
                             "choose another --out") from None
 
     stages = [prune_stage(loaded, model_hash, prune_config, root / "pruned", stage.force, progress)]
@@ -272,7 +273,7 @@ def run_build(model, prune_config, export_config, build_config: BuildConfig, sta
     stages += _densify_round(root, engine, stages[-1], backend_name, backend_reason, export_config, build_config,
                              audit_config, stage, progress)
     result = BuildResult(root, backend_name, backend_reason, stages)
-    artifacts.write_json(root / SUMMARY_FILE, {
+    atomic.write_json(root / SUMMARY_FILE, {
         "schema": SUMMARY_SCHEMA,
         "backend": backend_name,
         "backend_reason": backend_reason,

@@ -16,15 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpdeploy.core import artifacts
+from mpdeploy.core import artifacts, atomic
 from mpdeploy.sparsity.budgets import Candidate, get_budget
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.sparsity.layers import LayerInfo, count_macs, find_layers, skip_reason
-from mpdeploy.models.load import LoadedModel
+from mpdeploy.models.spec import LoadedModel
 from mpdeploy.sparsity.patterns import NM, is_nm_compliant, parse_pattern
 from mpdeploy.sparsity.saliency import InputStats, choose_mask, collect_stats, get_saliency, removed_energy_fraction
-# Re-created models live in mpdeploy.sparsity.pruned (below the stages, so backends can load them); kept here for callers.
-from mpdeploy.sparsity.pruned import PrunedArtifact, apply_masks, build_architecture, load_pruned  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -412,7 +410,7 @@ def prune(loaded: LoadedModel, config: PruneConfig, out_dir: Path, progress: Pro
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    artifacts.check_target(out_dir)  # a bad --out fails before the work, not after it
+    atomic.check_target(out_dir)  # a bad --out fails before the work, not after it
     artifacts.check_replaceable(out_dir, KIND)
     result = prune_model(loaded, config, progress)
     dense_state = result.extra.pop("dense_state")

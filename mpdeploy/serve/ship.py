@@ -32,7 +32,6 @@ from typing import Any
 from mpdeploy.core import artifacts
 from mpdeploy.core.artifacts import sha256_file
 from mpdeploy.core.errors import MpdeployError
-from mpdeploy.serve.inputs import ENGINE_BACKENDS, ENGINE_SCHEMA  # noqa: F401 - re-exported
 from mpdeploy.serve.inputs import (
     audit_of_engine,
     check_verdict,
@@ -41,7 +40,7 @@ from mpdeploy.serve.inputs import (
     pick_engine_backend,
     read_audit,
 )
-from mpdeploy.serve.triton_config import build_model_config, config_to_text, parse_config  # noqa: F401 - re-exported
+from mpdeploy.serve.triton_config import build_model_config, config_to_text, parse_config
 from mpdeploy.serve.triton_repo import (
     VersionTaken,
     remove_stale_tmp,

@@ -294,7 +294,8 @@ class TrtBackend(Backend):
     def _report(self, variant, precision, plan, caps, onnx_path, log_text, info, kwargs, config) -> dict[str, Any]:
         import onnx
 
-        from mpdeploy.backends.trt.report import parse_engine_io, qdq_graph_findings
+        from mpdeploy.backends.trt.report import parse_engine_io
+        from mpdeploy.onnx.qdq import qdq_graph_findings
 
         onnx_dir = onnx_path.parent
         layers = parse_engine_inspector(info)

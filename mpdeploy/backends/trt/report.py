@@ -21,7 +21,6 @@ import json
 import re
 from typing import Any
 
-from mpdeploy.onnx.qdq import qdq_graph_findings  # noqa: F401 - part of the build report's API
 
 ELIGIBLE_MARKER = "(Sparsity) Layers eligible for sparse math:"
 PICKED_MARKER = "(Sparsity) TRT inference plan picked sparse implementation for layers:"
