@@ -40,7 +40,7 @@ PICK_MIN_CHANNELS = 256  # tensorrt.md: sparse conv wins only when C and K are l
 
 def loader(name: str, prov):
     """A factory of fresh LoadedModels (prune works in place)."""
-    from mpdeploy.models.load import LoadedModel
+    from mpdeploy.models.spec import LoadedModel
 
     if name == "digits_cnn":
         from mpdeploy.models.zoo import load_zoo_model

@@ -49,7 +49,8 @@ def check_model(spec: str, work: Path, prov: provenance.Provenance) -> dict:
     import torch
 
     from mpdeploy.export.stage import ExportConfig, export
-    from mpdeploy.models.load import ModelSpec, load_model
+    from mpdeploy.models.load import load_model
+    from mpdeploy.models.spec import ModelSpec
     from mpdeploy.prune.stage import PruneConfig, prune
 
     name, _, tome = spec.partition("+tome")

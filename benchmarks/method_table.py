@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mpdeploy.core.machine import cpu_model  # noqa: E402
-from mpdeploy.models.load import LoadedModel  # noqa: E402
+from mpdeploy.models.spec import LoadedModel  # noqa: E402
 from mpdeploy.prune.stage import PruneConfig, prune_model  # noqa: E402
 from mpdeploy.sparsity.saliency import DEFAULT_CALIB_SALIENCY, list_saliencies  # noqa: E402
 from mpdeploy.models.zoo import digits_top1, list_zoo_models, load_zoo_model  # noqa: E402

@@ -38,7 +38,8 @@ from pathlib import Path
 t0 = time.perf_counter()
 import torch
 torch.manual_seed(0)
-from mpdeploy.models.load import ModelSpec, load_model
+from mpdeploy.models.load import load_model
+from mpdeploy.models.spec import ModelSpec
 from mpdeploy.prune.stage import PruneConfig, prune
 name, shape = sys.argv[1], sys.argv[2]
 shape = tuple(int(v) for v in shape.split(",")) if shape else None

@@ -22,7 +22,8 @@ import json, sys, time, tempfile
 t0 = time.perf_counter()
 import torch
 torch.manual_seed(0)
-from mpdeploy.models.load import ModelSpec, load_model
+from mpdeploy.models.load import load_model
+from mpdeploy.models.spec import ModelSpec
 from mpdeploy.prune.stage import PruneConfig, prune
 shape = tuple(int(v) for v in sys.argv[2].split(",")) if len(sys.argv) > 2 else None
 loaded = load_model(ModelSpec("timm:" + sys.argv[1], weights="random", input_shape=shape))

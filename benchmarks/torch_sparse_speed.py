@@ -81,7 +81,8 @@ def prune_model(name: str, shape: tuple[int, ...] | None, out: Path) -> Path:
     """Random init (seeded), mpdeploy prune with the uniform 2:4 budget -> `out/pruned`."""
     import torch
 
-    from mpdeploy.models.load import ModelSpec, load_model
+    from mpdeploy.models.spec import ModelSpec
+    from mpdeploy.models.load import load_model
     from mpdeploy.prune.stage import PruneConfig, prune
 
     torch.manual_seed(0)

@@ -24,7 +24,8 @@ SM80 = HAS_CUDA and torch.cuda.get_device_capability(0) >= (8, 0)
 def artifact(tmp_path_factory) -> Path:
     """pruned/ + onnx/ of timm's tiny test_vit (random init, seeded), made by the real prune and export."""
     from mpdeploy.export.stage import ExportConfig, export
-    from mpdeploy.models.load import ModelSpec, load_model
+    from mpdeploy.models.spec import ModelSpec
+    from mpdeploy.models.load import load_model
     from mpdeploy.prune.stage import PruneConfig, prune
 
     root = tmp_path_factory.mktemp("artifact")

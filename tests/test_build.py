@@ -168,7 +168,7 @@ def test_kill_during_export_leaves_nothing_a_rerun_reuses(tmp_path):
     assert not (root / "engine-ort").exists()
 
     from mpdeploy.export.stage import ExportConfig
-    from mpdeploy.models.load import ModelSpec
+    from mpdeploy.models.spec import ModelSpec
     from mpdeploy.prune.stage import PruneConfig
     from mpdeploy.backends.base import BuildConfig
     from mpdeploy.pipeline.build import BuildStageConfig, run_build
@@ -190,7 +190,7 @@ def test_kill_during_export_leaves_nothing_a_rerun_reuses(tmp_path):
 
 def test_model_fingerprint_follows_the_seed():
     from mpdeploy.pipeline.build import load_seeded_model, model_fingerprint
-    from mpdeploy.models.load import ModelSpec
+    from mpdeploy.models.spec import ModelSpec
 
     spec = ModelSpec("timm:test_resnet", weights="random", input_shape=(3, 32, 32))
     a, b, c = load_seeded_model(spec, 0), load_seeded_model(spec, 0), load_seeded_model(spec, 1)

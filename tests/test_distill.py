@@ -26,7 +26,7 @@ import mpdeploy.distill.train as distill_train
 from mpdeploy.core import artifacts
 from mpdeploy.distill import DistillConfig, distill, kd_loss, state_hash
 from mpdeploy.core.errors import MpdeployError
-from mpdeploy.models.load import LoadedModel
+from mpdeploy.models.spec import LoadedModel
 from mpdeploy.sparsity.patterns import NM, is_nm_compliant
 from mpdeploy.prune.stage import PruneConfig, prune
 from mpdeploy.sparsity.pruned import load_pruned

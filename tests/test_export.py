@@ -37,7 +37,8 @@ from mpdeploy.export.stage import ExportConfig, export, load_sparsity  # noqa: E
 from mpdeploy.onnx.annotate import per_tensor_metadata_supported  # noqa: E402
 from mpdeploy.onnx.initializers import Mapped, map_initializers  # noqa: E402
 from mpdeploy.onnx.trt_rules import check_trt_sparsity, nm_compliant_along  # noqa: E402
-from mpdeploy.models.load import ModelSpec, load_model  # noqa: E402
+from mpdeploy.models.spec import ModelSpec  # noqa: E402
+from mpdeploy.models.load import load_model
 from mpdeploy.sparsity.patterns import NM  # noqa: E402
 from mpdeploy.prune.stage import PruneConfig, prune  # noqa: E402
 from mpdeploy.sparsity.pruned import load_pruned  # noqa: E402

@@ -188,7 +188,9 @@ def test_input_channels_do_not_fit(tmp_path, capfd):
 
 
 def test_timm_in_chans_gives_the_input_shape(tmp_path, capfd):
-    from mpdeploy.models.load import ModelSpec, load_model, parse_model_kwargs
+    from mpdeploy.models.spec import ModelSpec
+    from mpdeploy.commands.arguments import parse_model_kwargs
+    from mpdeploy.models.load import load_model
 
     loaded = load_model(ModelSpec("timm:resnet10t", weights="random", model_kwargs=parse_model_kwargs("in_chans=1")))
     assert loaded.input_shape[0] == 1

@@ -6,7 +6,8 @@ from torch import nn
 
 from mpdeploy.cli import main as cli_main
 from mpdeploy.core.errors import MpdeployError
-from mpdeploy.models.load import ModelSpec, load_model
+from mpdeploy.models.spec import ModelSpec
+from mpdeploy.models.load import load_model
 
 
 class PickledNet(nn.Module):  # module-level so it can be pickled whole
@@ -139,7 +140,7 @@ def test_cli_pickle_refused_and_truncated(capsys, tmp_path):
 
 
 def test_model_kwargs_are_literals():
-    from mpdeploy.models.load import parse_model_kwargs
+    from mpdeploy.commands.arguments import parse_model_kwargs
 
     got = parse_model_kwargs("in_chans=1, img_size=(32,32),global_pool=avg,drop_rate=0.1,dynamic=True,norm=None,ks=[3,5]")
     assert got == (("in_chans", 1), ("img_size", (32, 32)), ("global_pool", "avg"), ("drop_rate", 0.1),
@@ -151,7 +152,8 @@ def test_model_kwargs_are_literals():
 
 
 def test_timm_model_kwargs_recorded_and_rebuilt():
-    from mpdeploy.models.load import parse_model_kwargs, recreate_architecture
+    from mpdeploy.commands.arguments import parse_model_kwargs
+    from mpdeploy.models.load import recreate_architecture
 
     kwargs = parse_model_kwargs("in_chans=1,img_size=16,patch_size=4,embed_dim=32,depth=1,num_heads=2,num_classes=10")
     loaded = load_model(ModelSpec("timm:vit_tiny_patch16_224", weights="random", model_kwargs=kwargs))
@@ -181,7 +183,8 @@ def test_analyze_sees_the_layers_of_programs(tmp_path, capsys, fmt):
     layers = json.loads((tmp_path / "an" / "spectra.json").read_text())["layers"]
     assert [layer["name"] for layer in layers] == ["stem", "conv", "expand", "fc"]
     # The lifted program computes what the original module computes.
-    from mpdeploy.models.load import ModelSpec, load_model
+    from mpdeploy.models.spec import ModelSpec
+    from mpdeploy.models.load import load_model
 
     loaded = load_model(ModelSpec(args[0], input_shape=(1, 16, 16), trust_pickle=True))
     x = torch.randn(3, 1, 16, 16)

@@ -213,7 +213,7 @@ def test_unknown_module_between_producer_and_consumer_is_refused():
 
 
 def test_prune_model_with_permute_end_to_end(quick_search):
-    from mpdeploy.models.load import LoadedModel
+    from mpdeploy.models.spec import LoadedModel
     from mpdeploy.prune.stage import PruneConfig, prune_model
 
     kwargs = {"img_size": 32, "patch_size": 4, "in_chans": 1, "num_classes": 10, "depth": 2}

@@ -36,7 +36,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """{(model, precision): onnx_dir} from the real prune + export of timm's tiny test models (2:4 uniform)."""
-    from mpdeploy.models.load import ModelSpec, load_model
+    from mpdeploy.models.spec import ModelSpec
+    from mpdeploy.models.load import load_model
     from mpdeploy.prune.stage import PruneConfig, prune
 
     root = tmp_path_factory.mktemp("precision")

@@ -7,7 +7,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mpdeploy.core.errors import MpdeployError
-from mpdeploy.models.load import LoadedModel, ModelSpec, load_model
+from mpdeploy.models.spec import LoadedModel, ModelSpec
+from mpdeploy.models.load import load_model
 from mpdeploy.sparsity.patterns import NM, is_nm_compliant, reduction_view
 from mpdeploy.prune.stage import PruneConfig, prune, prune_model
 from mpdeploy.sparsity.pruned import load_pruned

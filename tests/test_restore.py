@@ -164,7 +164,7 @@ TIMM_KWARGS = {"img_size": 32, "patch_size": 4, "in_chans": 1, "num_classes": 10
 
 def tiny_vit():
     timm = pytest.importorskip("timm")
-    from mpdeploy.models.load import LoadedModel
+    from mpdeploy.models.spec import LoadedModel
 
     torch.manual_seed(0)
     module = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TIMM_KWARGS)

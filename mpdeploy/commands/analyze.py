@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpdeploy.commands._model_args import add_model_arguments
+from mpdeploy.commands.arguments import add_model_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +20,7 @@ def main(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from mpdeploy.analyze.stage import AnalyzeConfig, analyze
-    from mpdeploy.models.load import load_model_from_args
+    from mpdeploy.commands.arguments import load_model_from_args
 
     loaded = load_model_from_args(args)
     out = args.out or Path("engines") / loaded.name / "analyze"

@@ -1,4 +1,5 @@
-"""Model flags and their parsing: --input-shape, --model-kwargs, --arch, --trust-pickle, preprocessing."""
+"""The flags the commands share, and their parsing: the model (--input-shape, --model-kwargs, --arch,
+--trust-pickle) and the preprocessing of its data. Torch-free, so `mpdeploy CMD --help` stays fast."""
 
 from __future__ import annotations
 
@@ -6,14 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from mpdeploy.commands.data_args import add_data_arguments
 from mpdeploy.core.errors import MpdeployError
-
-# One image of at most 64 Mi values (e.g. 3x4096x4096) and 1,024 channels: larger is a typo, and would
-# fail later as an allocation error deep inside the first forward pass.
-MAX_INPUT_VALUES = 1 << 26
-MAX_INPUT_CHANNELS = 1024
-
+from mpdeploy.models.spec import COLORS, CROPS, ModelSpec, bounded_input_shape
 
 def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
     if text is None:
@@ -25,19 +20,6 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
     if len(dims) != 3 or min(dims) < 1:
         raise MpdeployError(f"--input-shape {text!r} must be three positive integers C,H,W, e.g. 3,224,224")
     return bounded_input_shape(dims)
-
-
-def bounded_input_shape(dims) -> tuple[int, ...]:
-    dims = tuple(int(d) for d in dims)
-    values = 1
-    for d in dims:
-        values *= d
-    if dims[0] > MAX_INPUT_CHANNELS or values > MAX_INPUT_VALUES:
-        raise MpdeployError(
-            f"input shape {','.join(map(str, dims))} is too large ({values:,} values per image; the limit is "
-            f"{MAX_INPUT_VALUES:,} and {MAX_INPUT_CHANNELS} channels); pass the size the model was trained at"
-        )
-    return dims
 
 
 def parse_model_kwargs(text: str | None) -> tuple[tuple[str, Any], ...]:
@@ -112,8 +94,6 @@ def spec_from_args(args: argparse.Namespace, default: str | None = None):
     source = args.model or default
     if source is None:
         raise MpdeployError("no model given; pass timm:NAME, zoo:NAME or a model file")
-    from mpdeploy.models.load import ModelSpec
-
     return ModelSpec(
         source=source,
         arch=args.arch,
@@ -136,3 +116,22 @@ def load_model_from_args(args: argparse.Namespace, default: str | None = None):
     from mpdeploy.models.load import load_model
 
     return load_model(spec_from_args(args, default))
+
+
+# What every data flag (--calib, --data, --eval-data, --distill-data) accepts: mpdeploy/models/data.py reads them.
+TENSOR_FILES = "an .npz / .safetensors of tensors (`images` [N,C,H,W] at the model's input size, optional `labels`)"
+DATA_SOURCES = f"an ImageFolder DIR, {TENSOR_FILES}, digits, or synthetic"
+LABELLED_SOURCES = f"an ImageFolder DIR, {TENSOR_FILES.replace('optional', 'with')}, or digits"
+
+
+def add_data_arguments(group) -> None:
+    """Preprocessing flags for ImageFolder data (calibration, evaluation and distillation alike)."""
+    group.add_argument("--mean", default=None, help="per-channel mean the model was trained with, e.g. 0.5 or "
+                       "0.485,0.456,0.406 (default: the model's timm config)")
+    group.add_argument("--std", default=None, help="per-channel std, same form as --mean")
+    group.add_argument("--resize", type=int, default=None, help="shorter image side before the centre crop")
+    group.add_argument("--crop", default="center", choices=CROPS,
+                       help="center: resize then centre-crop (default) | resize: resize straight to H,W")
+    group.add_argument("--color", default="auto", choices=COLORS,
+                       help="image channels: auto = grayscale for 1-channel models, else RGB")
+    group.add_argument("--interpolation", default=None, choices=["bilinear", "bicubic", "nearest"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpdeploy.commands.data_args import DATA_SOURCES
+from mpdeploy.commands.arguments import DATA_SOURCES
 from mpdeploy.core.trust import add_trust_arguments
 
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpdeploy.commands._model_args import add_model_arguments
 from mpdeploy.commands.audit import add_audit_options, audit_config_from_args
 from mpdeploy.commands.prune import add_prune_arguments
-from mpdeploy.commands.data_args import DATA_SOURCES, LABELLED_SOURCES
+from mpdeploy.commands.arguments import DATA_SOURCES, LABELLED_SOURCES, add_model_arguments
 
 DEFAULT_MODEL = "zoo:digits_vit"
 # With no MODEL the demo runs the whole method on the default: the calibrated default saliency (auto) on digits, then
@@ -253,7 +252,7 @@ def print_summary(result) -> None:
 def main(args: argparse.Namespace) -> int:
     from mpdeploy.pipeline.build import run_build
     from mpdeploy.commands.progress import stage_progress
-    from mpdeploy.models.load import spec_from_args
+    from mpdeploy.commands.arguments import spec_from_args
 
     prune_config, export_config, build_config, stage, distill_config, audit_config = configs_from_args(args)
     spec = spec_from_args(args, default=DEFAULT_MODEL)

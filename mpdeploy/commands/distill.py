@@ -12,7 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
-from mpdeploy.commands.data_args import LABELLED_SOURCES
+from mpdeploy.commands.arguments import LABELLED_SOURCES
 from mpdeploy.core.trust import add_trust_arguments
 
 

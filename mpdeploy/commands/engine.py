@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from mpdeploy.commands.build import add_engine_options
-from mpdeploy.commands.data_args import DATA_SOURCES
+from mpdeploy.commands.arguments import DATA_SOURCES
 from mpdeploy.core.trust import add_trust_arguments
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpdeploy.commands._model_args import add_model_arguments
-from mpdeploy.commands.data_args import DATA_SOURCES
+from mpdeploy.commands.arguments import DATA_SOURCES, add_model_arguments
 
 
 def parse_tome(text: str | None):
@@ -103,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from mpdeploy.commands.progress import stage_progress
-    from mpdeploy.models.load import load_model_from_args
+    from mpdeploy.commands.arguments import load_model_from_args
     from mpdeploy.prune.stage import prune
 
     config = backend_prune_config(prune_config_from_args(args), args)  # validate flags before loading anything heavy

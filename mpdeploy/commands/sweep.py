@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpdeploy.commands._model_args import add_model_arguments
+from mpdeploy.commands.arguments import add_model_arguments
 from mpdeploy.commands.audit import add_audit_options
 from mpdeploy.commands.build import DEFAULT_CALIB, DEFAULT_MODEL, add_engine_options
 from mpdeploy.commands.prune import add_prune_arguments
@@ -76,7 +76,7 @@ def _configs(args: argparse.Namespace):
     from mpdeploy.commands.prune import prune_config_from_args
     from mpdeploy.core.errors import MpdeployError
     from mpdeploy.export.stage import ExportConfig
-    from mpdeploy.models.load import spec_from_args
+    from mpdeploy.commands.arguments import spec_from_args
     from mpdeploy.pipeline.sweep.pipeline import SweepRequest
     from mpdeploy.pipeline.sweep.space import parse_grid, parse_objective
     from mpdeploy.pipeline.sweep.store import Store

@@ -20,7 +20,8 @@ def load_teacher(config: DistillConfig, pruned_dir: Path, manifest: dict[str, An
         record = {"kind": "artifact", "file": "dense.safetensors",
                   "sha256": manifest.get("files", {}).get("dense.safetensors"), "model": manifest["model"]["source"]}
         return dense, record
-    from mpdeploy.models.load import ModelSpec, load_model
+    from mpdeploy.models.spec import ModelSpec
+    from mpdeploy.models.load import load_model
 
     loaded = load_model(ModelSpec(source=config.teacher, input_shape=tuple(manifest["model"]["input_shape"])))
     return loaded.module, {"kind": "model", "spec": config.teacher, "source": loaded.source}

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.models.spec import COLORS, CROPS
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,6 @@ DIGITS_MEAN, DIGITS_STD = 0.5, 0.5
 
 
 TENSOR_SUFFIXES = (".npz", ".safetensors")
-# The flags live in a torch-free module so `mpdeploy CMD --help` stays fast.
-from mpdeploy.commands.data_args import COLORS, CROPS, add_data_arguments  # noqa: E402,F401
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ checking it still has the recorded sha256, and only with --trust-pickle on its o
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import zipfile
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.models import programs
 
 logger = logging.getLogger(__name__)
 
@@ -125,25 +125,6 @@ def load_torchscript(path: Path, trust: bool) -> torch.jit.ScriptModule:
         raise MpdeployError(f"{path} looks like TorchScript but failed to load ({type(exc).__name__}); re-save it") from None
 
 
-@contextlib.contextmanager
-def torch_quiet():
-    """torch.export / its converters log tracebacks and shape notes, and warn, while loading: the user
-    gets mpdeploy's one line instead. (`disabled` is per logger, so every torch logger is switched.)"""
-    import warnings
-
-    names = ["torch", *(n for n in logging.root.manager.loggerDict if n.startswith("torch."))]
-    saved = [(logging.getLogger(n), logging.getLogger(n).disabled) for n in names]
-    for lg, _ in saved:
-        lg.disabled = True
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, was in saved:
-            lg.disabled = was
-
-
 def check_pt2_structure(path: Path) -> None:
     """Refuse a file that is not a complete .pt2 archive before asking anything about trust."""
     names = _zip_names(path) if zipfile.is_zipfile(path) else []
@@ -164,7 +145,7 @@ def load_exported(path: Path, trust: bool):
     if not zipfile.is_zipfile(path):
         raise not_readable(path, "not a .pt2 zip archive")
     try:
-        with torch_quiet():
+        with programs.torch_quiet():
             return torch.export.load(str(path))
     except Exception as exc:
         raise MpdeployError(
@@ -197,8 +178,6 @@ def _granted_for(path: Path, kind: str) -> bool:
 
 def reopen(source: dict[str, Any]) -> nn.Module:
     """The model of a pickle / TorchScript / .pt2 source, re-opened under its recorded trust and hash."""
-    from mpdeploy.models import programs as graph_layers
-
     kind = source["kind"]
     path = Path(source["path"])
     if not path.is_file():
@@ -217,5 +196,26 @@ def reopen(source: dict[str, Any]) -> nn.Module:
         return obj
     shape = tuple(source["input_shape"])
     if kind == "torchscript":
-        return graph_layers.torchscript_module(load_torchscript(path, trust), shape, str(path))
-    return graph_layers.program_module(load_exported(path, trust), shape, str(path))
+        return programs.torchscript_module(load_torchscript(path, trust), shape, str(path))
+    return programs.program_module(load_exported(path, trust), shape, str(path))
+
+
+def load_weights_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str, arch: str) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if mismatched:
+            k = mismatched[0]
+            parts.append(f"{len(mismatched)} with other shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        raise MpdeployError(
+            f"weights in {where} do not fit architecture {arch!r}: {'; '.join(parts)}; "
+            "pass the --arch (and --num-classes) the weights were trained with"
+        )
+    model.load_state_dict(state, strict=True)

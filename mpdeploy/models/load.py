@@ -7,24 +7,16 @@ Every failure is an `MpdeployError` naming the fix. Full pickles (arbitrary code
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from mpdeploy.models import files as model_files
 from mpdeploy.core.errors import MpdeployError
-from mpdeploy.commands.arguments import (  # noqa: F401 (re-exported: the commands import them from here)
-    DATA_SOURCE_FLAGS,
-    add_model_arguments,
-    bounded_input_shape,
-    load_model_from_args,
-    parse_input_shape,
-    parse_model_kwargs,
-    spec_from_args,
-)
+from mpdeploy.models import files as model_files
+from mpdeploy.models.files import load_weights_strict
+from mpdeploy.models.spec import LoadedModel, ModelSpec, bounded_input_shape
 from mpdeploy.models.timm_create import create_timm_model, timm_module
 
 logger = logging.getLogger(__name__)
@@ -32,33 +24,6 @@ logger = logging.getLogger(__name__)
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module", "ema", "state_dict_ema")
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """What to load. `source` is `timm:NAME`, `zoo:NAME`, or a file path."""
-
-    source: str
-    arch: str | None = None
-    checkpoint: Path | None = None
-    input_shape: tuple[int, ...] | None = None  # (C, H, W), without batch
-    num_classes: int | None = None
-    weights: str = "auto"  # for timm names: auto (pretrained if reachable) | pretrained | random
-    trust_pickle: bool = False
-    model_kwargs: tuple[tuple[str, Any], ...] = ()
-    data_spec: Any = None  # mpdeploy.models.data.DataSpec: how the model's inputs are made from images
-    data_sources: tuple[str, ...] = ()  # data the run will use, checked against the model up front
-
-
-@dataclass
-class LoadedModel:
-    module: nn.Module
-    input_shape: tuple[int, ...]  # (C, H, W)
-    name: str
-    source: dict[str, Any] = field(default_factory=dict)  # enough to re-create the architecture
-    data_config: dict[str, Any] = field(default_factory=dict)  # timm mean/std/interpolation
-
-    @property
-    def num_classes(self) -> int | None:
-        return getattr(self.module, "num_classes", None)
 
 
 def _timm_input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, dict[str, Any]]:
@@ -180,27 +145,6 @@ def create_python_model(target: str, kwargs: dict[str, Any], recorded_in: str | 
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0][:200]
-
-
-def load_weights_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str, arch: str) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if mismatched:
-            k = mismatched[0]
-            parts.append(f"{len(mismatched)} with other shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
-        raise MpdeployError(
-            f"weights in {where} do not fit architecture {arch!r}: {'; '.join(parts)}; "
-            "pass the --arch (and --num-classes) the weights were trained with"
-        )
-    model.load_state_dict(state, strict=True)
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:

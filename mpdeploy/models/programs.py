@@ -25,6 +25,25 @@ from mpdeploy.core.errors import MpdeployError
 
 logger = logging.getLogger(__name__)
 
+@contextlib.contextmanager
+def torch_quiet():
+    """torch.export / its converters log tracebacks and shape notes, and warn, while loading: the user
+    gets mpdeploy's one line instead. (`disabled` is per logger, so every torch logger is switched.)"""
+    import warnings
+
+    names = ["torch", *(n for n in logging.root.manager.loggerDict if n.startswith("torch."))]
+    saved = [(logging.getLogger(n), logging.getLogger(n).disabled) for n in names]
+    for lg, _ in saved:
+        lg.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, was in saved:
+            lg.disabled = was
+
+
 _CONV = "aten.conv2d.default"
 _LINEAR = "aten.linear.default"
 # What a *traced* TorchScript program's `aten::_convolution` becomes after conversion:
@@ -199,8 +218,6 @@ def torchscript_module(script: torch.jit.ScriptModule, input_shape: tuple[int, .
     from torch._export.converter import TS2EPConverter
 
     example = (torch.zeros(2, *input_shape),)
-    from mpdeploy.models.files import torch_quiet
-
     try:
         with torch_quiet():
             program = TS2EPConverter(script, example).convert()

@@ -154,7 +154,8 @@ def load_zoo_model(name: str):
     """LoadedModel for zoo model `name`, from its shipped weights (sha256-verified)."""
     from safetensors.torch import load
 
-    from mpdeploy.models.load import LoadedModel, load_weights_strict
+    from mpdeploy.models.files import load_weights_strict
+    from mpdeploy.models.spec import LoadedModel
 
     entry = _entry(name)
     model = create_zoo_model(name, trained=False)

@@ -54,7 +54,7 @@ def load_pruned(path: Path, which: str = "sparse", verify: bool = True, chain: b
     `verify` checks the folder's files and (with `chain`) the artifacts it was made from."""
     from safetensors.torch import load_file
 
-    from mpdeploy.models.load import load_weights_strict
+    from mpdeploy.models.files import load_weights_strict
 
     path = Path(path)
     folder = open_weights(path, verify=verify, chain=chain)
