@@ -1,5 +1,6 @@
 """The flags the commands share, and their parsing: the model (--input-shape, --model-kwargs, --arch,
---trust-pickle) and the preprocessing of its data. Torch-free, so `mpdeploy CMD --help` stays fast."""
+--trust-pickle) and the preprocessing of its data; the engine options (build, engine); the audit's
+options and gates (audit, build). Torch-free, so `mpdeploy CMD --help` stays fast."""
 
 from __future__ import annotations
 
@@ -135,3 +136,107 @@ def add_data_arguments(group) -> None:
     group.add_argument("--color", default="auto", choices=COLORS,
                        help="image channels: auto = grayscale for 1-channel models, else RGB")
     group.add_argument("--interpolation", default=None, choices=["bilinear", "bicubic", "nearest"])
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise MpdeployError(f"--batch-sizes takes a comma list of integers, e.g. 1,8,32, not {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise MpdeployError(f"--batch-sizes needs positive integers, e.g. 1,8,32, not {text!r}")
+    return sizes
+
+
+def add_engine_options(g) -> None:
+    """Engine build and run-time flags shared by `mpdeploy build` and `mpdeploy engine`."""
+    g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16", "int8"],
+                   help="engine precision (default: fp16 on GPU backends, fp32 on ort); int8 uses --calib data")
+    g.add_argument("--batch-sizes", default="1,8,32",
+                   help="batch sizes the engine serves; optimization profile min/opt/max from them (default 1,8,32)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime intra-op threads when running engines (recorded; the audit uses it)")
+    g.add_argument("--workspace-mib", type=int, default=None, help="TensorRT builder workspace limit")
+    g.add_argument("--timing-cache", type=Path, default=None,
+                   help="TensorRT timing cache (default: calib/cache/timing-<trt>-<gpu>.cache)")
+    g.add_argument("--calib-cache", type=Path, default=None,
+                   help="TensorRT INT8 calibration cache (default: calib/cache/<onnx sha>.cache)")
+    g.add_argument("--torch-kernel", default=None, choices=["cusparselt", "cutlass"],
+                   help="torch backend: semi-structured sparse kernel (default cusparselt)")
+    g.add_argument("--conv1x1", default=None, choices=["large", "all", "off"],
+                   help="torch backend: run 2:4 1x1 convs as sparse Linear (default large: >= 256 channels)")
+    g.add_argument("--ort-optimization", default=None, choices=["basic", "none"],
+                   help="ort backend: offline optimization saved as the engine (default basic)")
+    g.add_argument("--ort-providers", default=None, choices=["auto", "cpu"],
+                   help="ort backend: execution providers at run time, recorded with the engine and used by the "
+                        "audit (default auto: TensorRT EP > CUDA EP > CPU)")
+
+
+def build_config_from_args(args: argparse.Namespace, calib: str | None = None):
+    from mpdeploy.backends.base import BuildConfig
+
+    options = {"kernel": args.torch_kernel, "conv1x1": args.conv1x1, "optimization": args.ort_optimization,
+               "providers": args.ort_providers}
+    return BuildConfig(
+        precision=args.precision,
+        batch_sizes=parse_batch_sizes(args.batch_sizes),
+        calib=calib,
+        calib_cache=args.calib_cache,
+        timing_cache=args.timing_cache,
+        workspace_mib=args.workspace_mib,
+        backend_options=tuple((k, v) for k, v in options.items() if v is not None),
+        threads=args.threads,
+    )
+
+
+def add_audit_options(group) -> None:
+    """The audit's measuring options and gates; shared by `mpdeploy audit` and `mpdeploy build`."""
+    group.add_argument("--warmup", type=int, default=10,
+                       help="at most this many warm-up calls per engine and batch size; stops early once stable (default: 10)")
+    group.add_argument("--repeats", type=int, default=30, help="at most this many interleaved timing rounds per batch size "
+                                                               "(default: 30)")
+    group.add_argument("--min-rounds", type=int, default=5, help="at least this many timing rounds (default: 5)")
+    group.add_argument("--ratio-tolerance", type=float, default=0.02,
+                       help="stop timing a batch size once the speedup's 95%% interval is within +-this (default: 0.02)")
+    group.add_argument("--time-budget", type=float, default=120.0, metavar="SECONDS",
+                       help="bound on the audit: accuracy 35%%, timing 45%%, sensitivity 20%% (default: 120; 0: no bound)")
+    group.add_argument("--eval-workers", type=int, default=None,
+                       help="DataLoader workers for the evaluation images (default: auto)")
+    group.add_argument("--calls-per-round", type=int, default=3, help="calls of one engine per round (default: 3)")
+    group.add_argument("--max-eval-images", type=int, default=None, help="evaluate at most this many images")
+    group.add_argument("--max-top1-drop", type=float, default=0.02,
+                       help="fail above this absolute top-1 drop, as a fraction (default: 0.02 = 2 points)")
+    group.add_argument("--min-speedup", type=float, default=None,
+                       help="fail if dense p50 / sparse p50 at the largest batch is below this (default: no gate)")
+    group.add_argument("--sensitivity-batch", type=int, default=16,
+                       help="images for the per-layer sensitivity map (default: 16; 0 skips it)")
+    group.add_argument("--sensitivity-max-layers", type=int, default=24,
+                       help="measure at most this many pruned layers, spread over the depth (default: 24)")
+    group.add_argument("--no-sensitivity", action="store_true", help="skip the per-layer sensitivity map")
+    group.add_argument("--no-plots", action="store_true", help="write audit.json and audit.md without PNG plots")
+
+
+def audit_config_from_args(args: argparse.Namespace, data: str, backend: str | None, batch_sizes: str):
+    """An AuditConfig from the options `add_audit_options` added (validated here, before any work)."""
+    from mpdeploy.audit import AuditConfig
+
+    return AuditConfig(
+        data=data,
+        backend=backend,
+        batch_sizes=parse_batch_sizes(batch_sizes),
+        warmup=args.warmup,
+        repeats=args.repeats,
+        calls_per_round=args.calls_per_round,
+        max_eval_images=args.max_eval_images,
+        max_top1_drop=args.max_top1_drop,
+        min_speedup=args.min_speedup,
+        sensitivity_batch=args.sensitivity_batch,
+        min_rounds=args.min_rounds,
+        ratio_tolerance=args.ratio_tolerance,
+        time_budget_s=args.time_budget or None,
+        eval_workers=args.eval_workers,
+        sensitivity=not args.no_sensitivity,
+        sensitivity_max_layers=args.sensitivity_max_layers,
+        plots=not args.no_plots,
+        seed=getattr(args, "seed", 0),
+    )

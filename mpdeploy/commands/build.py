@@ -11,68 +11,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpdeploy.commands.audit import add_audit_options, audit_config_from_args
+from mpdeploy.commands.arguments import (
+    DATA_SOURCES,
+    LABELLED_SOURCES,
+    add_audit_options,
+    add_engine_options,
+    add_model_arguments,
+    audit_config_from_args,
+    build_config_from_args,
+)
 from mpdeploy.commands.prune import add_prune_arguments
-from mpdeploy.commands.arguments import DATA_SOURCES, LABELLED_SOURCES, add_model_arguments
 
 DEFAULT_MODEL = "zoo:digits_vit"
 # With no MODEL the demo runs the whole method on the default: the calibrated default saliency (auto) on digits, then
 # 3 epochs of distillation (the paper's recovery), so the audit shows what a real deployment sees.
 DEFAULT_CALIB = "digits"
 DEFAULT_DISTILL_EPOCHS = 3
-
-
-def parse_batch_sizes(text: str) -> tuple[int, ...]:
-    from mpdeploy.core.errors import MpdeployError
-
-    try:
-        sizes = tuple(int(v) for v in str(text).split(",") if v.strip())
-    except ValueError:
-        raise MpdeployError(f"--batch-sizes takes a comma list of integers, e.g. 1,8,32, not {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise MpdeployError(f"--batch-sizes needs positive integers, e.g. 1,8,32, not {text!r}")
-    return sizes
-
-
-def add_engine_options(g) -> None:
-    """Engine build and run-time flags shared by `mpdeploy build` and `mpdeploy engine`."""
-    g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16", "int8"],
-                   help="engine precision (default: fp16 on GPU backends, fp32 on ort); int8 uses --calib data")
-    g.add_argument("--batch-sizes", default="1,8,32",
-                   help="batch sizes the engine serves; optimization profile min/opt/max from them (default 1,8,32)")
-    g.add_argument("--threads", type=int, default=None,
-                   help="ONNX Runtime intra-op threads when running engines (recorded; the audit uses it)")
-    g.add_argument("--workspace-mib", type=int, default=None, help="TensorRT builder workspace limit")
-    g.add_argument("--timing-cache", type=Path, default=None,
-                   help="TensorRT timing cache (default: calib/cache/timing-<trt>-<gpu>.cache)")
-    g.add_argument("--calib-cache", type=Path, default=None,
-                   help="TensorRT INT8 calibration cache (default: calib/cache/<onnx sha>.cache)")
-    g.add_argument("--torch-kernel", default=None, choices=["cusparselt", "cutlass"],
-                   help="torch backend: semi-structured sparse kernel (default cusparselt)")
-    g.add_argument("--conv1x1", default=None, choices=["large", "all", "off"],
-                   help="torch backend: run 2:4 1x1 convs as sparse Linear (default large: >= 256 channels)")
-    g.add_argument("--ort-optimization", default=None, choices=["basic", "none"],
-                   help="ort backend: offline optimization saved as the engine (default basic)")
-    g.add_argument("--ort-providers", default=None, choices=["auto", "cpu"],
-                   help="ort backend: execution providers at run time, recorded with the engine and used by the "
-                        "audit (default auto: TensorRT EP > CUDA EP > CPU)")
-
-
-def build_config_from_args(args: argparse.Namespace, calib: str | None = None):
-    from mpdeploy.backends.base import BuildConfig
-
-    options = {"kernel": args.torch_kernel, "conv1x1": args.conv1x1, "optimization": args.ort_optimization,
-               "providers": args.ort_providers}
-    return BuildConfig(
-        precision=args.precision,
-        batch_sizes=parse_batch_sizes(args.batch_sizes),
-        calib=calib,
-        calib_cache=args.calib_cache,
-        timing_cache=args.timing_cache,
-        workspace_mib=args.workspace_mib,
-        backend_options=tuple((k, v) for k, v in options.items() if v is not None),
-        threads=args.threads,
-    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpdeploy.commands.build import add_engine_options
-from mpdeploy.commands.arguments import DATA_SOURCES
+from mpdeploy.commands.arguments import DATA_SOURCES, add_engine_options, build_config_from_args
 from mpdeploy.core.trust import add_trust_arguments
 
 
@@ -29,7 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from mpdeploy.backends.base import resolve_backend
     from mpdeploy.commands.progress import stage_progress
-    from mpdeploy.commands.build import build_config_from_args
     from mpdeploy.engine.stage import build_engines
 
     build_config = build_config_from_args(args, calib=args.calib)

@@ -12,8 +12,8 @@ import argparse
 from pathlib import Path
 
 from mpdeploy.commands.arguments import add_model_arguments
-from mpdeploy.commands.audit import add_audit_options
-from mpdeploy.commands.build import DEFAULT_CALIB, DEFAULT_MODEL, add_engine_options
+from mpdeploy.commands.arguments import add_audit_options, add_engine_options
+from mpdeploy.commands.build import DEFAULT_CALIB, DEFAULT_MODEL
 from mpdeploy.commands.prune import add_prune_arguments
 
 GRID_HELP = ("search space, one KEY=V1,V2,... per key: pattern, extra-patterns (joined by +), budget, saliency, "
@@ -71,8 +71,7 @@ def _absolute(value: str | None) -> str | None:
 def _configs(args: argparse.Namespace):
     """(plan, request) from the flags, every one validated before anything heavy runs."""
     from mpdeploy.backends.base import resolve_backend
-    from mpdeploy.commands.audit import audit_config_from_args
-    from mpdeploy.commands.build import build_config_from_args
+    from mpdeploy.commands.arguments import audit_config_from_args, build_config_from_args
     from mpdeploy.commands.prune import prune_config_from_args
     from mpdeploy.core.errors import MpdeployError
     from mpdeploy.export.stage import ExportConfig
