@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import numpy as np
 
 from mpdeploy.backends.base import Backend, BuildConfig, BuildInputs, BuiltEngine, Runner
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.machine import driver_version
 
 logger = logging.getLogger(__name__)
 
@@ -354,12 +354,3 @@ class TorchSparseBackend(Backend):
                         memory_gib=round(props.total_memory / 2**30, 1), driver=driver_version())
         info["fingerprint"] = {k: info.get(k) for k in ("gpu", "torch_version", "cuda_version", "cusparselt_version")}
         return info
-
-
-def driver_version() -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None

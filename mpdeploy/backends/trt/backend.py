@@ -373,7 +373,7 @@ class TrtBackend(Backend):
                             cuda_version=torch.version.cuda)
         except Exception:  # noqa: BLE001
             pass
-        from mpdeploy.backends.torch_sparse import driver_version
+        from mpdeploy.core.machine import driver_version
 
         info["driver"] = driver_version()
         # A plan runs only on the GPU model and TensorRT version that built it.
