@@ -14,7 +14,6 @@ checking it still has the recorded sha256, and only with --trust-pickle on its o
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import zipfile
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpdeploy.core.artifacts import sha256_file
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.models import programs
 
@@ -34,14 +34,6 @@ _WHY = {
     "torchscript": "TorchScript runs the file's own program (and its __setstate__ methods) when loaded",
     "exported_program": "torch.export.load unpickles parts of a .pt2 archive, which can run code from the file",
 }
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def require_trust(path: Path, kind: str, trust: bool) -> None:

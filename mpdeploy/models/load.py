@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpdeploy.core.artifacts import sha256_file
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.models import files as model_files
 from mpdeploy.models.files import load_weights_strict
@@ -263,7 +264,7 @@ def _load_file(spec: ModelSpec) -> LoadedModel:
 
     def code_source() -> dict[str, Any]:
         # Formats that carry code are re-opened by later stages: record the file and the trust given.
-        return {"path": str(path.resolve()), "sha256": model_files.sha256_file(path),
+        return {"path": str(path.resolve()), "sha256": sha256_file(path),
                 "trust_pickle": bool(spec.trust_pickle)}
 
     if fmt == "safetensors":

@@ -22,7 +22,6 @@ the argument translation (`trt_plan`) is tested on CPU for both API generations.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -41,6 +40,7 @@ from mpdeploy.backends.trt.report import (
     parse_sparsity_log,
     pitfall_warnings,
 )
+from mpdeploy.core.artifacts import sha256_file
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.onnx.precision import require_precision_file
 
@@ -113,14 +113,6 @@ def _onnx_io(path: Path) -> tuple[str, tuple[int, ...], bool]:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _calibration_batches(source: str, onnx_dir: Path, input_name: str, batch: int) -> tuple[list[dict], dict[str, Any]]:
@@ -264,7 +256,7 @@ class TrtBackend(Backend):
             if not config.calib:
                 raise MpdeployError("legacy-flag INT8 needs calibration data; pass --calib DIR|digits (synthetic only "
                                     "for smoke runs), or use the default strongly typed Q/DQ build")
-            cache = Path(config.calib_cache) if config.calib_cache else CACHE_DIR / f"{_sha256(onnx_path)[:16]}.cache"
+            cache = Path(config.calib_cache) if config.calib_cache else CACHE_DIR / f"{sha256_file(onnx_path)[:16]}.cache"
             cache.parent.mkdir(parents=True, exist_ok=True)
             batches, calibration = _calibration_batches(config.calib, onnx_dir, input_name, bopt)
             base = trt.IInt8EntropyCalibrator2 if options["calibrator"] == "entropy2" else trt.IInt8MinMaxCalibrator
