@@ -17,7 +17,6 @@ logger = logging.getLogger(__name__)
 SCHEMA = "mpdeploy.audit/1"
 KIND = "audit"
 AUDIT_DIR = "audit"
-ENGINE_PREFIX = "engine-"
 # A dense top-1 this many binomial standard errors above chance counts as "the labels fit the model".
 CHANCE_SIGMAS = 3.0
 # Engine vs PyTorch logits: beyond this relative error (fp32 engines) the engine is not computing the

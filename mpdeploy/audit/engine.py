@@ -11,21 +11,13 @@ import numpy as np
 
 from mpdeploy.backends import base as backends
 from mpdeploy.core.errors import MpdeployError
-
-from mpdeploy.audit.common import ENGINE_PREFIX
+from mpdeploy.core.kinds import engine_backend_present, engine_backends
+from mpdeploy.core.names import BACKENDS, VARIANTS
 
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------
 # reading the engine folder
-
-
-def engine_backends(engine_root: Path) -> list[str]:
-    """Backends with an engine-<backend>/ folder under `engine_root`, in preference order."""
-    present = [b for b in backends.REGISTRY if (engine_root / f"{ENGINE_PREFIX}{b}").is_dir()]
-    others = sorted(p.name[len(ENGINE_PREFIX):] for p in engine_root.glob(f"{ENGINE_PREFIX}*")
-                    if p.is_dir() and p.name[len(ENGINE_PREFIX):] not in backends.REGISTRY)
-    return present + others
 
 
 def check_root(engine_root: Path) -> None:
@@ -41,17 +33,10 @@ def check_root(engine_root: Path) -> None:
 
 
 def pick_backend(engine_root: Path, wanted: str | None) -> str:
-    present = engine_backends(engine_root)
     if wanted is not None:
-        if wanted not in backends.REGISTRY:
-            raise MpdeployError(f"unknown backend {wanted!r}; choose one of {', '.join(backends.REGISTRY)}")
-        if wanted not in present:
-            raise MpdeployError(
-                f"{engine_root} has no {ENGINE_PREFIX}{wanted}/ (present: {', '.join(present)}); "
-                "build it first or pick another --backend"
-            )
-        return wanted
-    known = [b for b in present if b in backends.REGISTRY]
+        return engine_backend_present(engine_root, wanted)
+    present = engine_backends(engine_root)
+    known = [b for b in present if b in BACKENDS]
     if not known:
         raise MpdeployError(f"{engine_root}: no engine of a known backend ({', '.join(present)}); rebuild it")
     if len(known) == 1:
@@ -69,13 +54,13 @@ def pick_backend(engine_root: Path, wanted: str | None) -> str:
 def engine_files(engine) -> dict[str, Path]:
     """variant -> engine file of an opened (verified) EngineFolder; both variants must be there."""
     files = engine.manifest.get("variants") or {}
-    missing = [v for v in backends.VARIANTS if not isinstance(files.get(v), str)]
+    missing = [v for v in VARIANTS if not isinstance(files.get(v), str)]
     if missing:
         raise MpdeployError(
             f"{engine.path}/manifest.json names no {' and no '.join(missing)} engine; the audit compares a sparse "
             "engine with its dense twin: rebuild with mpdeploy build --sparse"
         )
-    return {v: p for v, p in engine.variant_files().items() if v in backends.VARIANTS}
+    return {v: p for v, p in engine.variant_files().items() if v in VARIANTS}
 
 
 def io_spec(manifest: Mapping[str, Any], pruned: Mapping[str, Any] | None) -> tuple[tuple[int, ...], int | None,

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.names import engine_folder_name
 from mpdeploy.core.kinds import EngineFolder, PrunedFolder
 
-from mpdeploy.audit.common import ENGINE_PREFIX, Findings
+from mpdeploy.audit.common import Findings
 from mpdeploy.audit.config import AuditConfig
 from mpdeploy.audit.engine import engine_files, io_spec, pick_backend
 
@@ -58,7 +59,7 @@ class AuditSubject:
 def open_subject(engine_root: Path, backend: str | None) -> AuditSubject:
     """Open `engine_root/engine-<backend>/` and the weights it records as its source."""
     backend_name = pick_backend(engine_root, backend)
-    engine_dir = engine_root / f"{ENGINE_PREFIX}{backend_name}"
+    engine_dir = engine_root / engine_folder_name(backend_name)
     engine = EngineFolder.open(engine_dir)  # every file hashed, nothing unlisted, its sources unchanged
     files = engine_files(engine)
     weights: PrunedFolder | None = engine.weights()

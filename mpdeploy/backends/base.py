@@ -1,6 +1,7 @@
 """The one interface every backend implements: build an engine, load it, run a batch, time it.
 
-Backends live in `mpdeploy/backends/<name>.py` and are imported lazily through `create_backend`, so
+Backends live in `mpdeploy/backends/` (named in `mpdeploy.core.names.BACKENDS`) and are imported lazily
+through `create_backend`, so
 TensorRT or CUDA are touched only when asked for.
 """
 
@@ -15,17 +16,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.names import BACKENDS, PRECISIONS
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-VARIANTS = ("sparse", "dense")
 
 # name -> "module:Class"; order = preference for --backend auto.
-REGISTRY: dict[str, str] = {
-    "trt": "mpdeploy.backends.trt.backend:TrtBackend",
-    "torch": "mpdeploy.backends.torch_sparse:TorchSparseBackend",
-    "ort": "mpdeploy.backends.ort:OrtBackend",
-}
-
 
 @dataclass(frozen=True)
 class BuildConfig:
@@ -163,9 +157,9 @@ def engine_load_config(manifest: dict[str, Any], batch_sizes, threads: int | Non
 
 
 def backend_class(name: str) -> type[Backend]:
-    if name not in REGISTRY:
-        raise MpdeployError(f"unknown backend {name!r}; choose auto or one of {', '.join(REGISTRY)}")
-    module_name, cls_name = REGISTRY[name].split(":")
+    if name not in BACKENDS:
+        raise MpdeployError(f"unknown backend {name!r}; choose auto or one of {', '.join(BACKENDS)}")
+    module_name, cls_name = BACKENDS[name].split(":")
     return getattr(importlib.import_module(module_name), cls_name)
 
 
@@ -177,7 +171,7 @@ def resolve_backend(name: str = "auto") -> tuple[str, str]:
             raise MpdeployError(f"backend {name!r} is not usable here: {why}; use --backend auto or ort")
         return name, f"asked for ({why})"
     reasons = []
-    for candidate in REGISTRY:
+    for candidate in BACKENDS:
         ok, why = backend_class(candidate).availability()
         if ok:
             skipped = f"; skipped {', '.join(reasons)}" if reasons else ""

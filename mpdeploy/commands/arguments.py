@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.names import PRECISIONS
 from mpdeploy.models.spec import COLORS, CROPS, ModelSpec, bounded_input_shape
 
 def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
@@ -150,7 +151,7 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
 
 def add_engine_options(g) -> None:
     """Engine build and run-time flags shared by `mpdeploy build` and `mpdeploy engine`."""
-    g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16", "int8"],
+    g.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="engine precision (default: fp16 on GPU backends, fp32 on ort); int8 uses --calib data")
     g.add_argument("--batch-sizes", default="1,8,32",
                    help="batch sizes the engine serves; optimization profile min/opt/max from them (default 1,8,32)")

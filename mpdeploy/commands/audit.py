@@ -9,17 +9,15 @@ import argparse
 from pathlib import Path
 
 from mpdeploy.commands.arguments import DATA_SOURCES, add_audit_options, audit_config_from_args
+from mpdeploy.core.names import BACKENDS
 from mpdeploy.core.trust import add_trust_arguments
-
-
-BACKENDS = ("trt", "torch", "ort")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("engine_dir", type=Path, metavar="ENGINE_DIR", help="engine folder (engines/<name>)")
     parser.add_argument("--data", default="digits", help=f"evaluation images: {DATA_SOURCES} (smoke runs: no "
                                                           "labels) (default: digits)")
-    parser.add_argument("--backend", choices=BACKENDS, default=None,
+    parser.add_argument("--backend", choices=list(BACKENDS), default=None,
                         help="which engine-<backend>/ to audit (default: the only one, else the first usable)")
     parser.add_argument("--batch-sizes", default="1,8,32", help="batch sizes to time (default: 1,8,32)")
     add_audit_options(parser)

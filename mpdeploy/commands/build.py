@@ -21,6 +21,7 @@ from mpdeploy.commands.arguments import (
     build_config_from_args,
 )
 from mpdeploy.commands.prune import add_prune_arguments
+from mpdeploy.core.names import BACKENDS
 
 DEFAULT_MODEL = "zoo:digits_vit"
 # With no MODEL the demo runs the whole method on the default: the calibrated default saliency (auto) on digits, then
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("build")
     g.add_argument("--sparse", action="store_true",
                    help="build the sparse engine and its dense twin (without it: only the dense engine)")
-    g.add_argument("--backend", default="auto", choices=["auto", "trt", "torch", "ort"],
+    g.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
                    help="auto = the first usable of trt > torch > ort (default: auto)")
     add_engine_options(g)
     g.add_argument("--out", type=Path, default=None, help="engine folder (default: engines/<model name>)")

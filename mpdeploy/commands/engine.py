@@ -10,12 +10,13 @@ import argparse
 from pathlib import Path
 
 from mpdeploy.commands.arguments import DATA_SOURCES, add_engine_options, build_config_from_args
+from mpdeploy.core.names import BACKENDS
 from mpdeploy.core.trust import add_trust_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("onnx", type=Path, metavar="ONNX_ARTIFACT", help="an onnx/ folder from `mpdeploy export`")
-    parser.add_argument("--backend", default="auto", choices=["auto", "trt", "torch", "ort"],
+    parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
                         help="auto = the first usable of trt > torch > ort (default: auto)")
     parser.add_argument("--dense-only", action="store_true", help="build only the dense engine")
     parser.add_argument("--out", type=Path, default=None, help="engine folder (default: engine-<backend>/ beside onnx/)")

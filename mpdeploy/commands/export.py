@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mpdeploy.core.names import PRECISIONS
 from mpdeploy.core.trust import add_trust_arguments
 
 
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--atol", type=float, default=1e-4,
                         help="largest allowed |ONNX Runtime - PyTorch| on the check inputs (default: 1e-4)")
     # precision (issue 16): the files TensorRT 10/11 build strongly typed engines from
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"],
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="also write model.<precision>.onnx + model.dense.<precision>.onnx: FP16/BF16 weights and "
                              "compute, or INT8 Q/DQ calibrated on --calib (default: fp32, FP32 files only)")
     parser.add_argument("--calib", default=None,

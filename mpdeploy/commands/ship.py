@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpdeploy.serve.inputs import ENGINE_BACKENDS
-from mpdeploy.serve.ship import KINDS, SERVE_BACKENDS, VARIANTS, ShipConfig, ship_verified
+from mpdeploy.core.names import BACKENDS, VARIANTS
+from mpdeploy.serve.ship import KINDS, SERVE_BACKENDS, ShipConfig, ship_verified
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instance-count", type=int, default=1, help="model instances per device")
     parser.add_argument("--kind", choices=KINDS, help="instance kind (default: KIND_GPU for plans, else KIND_CPU)")
     parser.add_argument(
-        "--engine-backend", choices=ENGINE_BACKENDS, help="which engine-<backend>/ to ship (default: the audited one)"
+        "--engine-backend", choices=list(BACKENDS), help="which engine-<backend>/ to ship (default: the audited one)"
     )
     parser.add_argument(
         "--python-env", type=Path, help="EXECUTION_ENV_PATH for --serve-backend python (default: this Python's prefix)"

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from mpdeploy.core import artifacts, atomic
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.names import BACKENDS, ENGINE_PREFIX, engine_folder_name
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class OnnxFolder(ArtifactFolder):
 @dataclass(frozen=True)
 class EngineFolder(ArtifactFolder):
     KIND: ClassVar[str] = "engine"
+    SCHEMA: ClassVar[str] = "mpdeploy.engine/1"
     REPORT: ClassVar[str] = "build_report.json"
 
     @property
@@ -160,6 +162,27 @@ class EngineFolder(ArtifactFolder):
     def onnx(self, verify: bool = False) -> OnnxFolder | None:
         path = self.source_path("onnx")
         return None if path is None else OnnxFolder.open(path, verify=verify)
+
+
+def engine_backends(root: Path) -> list[str]:
+    """Backends with an `engine-<backend>/` folder under `root` (an engines/<name> folder): the known ones
+    in BACKENDS order, then any others (so a caller can name them in its error)."""
+    root = Path(root)
+    known = [b for b in BACKENDS if (root / engine_folder_name(b)).is_dir()]
+    others = sorted(p.name[len(ENGINE_PREFIX):] for p in root.glob(f"{ENGINE_PREFIX}*")
+                    if p.is_dir() and p.name[len(ENGINE_PREFIX):] not in BACKENDS)
+    return known + others
+
+
+def engine_backend_present(root: Path, wanted: str) -> str:
+    """`wanted`, checked: a known backend whose engine folder is under `root`."""
+    if wanted not in BACKENDS:
+        raise MpdeployError(f"unknown backend {wanted!r}; choose one of {', '.join(BACKENDS)}")
+    present = engine_backends(root)
+    if wanted not in present:
+        raise MpdeployError(f"{root} has no {engine_folder_name(wanted)}/ (present: {', '.join(present) or 'none'}); "
+                            "build it first or pick another backend")
+    return wanted
 
 
 @dataclass(frozen=True)

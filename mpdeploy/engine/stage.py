@@ -20,13 +20,13 @@ from typing import Any
 from mpdeploy.core import artifacts, atomic
 from mpdeploy.backends.base import BuildConfig, BuildInputs, backend_class, create_backend
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.names import engine_folder_name
 from mpdeploy.core.kinds import OnnxFolder
 from mpdeploy.core.runner import Progress, StageResult, run_stage, step_progress
 
 logger = logging.getLogger(__name__)
 
 ENGINE_KIND = "engine"
-ENGINE_PREFIX = "engine-"
 REPORT_SCHEMA = "mpdeploy.build_report/1"
 
 
@@ -139,7 +139,7 @@ def build_engines(onnx_dir: Path, backend_name: str, build_config: BuildConfig, 
     if weights_dir is None:
         raise MpdeployError(f"{onnx_dir} records no weights source (made by an older mpdeploy); re-run export")
     build_config = options_for(backend_name, build_config)
-    folder = Path(out) if out is not None else Path(onnx_dir).parent / f"{ENGINE_PREFIX}{backend_name}"
+    folder = Path(out) if out is not None else Path(onnx_dir).parent / engine_folder_name(backend_name)
     backend = create_backend(backend_name)
     precision = backend.resolve_precision(build_config)
     backend.resolve_options(build_config)  # unknown option values fail before any work

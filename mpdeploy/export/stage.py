@@ -29,9 +29,9 @@ import numpy as np
 
 from mpdeploy.core import artifacts, atomic
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.names import PRECISIONS
 from mpdeploy.onnx.annotate import annotate, round_to_fp16, weights_to_fp16
 from mpdeploy.onnx.initializers import Mapped, map_initializers
-from mpdeploy.onnx.precision import PRECISIONS
 from mpdeploy.onnx.trt_rules import check_trt_sparsity, nm_compliant_along, tensor_array
 from mpdeploy.onnx.from_torch import INPUT_NAME, OUTPUT_NAME, bypass_weight_identities, torch_export
 from mpdeploy.sparsity.patterns import parse_pattern

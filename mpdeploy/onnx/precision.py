@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.names import PRECISIONS
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 BASE_FILES = {"sparse": "model.onnx", "dense": "model.dense.onnx"}
 # Ops whose (constant) weight input is quantized per channel, and the channel axis for each:
 # Conv weights [O, I, kh, kw] along O; MatMul B [K, N] along N; Gemm B per output channel.

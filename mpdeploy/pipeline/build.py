@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from mpdeploy.core import artifacts, atomic
-from mpdeploy.backends.base import REGISTRY, BuildConfig, create_backend, resolve_backend
+from mpdeploy.backends.base import BuildConfig, create_backend, resolve_backend
 from mpdeploy.engine.stage import build_engines, options_for
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.names import BACKENDS, ENGINE_PREFIX
 from mpdeploy.audit.run import audit_stage
 from mpdeploy.core.runner import StageResult
 from mpdeploy.densify.run import densify_stage, sparse_use_check
@@ -72,8 +73,8 @@ class BuildStageConfig:
     slow_layers: Path | None = None  # layers whose sparse kernel timed slower on the GPU (densify gives them back)
 
     def __post_init__(self) -> None:
-        if self.backend != "auto" and self.backend not in REGISTRY:
-            raise MpdeployError(f"unknown backend {self.backend!r}; choose auto or one of {', '.join(REGISTRY)}")
+        if self.backend != "auto" and self.backend not in BACKENDS:
+            raise MpdeployError(f"unknown backend {self.backend!r}; choose auto or one of {', '.join(BACKENDS)}")
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -144,7 +145,7 @@ def _check_root(root: Path) -> None:
         return
     ours = {"pruned", "distilled", "onnx", "audit", "analyze", DENSIFIED, SUMMARY_FILE}
     foreign = [p.name for p in root.iterdir() if not p.name.startswith(".") and p.name not in ours
-               and not p.name.startswith("engine-")]
+               and not p.name.startswith(ENGINE_PREFIX)]
     if foreign:
         raise MpdeployError(f"--out {root} holds files mpdeploy did not write ({', '.join(sorted(foreign)[:3])}); "
                             "nothing was changed: choose a new or empty folder")

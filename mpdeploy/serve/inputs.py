@@ -16,13 +16,11 @@ from typing import Any
 from mpdeploy.core import artifacts
 from mpdeploy.core.artifacts import sha256_file
 from mpdeploy.core.errors import MpdeployError
-from mpdeploy.core.kinds import AuditFolder, EngineFolder
+from mpdeploy.core.kinds import AuditFolder, EngineFolder, engine_backend_present, engine_backends
+from mpdeploy.core.names import BACKENDS, engine_folder_name
 
 # Its warnings are ship's: the CLI prints the logger name on every line.
 logger = logging.getLogger("mpdeploy.serve.ship")
-
-ENGINE_SCHEMA = "mpdeploy.engine/1"
-ENGINE_BACKENDS = ("trt", "torch", "ort")
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -48,18 +46,9 @@ def read_audit(engine_dir: Path) -> AuditFolder | None:
 
 def pick_engine_backend(engine_dir: Path, engine_backend: str | None, audit: AuditFolder | None) -> str:
     """The engine backend asked for, else the audited one, else the only one present."""
-    present = sorted(b for b in ENGINE_BACKENDS if (engine_dir / f"engine-{b}").is_dir())
     if engine_backend is not None:
-        if engine_backend not in ENGINE_BACKENDS:
-            raise MpdeployError(
-                f"engine backend {engine_backend!r} unknown; use one of {', '.join(ENGINE_BACKENDS)}"
-            )
-        if engine_backend not in present:
-            raise MpdeployError(
-                f"{engine_dir} has no engine-{engine_backend}/ (present: {', '.join(present) or 'none'}); "
-                f"build it or pick another engine backend"
-            )
-        return engine_backend
+        return engine_backend_present(engine_dir, engine_backend)
+    present = [b for b in engine_backends(engine_dir) if b in BACKENDS]
     audited = None if audit is None else audit.manifest.get("backend")
     if audited in present:
         return audited
@@ -122,17 +111,17 @@ def check_verdict(audit: AuditFolder | None, problem: str | None, engine_dir: Pa
 
 def open_engine(engine_dir: Path, backend: str) -> EngineFolder:
     """The engine folder, verified like every artifact (files, self-hash, its sources): --force or not."""
-    engine = EngineFolder.open(engine_dir / f"engine-{backend}")
+    engine = EngineFolder.open(engine_dir / engine_folder_name(backend))
     read_engine_manifest(engine_dir, backend)
     return engine
 
 
 def read_engine_manifest(engine_dir: Path, backend: str) -> dict[str, Any]:
-    path = engine_dir / f"engine-{backend}" / "manifest.json"
+    path = engine_dir / engine_folder_name(backend) / "manifest.json"
     manifest = _read_json(path, "engine manifest")
-    if manifest.get("schema") != ENGINE_SCHEMA or manifest.get("kind") != "engine":
+    if manifest.get("schema") != EngineFolder.SCHEMA or manifest.get("kind") != "engine":
         raise MpdeployError(
-            f"{path} is not an engine manifest (schema {manifest.get('schema')!r}, expected {ENGINE_SCHEMA!r}); "
+            f"{path} is not an engine manifest (schema {manifest.get('schema')!r}, expected {EngineFolder.SCHEMA!r}); "
             f"rebuild with mpdeploy build"
         )
     if manifest.get("backend") != backend:
@@ -153,7 +142,7 @@ def engine_file(engine_dir: Path, backend: str, manifest: dict[str, Any], varian
         have = ", ".join(sorted(map(str, files))) or "none"
         raise MpdeployError(f"engine-{backend} has no {variant} engine (has: {have}); pass --variant with one of those")
     rel = files[variant]
-    path = engine_dir / f"engine-{backend}" / str(rel)
+    path = engine_dir / engine_folder_name(backend) / str(rel)
     expected = (manifest.get("files") or {}).get(rel) if isinstance(rel, str) else None
     if expected is None or Path(rel).is_absolute() or ".." in Path(rel).parts or not path.is_file():
         raise MpdeployError(f"engine file {path} named by the manifest is missing or not hashed in it; "

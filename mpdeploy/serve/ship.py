@@ -32,6 +32,7 @@ from typing import Any
 from mpdeploy.core import artifacts
 from mpdeploy.core.artifacts import sha256_file
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.names import VARIANTS
 from mpdeploy.serve.inputs import (
     audit_of_engine,
     check_verdict,
@@ -55,7 +56,6 @@ logger = logging.getLogger(__name__)
 
 AUDIT_SCHEMA = "mpdeploy.audit/1"
 PROVENANCE_SCHEMA = "mpdeploy.ship/1"
-VARIANTS = ("sparse", "dense")
 SERVE_BACKENDS = ("auto", "python")
 KINDS = ("KIND_GPU", "KIND_CPU")
 
