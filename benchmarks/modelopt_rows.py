@@ -72,7 +72,7 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from mpdeploy.models.data import digits_tensors
-    from mpdeploy.models.zoo import _entry, load_zoo_model
+    from mpdeploy.models.zoo import zoo_entry, load_zoo_model
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from method_table import EXTRA, train_extra  # the benchmark's own trained models, same cache
@@ -99,7 +99,7 @@ def main() -> None:
                 prov.module(name, loaded.module, "trained by method_table.py: sha256 of its state dict")
             else:
                 loaded = load_zoo_model(name)
-                arch, kwargs = _entry(name).arch, _entry(name).kwargs
+                arch, kwargs = zoo_entry(name).arch, zoo_entry(name).kwargs
                 prov.zoo(name)
             x, y = digits_tensors(loaded.input_shape, "test")
             calib, _ = digits_tensors(loaded.input_shape, "calib")

@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mpdeploy.models.zoo import _entry, create_zoo_model, digits_top1, list_zoo_models, train_digits  # noqa: E402
+from mpdeploy.models.zoo import zoo_entry, create_zoo_model, digits_top1, list_zoo_models, train_digits  # noqa: E402
 
 
 def min_test_margin(model: torch.nn.Module, input_shape: tuple[int, ...]) -> float:
@@ -46,7 +46,7 @@ def min_test_margin(model: torch.nn.Module, input_shape: tuple[int, ...]) -> flo
 def train_one(name: str, out: Path) -> dict:
     from safetensors.torch import save_file
 
-    entry = _entry(name)
+    entry = zoo_entry(name)
     torch.manual_seed(0)
     model = create_zoo_model(name, trained=False)
     start = time.perf_counter()

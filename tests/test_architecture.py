@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "mpdeploy.export": 5,
     "mpdeploy.engine": 5,
     "mpdeploy.audit": 5,
+    "mpdeploy.densify": 5,  # gives an engine's dense-run layers their dense weights back (a pruned artifact)
     "mpdeploy.serve": 5,
     "mpdeploy.pipeline": 6,
     "mpdeploy.commands": 7,

@@ -69,7 +69,8 @@ def test_logit_damage_is_the_measured_output_error_of_each_option_alone():
     import torch
 
     from mpdeploy.sparsity.damage import logit_damage
-    from mpdeploy.sparsity.saliency import MaskChoice, compute_mask
+    from mpdeploy.sparsity.saliency import compute_mask
+    from mpdeploy.sparsity.stats import MaskChoice
 
     net = _two_layer_net()
     before = {k: v.clone() for k, v in net.state_dict().items()}

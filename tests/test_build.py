@@ -285,7 +285,7 @@ def test_build_with_distillation_exports_the_distilled_weights(tmp_path, capsys)
 def test_densify_round_summary_before_after_and_sparse_use_check():
     """The densify round's numbers as the summary shows them (the round itself needs a GPU backend)."""
     from mpdeploy.pipeline.build import before_after
-    from mpdeploy.commands.build import _key_numbers
+    from mpdeploy.commands.build import key_numbers
     from mpdeploy.densify.evidence import Evidence, compare_sparse_use
     from mpdeploy.core.runner import StageResult
 
@@ -305,10 +305,10 @@ def test_densify_round_summary_before_after_and_sparse_use_check():
 
     densify = StageResult("densify", "built", 0.1, None, {"returned": {"x": "not picked", "y": "not picked"},
                                                           "ran_sparse": ["a", "b"], "before_after": ba, "check": moved})
-    text = _key_numbers(densify)
+    text = key_numbers(densify)
     assert text.startswith("2 layers dense again, 2 still sparse")
     assert "top1_sparse 0.9000 -> 0.9400" in text and "b32: 0.97 -> 1.08" in text
     assert "CHANGED sparse use: no longer sparse ['b'], newly sparse ['c']" in text
     densify.details["check"] = same
-    assert "other layers' sparse use unchanged" in _key_numbers(densify)
-    assert _key_numbers(second).startswith("passed, top1_dense 0.9500")  # a densified round's rows read as the first's
+    assert "other layers' sparse use unchanged" in key_numbers(densify)
+    assert key_numbers(second).startswith("passed, top1_dense 0.9500")  # a densified round's rows read as the first's

@@ -353,10 +353,10 @@ def test_validation_is_carved_from_the_distillation_data_only():
     assert carve_validation(data, 0.1, seed=0)[1].dataset.indices == v  # seeded: every rank, every run
     assert "held out of the distillation data" in validation.description
     # digits' test split (the evaluation data) is another split: the validation images are train images
-    from mpdeploy.models.data import _digits_split
+    from mpdeploy.models.data import digits_split
 
-    train_ids = _digits_split(1797, "train").tolist()
-    test_ids = set(_digits_split(1797, "test").tolist())
+    train_ids = digits_split(1797, "train").tolist()
+    test_ids = set(digits_split(1797, "test").tolist())
     assert not {train_ids[i] for i in v} & test_ids
     assert carve_validation(data, 0.0, seed=0) == (data, None)
     assert carve_validation(load_images("synthetic", (1, 8, 8), limit=300), 0.1, seed=0)[1] is None

@@ -204,7 +204,7 @@ def test_zoo_weights_are_the_registry_model(name):
 
     from mpdeploy.models import zoo
 
-    entry = zoo._entry(name)
+    entry = zoo.zoo_entry(name)
     assert hashlib.sha256(zoo.zoo_weights_path(name).read_bytes()).hexdigest() == entry.sha256
     loaded = zoo.load_zoo_model(name)
     assert loaded.source == {"kind": "zoo", "name": name, "sha256": entry.sha256}
@@ -220,8 +220,9 @@ def test_zoo_weights_ship_as_package_data():
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     globs = pyproject["tool"]["setuptools"]["package-data"]["mpdeploy"]
-    assert "zoo_weights/*.safetensors" in globs
+    assert "models/zoo_weights/*.safetensors" in globs  # relative to the mpdeploy package
     assert zoo.WEIGHTS_DIR == Path(zoo.__file__).resolve().parent / "zoo_weights"
+    assert zoo.WEIGHTS_DIR == Path(zoo.__file__).resolve().parents[1] / "models" / "zoo_weights"
     assert sorted(p.name for p in zoo.WEIGHTS_DIR.glob("*.safetensors")) == [f"{n}.safetensors"
                                                                              for n in zoo.list_zoo_models()]
 

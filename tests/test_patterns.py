@@ -15,7 +15,8 @@ from mpdeploy.sparsity.patterns import (
     parse_pattern,
     reduction_view,
 )
-from mpdeploy.sparsity.saliency import InputStats, block_cost_mask_2d, compute_mask, keep_patterns
+from mpdeploy.sparsity.saliency import block_cost_mask_2d, compute_mask, keep_patterns
+from mpdeploy.sparsity.stats import InputStats
 
 
 @pytest.mark.parametrize("text,expected", [("2:4", NM(2, 4)), (" 8 : 16 ", NM(8, 16)), ("1:2", NM(1, 2)), ("6:12", NM(6, 12))])

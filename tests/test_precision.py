@@ -367,7 +367,7 @@ def _correct(path: Path, x: np.ndarray, y: np.ndarray) -> int:
 
 @pytest.mark.parametrize("zoo,variant", INT8_PROMISE)
 def test_int8_top1_within_one_point_of_fp32_on_accurate_models(zoo_int8, zoo, variant):
-    from mpdeploy.models.zoo import _entry
+    from mpdeploy.models.zoo import zoo_entry
 
     onnx_dir, x, y = zoo_int8(zoo)
     record = load_sparsity(onnx_dir)["precision"]
@@ -377,7 +377,7 @@ def test_int8_top1_within_one_point_of_fp32_on_accurate_models(zoo_int8, zoo, va
                                                                                              "model.int8.onnx")
     base, quant = _correct(onnx_dir / fp32, x, y), _correct(onnx_dir / int8, x, y)
     if variant == "dense":  # ORT's fp32 dense model is the shipped zoo model: its recorded score, exactly
-        assert base == round(_entry(zoo).test_top1 * len(y))
+        assert base == round(zoo_entry(zoo).test_top1 * len(y))
     assert base >= 0.9 * len(y), "the promise is for accurate models: this one is not"
     assert 100.0 * (base - quant) / len(y) <= 1.0, (zoo, variant, base, quant)
 

@@ -11,13 +11,13 @@ from mpdeploy.sparsity.patterns import NM, is_nm_compliant
 from mpdeploy.sparsity.restore import relative_error
 from mpdeploy.sparsity.saliency import (
     DEFAULT_CALIB_SALIENCY,
-    MaskChoice,
     choose_mask,
     collect_stats,
     get_saliency,
     list_saliencies,
     register_saliency,
 )
+from mpdeploy.sparsity.stats import MaskChoice
 
 
 def outlier_batches(k: int, seed: int, n: int = 4) -> list[torch.Tensor]:
@@ -125,7 +125,7 @@ def test_default_calib_saliency_never_loses_to_magnitude_on_the_zoo(zoo_name):
 
 
 def test_layers_without_calibration_inputs_fall_back_to_magnitude():
-    from mpdeploy.sparsity.saliency import InputStats
+    from mpdeploy.sparsity.stats import InputStats
 
     weight = torch.randn(4, 8)
     for name in ("sparsegpt", "auto"):
@@ -158,7 +158,7 @@ def separate_pass_stats(model, names, calib, held, group_sizes=()):
     then one pass per batch list for the covariances (row sampling from one generator seeded 0)."""
     from mpdeploy.sparsity.layers import capture_inputs
     from mpdeploy.sparsity.restore import gram_of
-    from mpdeploy.sparsity.saliency import InputStats
+    from mpdeploy.sparsity.stats import InputStats
 
     stats = {n: InputStats() for n in names}
     capture_inputs(model, names, calib, lambda name, x: stats[name].update(x, group_sizes))

@@ -171,13 +171,13 @@ def test_sweep_rows_choice_artifact_then_resume_recomputes_nothing(local_ray, tm
 def test_killed_worker_is_retried_and_the_sweep_completes(local_ray, tmp_path):
     """SIGKILL the Ray worker of the only trial while it writes its first artifact: Tune runs it again."""
     from mpdeploy.pipeline.sweep.pipeline import run_sweep
-    from mpdeploy.commands.sweep import _configs
+    from mpdeploy.commands.sweep import sweep_configs_from_args
     from mpdeploy.cli import build_parser
 
     out = tmp_path / "sw"
     args = build_parser(only="sweep").parse_args(["sweep", "zoo:digits_vit", "--out", str(out), *FAST,
                                                   "--grid", "saliency=magnitude"])
-    plan, request = _configs(args)
+    plan, request = sweep_configs_from_args(args)
     killed: list[int] = []
     stop = threading.Event()
     temp = re.compile(r"^\.(pruned|onnx|engine-ort|audit)\.tmp-(\d+)-")

@@ -134,7 +134,7 @@ def _densify_numbers(d) -> str:
     return ", ".join(parts)
 
 
-def _key_numbers(stage) -> str:
+def key_numbers(stage) -> str:
     d = stage.details
     name = stage.stage.split(":")[0]
     if name == "densify":
@@ -142,7 +142,7 @@ def _key_numbers(stage) -> str:
     if name != stage.stage:  # a densified round's stage: the same numbers as the first round's
         from dataclasses import replace
 
-        return _key_numbers(replace(stage, stage=name))
+        return key_numbers(replace(stage, stage=name))
     if stage.stage == "prune":
         text = (f"{d.get('pruned_layers')} layers pruned ({d.get('sparse_layers')} run sparse), "
                 f"MAC reduction {d.get('mac_reduction') or 0:.1%}")
@@ -200,7 +200,7 @@ def print_summary(result) -> None:
     table.add_column("seconds", justify="right")
     table.add_column("key numbers")
     for s in result.stages:
-        table.add_row(s.stage, s.status, f"{s.seconds:.1f}", _key_numbers(s))
+        table.add_row(s.stage, s.status, f"{s.seconds:.1f}", key_numbers(s))
     Console(file=sys.stdout, width=160).print(table)
 
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpdeploy.commands.arguments import add_model_arguments
-from mpdeploy.commands.arguments import add_audit_options, add_engine_options
+from mpdeploy.commands.arguments import add_audit_options, add_engine_options, add_model_arguments
 from mpdeploy.commands.build import DEFAULT_CALIB, DEFAULT_MODEL
 from mpdeploy.commands.prune import add_prune_arguments
 
@@ -68,7 +67,7 @@ def _absolute(value: str | None) -> str | None:
     return str(path.resolve()) if path.exists() else value
 
 
-def _configs(args: argparse.Namespace):
+def sweep_configs_from_args(args: argparse.Namespace):
     """(plan, request) from the flags, every one validated before anything heavy runs."""
     from mpdeploy.backends.base import resolve_backend
     from mpdeploy.commands.arguments import audit_config_from_args, build_config_from_args
@@ -122,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
     from mpdeploy.commands.progress import stage_progress
     from mpdeploy.pipeline.sweep.pipeline import run_sweep
 
-    plan, request = _configs(args)
+    plan, request = sweep_configs_from_args(args)
     with stage_progress("sweep") as progress:
         result = run_sweep(plan, request, progress=progress)
     rows = {r["id"]: r for r in result.rows}

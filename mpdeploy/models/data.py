@@ -114,7 +114,7 @@ class ImageData:
         return len(self.dataset)  # type: ignore[arg-type]
 
 
-def _digits_split(n: int, split: str, seed: int = 0) -> torch.Tensor:
+def digits_split(n: int, split: str, seed: int = 0) -> torch.Tensor:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_test = int(round(n * DIGITS_TEST_FRACTION))
     test, train = order[:n_test], order[n_test:]
@@ -139,7 +139,7 @@ def digits_tensors(input_shape: tuple[int, ...], split: str = "all") -> tuple[to
         images = torch.nn.functional.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
     images = images.expand(-1, c, -1, -1).contiguous()
     images = (images - DIGITS_MEAN) / DIGITS_STD
-    idx = _digits_split(len(labels), split)
+    idx = digits_split(len(labels), split)
     return images[idx], labels[idx]
 
 

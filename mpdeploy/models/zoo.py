@@ -2,7 +2,7 @@
 
 They are the embedded default (`mpdeploy build --sparse` with no model) and the models behind the
 accuracy benchmarks: real trained weights with a real labelled test split, on any machine, offline.
-The weights are files in the package (`mpdeploy/zoo_weights/<name>.safetensors`, made once by
+The weights are files in the package (`mpdeploy/models/zoo_weights/<name>.safetensors`, made once by
 `benchmarks/train_zoo.py`), so every machine measures the same model: the registry records each file's
 sha256 and its top-1 on the digits test split, and a file that does not match is refused.
 """
@@ -62,7 +62,7 @@ def list_zoo_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _entry(name: str) -> ZooEntry:
+def zoo_entry(name: str) -> ZooEntry:
     if name not in _REGISTRY:
         raise MpdeployError(f"unknown zoo model {name!r}; choose one of {', '.join(list_zoo_models())}")
     return _REGISTRY[name]
@@ -70,18 +70,18 @@ def _entry(name: str) -> ZooEntry:
 
 def zoo_weights_path(name: str) -> Path:
     """The shipped weights file of zoo model `name`."""
-    _entry(name)
+    zoo_entry(name)
     return WEIGHTS_DIR / f"{name}.safetensors"
 
 
 def zoo_sha256(name: str) -> str:
     """The sha256 the registry records for zoo model `name`'s weights file."""
-    return _entry(name).sha256
+    return zoo_entry(name).sha256
 
 
 def create_zoo_model(name: str, trained: bool = True) -> nn.Module:
     """The architecture of zoo model `name`; with trained=True, its shipped weights."""
-    entry = _entry(name)
+    entry = zoo_entry(name)
     if trained:
         return load_zoo_model(name).module
     import timm
@@ -157,7 +157,7 @@ def load_zoo_model(name: str):
     from mpdeploy.models.files import load_weights_strict
     from mpdeploy.models.spec import LoadedModel
 
-    entry = _entry(name)
+    entry = zoo_entry(name)
     model = create_zoo_model(name, trained=False)
     path = zoo_weights_path(name)
     load_weights_strict(model, load(_verified_bytes(name, entry)), str(path), name)

@@ -22,7 +22,8 @@ from mpdeploy.core.errors import MpdeployError
 from mpdeploy.sparsity.layers import LayerInfo, count_macs, find_layers, skip_reason
 from mpdeploy.models.spec import LoadedModel
 from mpdeploy.sparsity.patterns import NM, is_nm_compliant, parse_pattern
-from mpdeploy.sparsity.saliency import InputStats, choose_mask, collect_stats, get_saliency, removed_energy_fraction
+from mpdeploy.sparsity.saliency import choose_mask, collect_stats, get_saliency, removed_energy_fraction
+from mpdeploy.sparsity.stats import InputStats
 
 logger = logging.getLogger(__name__)
 

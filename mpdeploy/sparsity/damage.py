@@ -19,7 +19,7 @@ from torch import nn
 from mpdeploy.sparsity.budgets import Candidate
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.sparsity.patterns import NM
-from mpdeploy.sparsity.saliency import MaskChoice
+from mpdeploy.sparsity.stats import MaskChoice
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from mpdeploy.sparsity.obs import SINGLE_THREAD_WORK, obs_sweep, reduction_order
 from mpdeploy.sparsity.threads import single_thread
 
 if TYPE_CHECKING:
-    from mpdeploy.sparsity.saliency import InputStats, MaskChoice
+    from mpdeploy.sparsity.stats import InputStats, MaskChoice
 
 logger = logging.getLogger(__name__)
 

@@ -76,7 +76,7 @@ def _budget(text: str) -> str:
 
 
 def _precision(text: str) -> str:
-    from mpdeploy.backends.base import PRECISIONS
+    from mpdeploy.core.names import PRECISIONS
 
     if text not in PRECISIONS:
         raise MpdeployError(f"unknown precision {text!r}; choose one of {', '.join(PRECISIONS)}")
