@@ -185,7 +185,7 @@ HOOKS = {
              "def _hooked(*a, **k):\n    print('HOOK', flush=True); time.sleep(600); return _b(*a, **k)\n"
              "c.build_parser = _hooked\n",
     # inside the stage, its temporary folder made and filled: every stage writes its manifest last
-    "stage": "import time\nfrom mpdeploy import artifacts\n"
+    "stage": "import time\nfrom mpdeploy.core import artifacts\n"
              "def _hooked(*a, **k):\n    print('HOOK', flush=True); time.sleep(600)\n"
              "artifacts.write_manifest = _hooked\n",
     # after the stage finished, while the interpreter tears down its modules (past the point where
