@@ -145,6 +145,7 @@ class Provenance:
     started: float = field(default_factory=time.time)
     load_before: list[float] = field(default_factory=loadavg)
     models: dict[str, dict] = field(default_factory=dict)
+    git: dict = field(default_factory=git_state)  # at the start: the code that ran
 
     def model(self, label: str, sha256: str | dict | None, how: str | None = None) -> None:
         """Record the sha256 of a model this run measured (a dict from zoo_sha256, or a hex string)."""
@@ -163,10 +164,11 @@ class Provenance:
         now = datetime.datetime.now(datetime.timezone.utc)
         return {
             "schema": SCHEMA, "script": self.script, "argv": self.argv,
-            "git": git_state(), "date": now.isoformat(timespec="seconds"),
+            "git": self.git, "date": now.isoformat(timespec="seconds"),
             "duration_s": round(time.time() - self.started, 1),
             "machine": machine(), "loadavg_before": self.load_before, "loadavg_after": loadavg(),
             "versions": versions(self.packages), "models": self.models,
+            **({"git_at_end": end} if (end := git_state()) != self.git else {}),  # a commit landed mid-run
         }
 
 

@@ -427,12 +427,63 @@ def test_suite(r: Results) -> str:
             f" ({source('test_suite.json', d)})\n")
 
 
+def densify_backend(r: Results) -> str:
+    d = r("densify_backend.json")
+    if d is None:
+        return missing("densify_backend.json", "densify_backend.py")
+    rows = ["| model | pruned for | layers pruned | top-1 | sparse-execution MAC cut claimed | MAC cut that runs sparse on torch |",
+            "|---|---|---:|---:|---:|---:|"]
+    for name, m in d["models"].items():
+        for key, label in (("pruned_for_trt", "TensorRT's rules"), ("pruned_for_torch", "torch's plan")):
+            x = m.get(key) or {}
+            top1 = f"{pct(x['top1'])}%" if x.get("top1") is not None else "-"
+            if x.get("refused"):
+                rows.append(f"| {name} | {label} | refused: nothing runs sparse | - | - | - |")
+                continue
+            rows.append(f"| {name} | {label} | {x.get('pruned_layers')} | {top1} | {pct(x['mac_cut_claimed'], 1)}% "
+                        f"| {pct(x['mac_cut_on_torch'], 1)}% |")
+    t = d["densify_on_trt_report"]
+    return (f"Measured by `benchmarks/densify_backend.py` ({source('densify_backend.json', d)}; {zoo_hashes(d)}; "
+            f"uniform budget, magnitude saliency; top-1 on digits for the zoo model only, timm models random init; "
+            f"dense digits_cnn {pct(d['models']['digits_cnn']['top1_dense'])}%):\n\n" + "\n".join(rows) +
+            f"\n\nDensify on a TensorRT log for digits_cnn ({t['report']}): {t['layers_returned']} of "
+            f"{t['layers_pruned']} pruned layers given back, top-1 {pct(t['top1_before'])}% -> {pct(t['top1_after'])}%, "
+            f"claimed MAC cut {pct(t['mac_cut_claimed_before'], 1)}% -> {pct(t['mac_cut_claimed_after'], 1)}%.\n")
+
+
+def prune_speed(r: Results) -> str:
+    d = r("prune_speed.json")
+    if d is None:
+        return missing("prune_speed.json", "prune_speed.py")
+    parts = []
+    for name, run in d["runs"].items():
+        a = run.get("after") or {}
+        ph = a.get("phases") or {}
+        parts.append(f"{name}: {a['wall_s']:.0f} s wall, {a['cpu_s']:.0f} CPU s (goal {d['goal_s'][name]} s wall), "
+                     f"peak RSS {gib(a['peak_rss_mib'])}, load average {a['loadavg_before'][0]} at its start; CPU s by "
+                     f"phase: " + ", ".join(f"{k} {v['cpu_s']:.0f}" for k, v in ph.items()))
+    return (f"`{d['command']}` (`benchmarks/prune_speed.py`, {source('prune_speed.json', d)}): " + "; ".join(parts)
+            + f". Note recorded with the run: {d['note']}\n")
+
+
+def sweep_vs_builds(r: Results) -> str:
+    d = r("sweep_vs_builds.json")
+    if d is None:
+        return missing("sweep_vs_builds.json", "sweep_vs_builds.py")
+    return (f"An {d['trials']}-trial sweep of {d['model']} against the same configs run one after another with "
+            f"`mpdeploy build` (`benchmarks/sweep_vs_builds.py`, {source('sweep_vs_builds.json', d)}; {zoo_hashes(d)}): "
+            f"the builds took {d['builds_wall_s']:.0f} s wall; the sweep took {d['ratio_sweep_over_builds']:.2f}x "
+            f"their time (goal {d['goals']['sweep']}x), `--promote 2` {d['ratio_promote2_over_builds']:.2f}x "
+            f"(goal {d['goals']['promote_2']}x).\n")
+
+
 BLOCKS: dict[str, Callable[[Results], str]] = {
     "demo": demo, "method_saliency": method_saliency, "method_budgets": method_budgets,
     "method_distilled": method_distilled, "wanda_diagnosis": wanda_diagnosis, "prune_timing": prune_timing, "int8_ort": int8_ort,
     "export_checks": export_checks, "distill_digits": distill_digits, "build_e2e": build_e2e,
     "audit_imagefolder": audit_imagefolder, "digits_accuracy": digits_accuracy, "restore_timing": restore_timing,
     "permutation": permutation, "tome_ort_latency": tome_ort_latency, "test_suite": test_suite,
+    "densify_backend": densify_backend, "prune_speed": prune_speed, "sweep_vs_builds": sweep_vs_builds,
 }
 
 

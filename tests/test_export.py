@@ -230,6 +230,7 @@ def test_export_small_model(workspace, model):
     assert record["exporter"] == "legacy" and record["opset"] == 18
 
 
+@pytest.mark.slow  # the default suite keeps under 10 minutes on 2 cores
 def test_dynamo_exporter_resnet(workspace):
     """dynamo folds BatchNorm into the conv weights: the map falls back to per-channel scaled values."""
     pruned_dir, onnx_dir = workspace("resnet18", exporter="dynamo")

@@ -166,6 +166,7 @@ def _users_digits(folder) -> tuple[str, str, str]:
     return paths
 
 
+@pytest.mark.slow  # the default suite keeps under 10 minutes on 2 cores
 def test_trained_own_model_passes_every_default_gate(tmp_path):
     """A model trained elsewhere (here: SmallViT, 25 epochs on the user's own tensors, ~96% held-out
     top-1), saved as a full pickle, goes through build --sparse with a distillation epoch on the user's

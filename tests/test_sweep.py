@@ -151,6 +151,14 @@ def test_sweep_rows_choice_artifact_then_resume_recomputes_nothing(local_ray, tm
     assert open_sweep(out / "sweep")["choice"] == record["choice"]
     if chosen != "dense-cpu":
         assert chosen_audit(out / "sweep") == (out / next(r for r in ok if r["id"] == chosen)["folders"]["audit"]).resolve()
+    # `mpdeploy ship SWEEP_DIR` ships the verified choice, or refuses in one line when the choice is dense
+    from mpdeploy import cli
+
+    code = cli.main(["ship", str(out / "sweep"), "--repo", str(tmp_path / "repo"), "--name", "swept"])
+    if chosen == "dense-cpu":
+        assert code == 2 and not (tmp_path / "repo" / "swept").exists()
+    else:
+        assert code == 0 and (tmp_path / "repo" / "swept" / "1" / "SHA256SUMS").is_file()
 
     steps_before, manifests = _mtimes(out / "steps"), {r["id"]: r["manifests"] for r in ok}
     assert _sweep(out, *grid) == 0  # the same arguments again: every finished step verifies and is reused

@@ -10,7 +10,9 @@ from mpdeploy.serve.ship import KINDS, SERVE_BACKENDS, ShipConfig, ship_verified
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("engine_dir", type=Path, metavar="ENGINE_DIR", help="engine folder (engines/<name>)")
+    parser.add_argument("engine_dir", type=Path, metavar="ENGINE_DIR",
+                        help="engine folder (engines/<name>), or a sweep/ folder: its verified choice is shipped")
+    parser.add_argument("--gpu-kind", help="with a sweep folder that chose per GPU kind: the kind whose choice to ship")
     parser.add_argument("--repo", type=Path, required=True, metavar="TRITON_REPO", help="Triton model repository")
     parser.add_argument("--name", help="model name in the repository (default: the engine folder's name)")
     parser.add_argument("--version", type=int, help="model version (default: next free, from 1); never overwritten")
@@ -51,5 +53,16 @@ def main(args: argparse.Namespace) -> int:
         engine_backend=args.engine_backend,
         python_env=args.python_env,
     )
-    print(ship_verified(args.engine_dir, config).line())
+    print(ship_verified(engine_root(args.engine_dir, args.gpu_kind), config).line())
     return 0
+
+
+def engine_root(path: Path, gpu_kind: str | None) -> Path:
+    """ENGINE_DIR as given, or the engine root (engine-<backend>/ + audit/) of a verified sweep's choice."""
+    from mpdeploy.pipeline.sweep.report import chosen_audit, is_sweep_folder
+
+    if not is_sweep_folder(path):
+        return path
+    audit_dir = chosen_audit(path, kind=gpu_kind)
+    print(f"sweep {path}: shipping its choice, audited in {audit_dir}")
+    return audit_dir.parent

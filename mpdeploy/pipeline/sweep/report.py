@@ -127,6 +127,17 @@ def open_sweep(path: Path | str) -> dict[str, Any]:
     return data
 
 
+def is_sweep_folder(path: Path | str) -> bool:
+    """Whether `path` holds a sweep artifact (by its manifest's kind; verified later by `chosen_audit`)."""
+    manifest = Path(path) / artifacts.MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        return artifacts.read_json(manifest, what="manifest").get("kind") == KIND
+    except (MpdeployError, AttributeError):
+        return False
+
+
 def chosen_audit(sweep_dir: Path | str, kind: str | None = None) -> Path:
     """The audit folder of the sweep's choice (for `mpdeploy ship SWEEP_DIR`), verified; one line otherwise."""
     sweep_dir = Path(sweep_dir)
