@@ -72,3 +72,32 @@ def tree_hash(path: Path) -> dict[str, str]:
         else:
             out[rel] = f"{hashlib.sha256(p.read_bytes()).hexdigest()} {oct(p.stat().st_mode & 0o7777)}"
     return out
+
+
+class Payload:
+    """Unpickling this writes `marker`: what a hostile model file would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def run_in_process(capfd, args) -> tuple[int, list[str]]:
+    """`mpdeploy -q ARGS` in this process: its exit code and its non-empty stderr lines."""
+    from mpdeploy.cli import main as cli_main
+
+    code = cli_main(["-q", *args])
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    return code, err
+
+
+def one_line(code, err, *needles) -> str:
+    """Exit 2 and exactly one stderr line holding every needle, no traceback."""
+    assert code == 2, err
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    for needle in needles:
+        assert needle in err[0], err
+    return err[0]

@@ -17,22 +17,11 @@ import pytest
 import torch
 from own_archs import SmallCNN, SmallViT
 
+from faults_helpers import one_line, run_in_process
+
 from mpdeploy.cli import main as cli_main
 
 
-def _run(capfd, args) -> tuple[int, list[str]]:
-    code = cli_main(["-q", *args])
-    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
-    return code, err
-
-
-def _one_line(code, err, *needles) -> str:
-    assert code == 2, err
-    assert len(err) == 1, err
-    assert "Traceback" not in err[0]
-    for needle in needles:
-        assert needle in err[0], err
-    return err[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -71,9 +60,9 @@ def test_unliftable_ops_are_refused_with_a_count(tmp_path, capfd):
             return torch.nn.functional.linear(self.fc(y), self.fc.weight)
 
     torch.jit.save(torch.jit.trace(SharedWeight().eval(), torch.randn(2, 1, 16, 16)), tmp_path / "shared.pt")
-    code, err = _run(capfd, ["analyze", str(tmp_path / "shared.pt"), "--trust-pickle", "--input-shape", "1,16,16",
+    code, err = run_in_process(capfd, ["analyze", str(tmp_path / "shared.pt"), "--trust-pickle", "--input-shape", "1,16,16",
                              "--out", str(tmp_path / "out")])
-    _one_line(code, err, "2 of 3 conv / linear ops", "could not be lifted")
+    one_line(code, err, "2 of 3 conv / linear ops", "could not be lifted")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,16 +121,16 @@ def test_huge_json_shape_never_reaches_triton(tmp_path):
     ("drop_rate='x'", "--model-kwargs"),
 ])
 def test_model_kwargs_timm_rejects(tmp_path, capfd, kwargs, needle):
-    code, err = _run(capfd, ["prune", "timm:resnet10t", "--weights", "random", "--model-kwargs", kwargs,
+    code, err = run_in_process(capfd, ["prune", "timm:resnet10t", "--weights", "random", "--model-kwargs", kwargs,
                              "--out", str(tmp_path / "o")])
-    _one_line(code, err, needle, "--model-kwargs")
+    one_line(code, err, needle, "--model-kwargs")
     assert not (tmp_path / "o").exists()
 
 
 def test_absurd_width_is_refused_before_it_is_allocated(tmp_path, capfd):
-    code, err = _run(capfd, ["prune", "timm:vit_tiny_patch16_224", "--weights", "random", "--model-kwargs",
+    code, err = run_in_process(capfd, ["prune", "timm:vit_tiny_patch16_224", "--weights", "random", "--model-kwargs",
                              "embed_dim=192000,num_heads=3", "--out", str(tmp_path / "o")])
-    _one_line(code, err, "parameters (limit")
+    one_line(code, err, "parameters (limit")
 
 
 @pytest.fixture
@@ -169,9 +158,9 @@ def user_modules(tmp_path, monkeypatch):
 ])
 def test_broken_arch(tmp_path, capfd, user_modules, arch, needle):
     torch.save(SmallCNN(in_chans=1).state_dict(), tmp_path / "cnn.pth")
-    code, err = _run(capfd, ["prune", str(tmp_path / "cnn.pth"), "--arch", arch, "--input-shape", "1,16,16",
+    code, err = run_in_process(capfd, ["prune", str(tmp_path / "cnn.pth"), "--arch", arch, "--input-shape", "1,16,16",
                              "--out", str(tmp_path / "o")])
-    _one_line(code, err, needle)
+    one_line(code, err, needle)
 
 
 def test_unreadable_model_file(tmp_path, capfd, monkeypatch):
@@ -186,8 +175,8 @@ def test_unreadable_model_file(tmp_path, capfd, monkeypatch):
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", guarded_open)
-    code, err = _run(capfd, ["prune", str(path), "--arch", "own_archs:SmallCNN", "--input-shape", "1,16,16"])
-    _one_line(code, err, "permission denied", str(path))
+    code, err = run_in_process(capfd, ["prune", str(path), "--arch", "own_archs:SmallCNN", "--input-shape", "1,16,16"])
+    one_line(code, err, "permission denied", str(path))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -208,9 +197,9 @@ def test_nan_images_are_refused_for_calibration(tmp_path, capfd):
     images[3, 0, 2, 2] = np.nan
     data = _npz(tmp_path / "nan.npz", images, np.arange(16) % 10)
     torch.save(SmallCNN(in_chans=1).state_dict(), tmp_path / "cnn.pth")
-    code, err = _run(capfd, ["prune", str(tmp_path / "cnn.pth"), "--arch", "own_archs:SmallCNN", "--input-shape",
+    code, err = run_in_process(capfd, ["prune", str(tmp_path / "cnn.pth"), "--arch", "own_archs:SmallCNN", "--input-shape",
                              "1,16,16", "--calib", data, "--out", str(tmp_path / "o")])
-    _one_line(code, err, "1 of 16 images hold NaN")
+    one_line(code, err, "1 of 16 images hold NaN")
     assert not (tmp_path / "o").exists()
 
 
@@ -235,8 +224,8 @@ def test_nan_images_are_refused_by_later_stages(pruned_cnn, tmp_path, capfd, sta
     else:
         argv = ["export", str(pruned_cnn), "--allow-import", "own_archs:SmallCNN", "--precision", "int8",
                 "--calib", data, "--out", str(tmp_path / "o")]
-    code, err = _run(capfd, argv)
-    _one_line(code, err, "hold NaN or infinite values")
+    code, err = run_in_process(capfd, argv)
+    one_line(code, err, "hold NaN or infinite values")
     assert not (tmp_path / "o").exists()
 
 
@@ -250,7 +239,7 @@ def test_labels_out_of_range_in_audit_are_refused(tmp_path, capfd, labels, needl
     engine = make_engine(tmp_path / "engines" / "tiny")  # 3,16,16 input, 10 classes
     data = _npz(tmp_path / "bad.npz", _images(channels=3), labels)
     before = sorted(p.name for p in engine.iterdir())
-    code, err = _run(capfd, ["audit", str(engine), "--data", data, "--backend", "ort", "--repeats", "1",
+    code, err = run_in_process(capfd, ["audit", str(engine), "--data", data, "--backend", "ort", "--repeats", "1",
                              "--warmup", "0", "--no-plots", "--no-sensitivity"])
-    _one_line(code, err, needle)
+    one_line(code, err, needle)
     assert sorted(p.name for p in engine.iterdir()) == before

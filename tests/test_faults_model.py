@@ -19,31 +19,11 @@ import torch
 from own_archs import SmallCNN, SmallViT
 from PIL import Image
 
-from mpdeploy.cli import main as cli_main
+from faults_helpers import Payload, one_line, run_in_process
 
 
-class Payload:
-    """Unpickling this writes `marker`: what a hostile model file would do."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
 
 
-def _run(capfd, args) -> tuple[int, list[str]]:
-    code = cli_main(["-q", *args])
-    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
-    return code, err
-
-
-def _one_line(code, err, *needles):
-    assert code == 2, err
-    assert len(err) == 1, err
-    assert "Traceback" not in err[0]
-    for needle in needles:
-        assert needle in err[0], err
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -114,8 +94,8 @@ MALICIOUS = {"pickle": _pickle_file, "state_dict": _state_dict_file, "torchscrip
 def test_malicious_file_runs_nothing_without_trust(tmp_path, capfd, fmt, command):
     marker = tmp_path / "marker"
     path = MALICIOUS[fmt](tmp_path, marker)
-    code, err = _run(capfd, [command, str(path), "--input-shape", "1,16,16", "--out", str(tmp_path / "out")])
-    _one_line(code, err, "--trust-pickle")
+    code, err = run_in_process(capfd, [command, str(path), "--input-shape", "1,16,16", "--out", str(tmp_path / "out")])
+    one_line(code, err, "--trust-pickle")
     assert not marker.exists(), f"{fmt}: code from the file ran without --trust-pickle"
     assert not (tmp_path / "out").exists()
 
@@ -125,7 +105,7 @@ def test_payloads_are_real(tmp_path, capfd, fmt):
     # With the flag, torch does run these payloads: the refusal above is what stops them.
     marker = tmp_path / "marker"
     path = MALICIOUS[fmt](tmp_path, marker)
-    code, err = _run(capfd, ["analyze", str(path), "--trust-pickle", "--input-shape", "1,16,16",
+    code, err = run_in_process(capfd, ["analyze", str(path), "--trust-pickle", "--input-shape", "1,16,16",
                              "--out", str(tmp_path / "out")])
     assert code == 2 and "Traceback" not in "\n".join(err)
     assert marker.exists()
@@ -134,8 +114,8 @@ def test_payloads_are_real(tmp_path, capfd, fmt):
 def test_model_kwargs_are_never_evaluated(tmp_path, capfd):
     marker = tmp_path / "marker"
     hostile = f"in_chans=__import__('os').system('touch {marker}')"
-    code, err = _run(capfd, ["prune", "timm:resnet10t", "--weights", "random", "--model-kwargs", hostile])
-    _one_line(code, err, "--model-kwargs")
+    code, err = run_in_process(capfd, ["prune", "timm:resnet10t", "--weights", "random", "--model-kwargs", hostile])
+    one_line(code, err, "--model-kwargs")
     assert not marker.exists()
 
 
@@ -159,11 +139,11 @@ def _good_pt2(tmp_path) -> bytes:
 def test_damaged_model_file(tmp_path, capfd, name, make):
     path = tmp_path / name
     path.write_bytes(make(tmp_path))
-    code, err = _run(capfd, ["prune", str(path), "--input-shape", "1,16,16", "--trust-pickle",
+    code, err = run_in_process(capfd, ["prune", str(path), "--input-shape", "1,16,16", "--trust-pickle",
                              "--out", str(tmp_path / "out")])
-    _one_line(code, err, "not a readable checkpoint")
-    code, err = _run(capfd, ["prune", str(path), "--input-shape", "1,16,16", "--out", str(tmp_path / "out")])
-    _one_line(code, err, "not a readable checkpoint")
+    one_line(code, err, "not a readable checkpoint")
+    code, err = run_in_process(capfd, ["prune", str(path), "--input-shape", "1,16,16", "--out", str(tmp_path / "out")])
+    one_line(code, err, "not a readable checkpoint")
     assert "--trust-pickle only" not in err[0]
 
 
@@ -178,12 +158,12 @@ def _cnn_state(tmp_path, channels=1):
 
 def test_input_channels_do_not_fit(tmp_path, capfd):
     arch = _cnn_state(tmp_path)
-    code, err = _run(capfd, ["prune", str(tmp_path / "cnn.pth"), *arch, "--input-shape", "3,32,32",
+    code, err = run_in_process(capfd, ["prune", str(tmp_path / "cnn.pth"), *arch, "--input-shape", "3,32,32",
                              "--out", str(tmp_path / "o")])
-    _one_line(code, err, "does not fit", "--input-shape")
-    code, err = _run(capfd, ["prune", "timm:resnet10t", "--weights", "random", "--model-kwargs", "in_chans=1",
+    one_line(code, err, "does not fit", "--input-shape")
+    code, err = run_in_process(capfd, ["prune", "timm:resnet10t", "--weights", "random", "--model-kwargs", "in_chans=1",
                              "--input-shape", "3,176,176", "--out", str(tmp_path / "o")])
-    _one_line(code, err, "does not fit")
+    one_line(code, err, "does not fit")
     assert not (tmp_path / "o").exists()
 
 
@@ -197,18 +177,18 @@ def test_timm_in_chans_gives_the_input_shape(tmp_path, capfd):
 
 
 def test_huge_input_shape(tmp_path, capfd):
-    code, err = _run(capfd, ["prune", "timm:resnet10t", "--weights", "random", "--input-shape", "1,20000,20000"])
-    _one_line(code, err, "too large")
+    code, err = run_in_process(capfd, ["prune", "timm:resnet10t", "--weights", "random", "--input-shape", "1,20000,20000"])
+    one_line(code, err, "too large")
 
 
 def test_unknown_model_kwarg(tmp_path, capfd):
     arch = ["--arch", "own_archs:SmallCNN", "--model-kwargs", "in_chans=1,depth=7"]
     torch.save(SmallCNN().state_dict(), tmp_path / "cnn.pth")
-    code, err = _run(capfd, ["prune", str(tmp_path / "cnn.pth"), *arch, "--input-shape", "1,16,16"])
-    _one_line(code, err, "--model-kwargs")
-    code, err = _run(capfd, ["prune", str(tmp_path / "cnn.pth"), "--arch", "no_such_module:Net", "--input-shape",
+    code, err = run_in_process(capfd, ["prune", str(tmp_path / "cnn.pth"), *arch, "--input-shape", "1,16,16"])
+    one_line(code, err, "--model-kwargs")
+    code, err = run_in_process(capfd, ["prune", str(tmp_path / "cnn.pth"), "--arch", "no_such_module:Net", "--input-shape",
                              "1,16,16"])
-    _one_line(code, err, "cannot import --arch")
+    one_line(code, err, "cannot import --arch")
 
 
 @pytest.mark.parametrize("images,labels,needle", [
@@ -222,10 +202,10 @@ def test_tensor_data_that_does_not_fit(tmp_path, capfd, images, labels, needle):
     _cnn_state(tmp_path)
     arrays = {"images": images} | ({"labels": labels} if labels is not None else {})
     np.savez(tmp_path / "x.npz", **arrays)
-    code, err = _run(capfd, ["prune", str(tmp_path / "cnn.pth"), "--arch", "own_archs:SmallCNN", "--model-kwargs",
+    code, err = run_in_process(capfd, ["prune", str(tmp_path / "cnn.pth"), "--arch", "own_archs:SmallCNN", "--model-kwargs",
                              "in_chans=1", "--input-shape", "1,16,16", "--calib", str(tmp_path / "x.npz"),
                              "--out", str(tmp_path / "o")])
-    _one_line(code, err, needle)
+    one_line(code, err, needle)
     assert not (tmp_path / "o").exists()
 
 
@@ -233,9 +213,9 @@ def test_pickled_npz_is_refused(tmp_path, capfd):
     marker = tmp_path / "marker"
     np.savez(tmp_path / "x.npz", images=np.array([Payload(marker)], dtype=object))
     arch = _cnn_state(tmp_path)
-    code, err = _run(capfd, ["prune", str(tmp_path / "cnn.pth"), *arch, "--input-shape", "1,16,16",
+    code, err = run_in_process(capfd, ["prune", str(tmp_path / "cnn.pth"), *arch, "--input-shape", "1,16,16",
                              "--calib", str(tmp_path / "x.npz")])
-    _one_line(code, err, "not a readable .npz")
+    one_line(code, err, "not a readable .npz")
     assert not marker.exists()
 
 
@@ -249,9 +229,9 @@ def test_preprocessing_that_does_not_fit(tmp_path, capfd, flags, needle):
     arch = _cnn_state(tmp_path)
     (tmp_path / "imgs" / "a").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "imgs" / "a" / "0.png")
-    code, err = _run(capfd, ["prune", str(tmp_path / "cnn.pth"), *arch, "--input-shape", "1,16,16",
+    code, err = run_in_process(capfd, ["prune", str(tmp_path / "cnn.pth"), *arch, "--input-shape", "1,16,16",
                              "--calib", str(tmp_path / "imgs"), *flags])
-    _one_line(code, err, needle)
+    one_line(code, err, needle)
 
 
 def test_corrupt_image_is_named(tmp_path, capfd):
@@ -261,17 +241,17 @@ def test_corrupt_image_is_named(tmp_path, capfd):
     for i in range(3):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / f"{i}.png")
     (folder / "broken.jpg").write_bytes(os.urandom(300))
-    code, err = _run(capfd, ["prune", str(tmp_path / "cnn.pth"), *arch, "--input-shape", "1,16,16",
+    code, err = run_in_process(capfd, ["prune", str(tmp_path / "cnn.pth"), *arch, "--input-shape", "1,16,16",
                              "--calib", str(tmp_path / "imgs"), "--out", str(tmp_path / "o")])
-    _one_line(code, err, "broken.jpg")
+    one_line(code, err, "broken.jpg")
     assert not (tmp_path / "o").exists()
 
 
 def test_static_batch_program_is_one_line(tmp_path, capfd):
     program = torch.export.export(SmallViT(in_chans=1).eval(), (torch.randn(1, 1, 16, 16),))
     torch.export.save(program, tmp_path / "static.pt2")
-    code, err = _run(capfd, ["prune", str(tmp_path / "static.pt2"), "--trust-pickle"])
-    _one_line(code, err, "dynamic batch")
+    code, err = run_in_process(capfd, ["prune", str(tmp_path / "static.pt2"), "--trust-pickle"])
+    one_line(code, err, "dynamic batch")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -280,17 +260,17 @@ def test_static_batch_program_is_one_line(tmp_path, capfd):
 
 def test_changed_pickle_is_refused_by_later_stages(tmp_path, capfd):
     torch.save(SmallCNN(in_chans=1).eval(), tmp_path / "model.pt")
-    code, _ = _run(capfd, ["prune", str(tmp_path / "model.pt"), "--trust-pickle", "--input-shape", "1,16,16",
+    code, _ = run_in_process(capfd, ["prune", str(tmp_path / "model.pt"), "--trust-pickle", "--input-shape", "1,16,16",
                            "--out", str(tmp_path / "pruned")])
     assert code == 0
     manifest = json.loads((tmp_path / "pruned" / "manifest.json").read_text())
     assert manifest["model"]["source"]["trust_pickle"] is True
     torch.save(SmallCNN(in_chans=1, width=32).eval(), tmp_path / "model.pt")
-    code, err = _run(capfd, ["export", str(tmp_path / "pruned"), "--out", str(tmp_path / "onnx")])
-    _one_line(code, err, "changed since it was pruned")
+    code, err = run_in_process(capfd, ["export", str(tmp_path / "pruned"), "--out", str(tmp_path / "onnx")])
+    one_line(code, err, "changed since it was pruned")
     (tmp_path / "model.pt").unlink()
-    code, err = _run(capfd, ["export", str(tmp_path / "pruned"), "--out", str(tmp_path / "onnx")])
-    _one_line(code, err, "is gone")
+    code, err = run_in_process(capfd, ["export", str(tmp_path / "pruned"), "--out", str(tmp_path / "onnx")])
+    one_line(code, err, "is gone")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -306,9 +286,9 @@ def test_zoo_weights_changed_or_missing(tmp_path, capfd, monkeypatch):
     changed = bytearray(shipped)
     changed[-1] ^= 1  # one bit of one weight
     (tmp_path / "zoo_weights" / "digits_vit.safetensors").write_bytes(bytes(changed))
-    code, err = _run(capfd, ["prune", "zoo:digits_vit", "--out", str(tmp_path / "o")])
-    _one_line(code, err, "digits_vit", "sha256", "restore it")
+    code, err = run_in_process(capfd, ["prune", "zoo:digits_vit", "--out", str(tmp_path / "o")])
+    one_line(code, err, "digits_vit", "sha256", "restore it")
     assert not (tmp_path / "o").exists()
     (tmp_path / "zoo_weights" / "digits_vit.safetensors").unlink()
-    code, err = _run(capfd, ["prune", "zoo:digits_vit", "--out", str(tmp_path / "o")])
-    _one_line(code, err, "cannot read zoo model digits_vit", "reinstall mpdeploy")
+    code, err = run_in_process(capfd, ["prune", "zoo:digits_vit", "--out", str(tmp_path / "o")])
+    one_line(code, err, "cannot read zoo model digits_vit", "reinstall mpdeploy")

@@ -20,33 +20,13 @@ import torch
 from own_archs import SmallCNN
 from ship_engine import make_engine, write_audit
 
+from faults_helpers import Payload, one_line, run_in_process
+
 from mpdeploy.core import artifacts
 from mpdeploy.cli import main as cli_main
 
 
-class Payload:
-    """Unpickling this writes `marker`: what a hostile model file would do."""
 
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
-
-
-def _run(capfd, args) -> tuple[int, list[str]]:
-    code = cli_main(["-q", *args])
-    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
-    return code, err
-
-
-def _one_line(code, err, *needles) -> str:
-    assert code == 2, err
-    assert len(err) == 1, err
-    assert "Traceback" not in err[0]
-    for needle in needles:
-        assert needle in err[0], err
-    return err[0]
 
 
 def rewrite_manifest(folder: Path, edit) -> None:
@@ -75,14 +55,14 @@ def engine(base_engine, tmp_path) -> Path:
 
 
 def _ship(capfd, engine, repo, *extra):
-    return _run(capfd, ["ship", str(engine), "--repo", str(repo), *extra])
+    return run_in_process(capfd, ["ship", str(engine), "--repo", str(repo), *extra])
 
 
 @pytest.mark.parametrize("force", [False, True])
 def test_audit_with_stripped_sources_is_refused(engine, tmp_path, capfd, force):
     rewrite_manifest(engine / "audit", lambda m: m.update(sources={}, inputs={}))
     code, err = _ship(capfd, engine, tmp_path / "repo", *(["--force"] if force else []))
-    _one_line(code, err, "records no engine it audited")
+    one_line(code, err, "records no engine it audited")
     assert not (tmp_path / "repo").exists()
 
 
@@ -97,7 +77,7 @@ def test_audit_of_another_engine_is_refused(engine, tmp_path, capfd, force):
     rewrite_manifest(engine / "audit", lambda m: m["sources"]["engine"].update(path=rel))
     assert artifacts.read_manifest(engine / "audit", "audit")  # the forgery verifies as an artifact
     code, err = _ship(capfd, engine, tmp_path / "repo", *(["--force"] if force else []))
-    _one_line(code, err, "audited another engine")
+    one_line(code, err, "audited another engine")
     assert not (tmp_path / "repo").exists()
 
 
@@ -105,7 +85,7 @@ def test_audit_made_before_the_engine_changed_is_refused(engine, tmp_path, capfd
     # The engine manifest re-written (honestly re-hashed): the audit recorded the old hash.
     rewrite_manifest(engine / "engine-ort", lambda m: m.update(precision="fp16"))
     code, err = _ship(capfd, engine, tmp_path / "repo", "--force")
-    _one_line(code, err, "changed after")
+    one_line(code, err, "changed after")
 
 
 @pytest.mark.parametrize("edit", ["file_sha256 deleted", "files updated, self-hash stale"])
@@ -121,7 +101,7 @@ def test_force_never_skips_engine_integrity(engine, tmp_path, capfd, edit):
             ed / "sparse.onnx")
     (ed / "manifest.json").write_text(json.dumps(manifest))
     code, err = _ship(capfd, engine, tmp_path / "repo", "--force")
-    _one_line(code, err, str(ed))
+    one_line(code, err, str(ed))
     assert not (tmp_path / "repo").exists()
 
 
@@ -179,8 +159,8 @@ def _copy(folder: Path, tmp_path: Path) -> Path:
 
 
 def test_manifest_recorded_class_is_not_imported_without_a_grant(pruned_state_dict, tmp_path, capfd):
-    code, err = _run(capfd, ["export", str(pruned_state_dict), "--out", str(tmp_path / "onnx")])
-    _one_line(code, err, "own_archs:SmallCNN", "manifest", "--allow-import own_archs:SmallCNN")
+    code, err = run_in_process(capfd, ["export", str(pruned_state_dict), "--out", str(tmp_path / "onnx")])
+    one_line(code, err, "own_archs:SmallCNN", "manifest", "--allow-import own_archs:SmallCNN")
     assert not (tmp_path / "onnx").exists()
 
 
@@ -189,25 +169,25 @@ def test_manifest_recorded_os_system_runs_nothing(pruned_state_dict, tmp_path, c
     pruned = _copy(pruned_state_dict, tmp_path)
     rewrite_manifest(pruned, lambda m: m["model"]["source"].update(name="os:system",
                                                                    kwargs={"command": f"touch {marker}"}))
-    code, err = _run(capfd, ["export", str(pruned), "--out", str(tmp_path / "onnx")])
-    _one_line(code, err, "'os:system'", "manifest", "--allow-import")
+    code, err = run_in_process(capfd, ["export", str(pruned), "--out", str(tmp_path / "onnx")])
+    one_line(code, err, "'os:system'", "manifest", "--allow-import")
     # Even granted, a function is no nn.Module class: refused before anything is called.
-    code, err = _run(capfd, ["export", str(pruned), "--allow-import", "os:system", "--out", str(tmp_path / "onnx")])
-    _one_line(code, err, "not an nn.Module subclass")
+    code, err = run_in_process(capfd, ["export", str(pruned), "--allow-import", "os:system", "--out", str(tmp_path / "onnx")])
+    one_line(code, err, "not an nn.Module subclass")
     assert not marker.exists()
     assert not (tmp_path / "onnx").exists()
 
 
 def test_granted_class_exports(pruned_state_dict, tmp_path, capfd):
-    code, err = _run(capfd, ["export", str(pruned_state_dict), "--allow-import", "own_archs:SmallCNN",
+    code, err = run_in_process(capfd, ["export", str(pruned_state_dict), "--allow-import", "own_archs:SmallCNN",
                              "--out", str(tmp_path / "onnx")])
     assert code == 0, err
     assert (tmp_path / "onnx" / "model.onnx").is_file()
 
 
 def test_recorded_pickle_is_not_reopened_without_trust_pickle(pruned_pickle, tmp_path, capfd):
-    code, err = _run(capfd, ["export", str(pruned_pickle), "--out", str(tmp_path / "onnx")])
-    _one_line(code, err, "model.pt", "--trust-pickle", "manifest")
+    code, err = run_in_process(capfd, ["export", str(pruned_pickle), "--out", str(tmp_path / "onnx")])
+    one_line(code, err, "model.pt", "--trust-pickle", "manifest")
     assert not (tmp_path / "onnx").exists()
 
 
@@ -220,15 +200,15 @@ def test_forged_trust_pickle_runs_nothing(pruned_state_dict, tmp_path, capfd):
     rewrite_manifest(pruned, lambda m: m["model"].update(source=source))
     for command in (["export", str(pruned), "--out", str(tmp_path / "onnx")],
                     ["export", str(pruned), "--allow-import", "own_archs:SmallCNN", "--out", str(tmp_path / "onnx")]):
-        code, err = _run(capfd, command)
-        _one_line(code, err, "evil.pt", "--trust-pickle")
+        code, err = run_in_process(capfd, command)
+        one_line(code, err, "evil.pt", "--trust-pickle")
     assert not marker.exists()
 
 
 def test_arch_must_name_a_module_class_before_anything_is_called(tmp_path, capfd):
     marker = tmp_path / "marker"
     torch.save(SmallCNN(in_chans=1).state_dict(), tmp_path / "cnn.pth")
-    code, err = _run(capfd, ["prune", str(tmp_path / "cnn.pth"), "--arch", "os:system", "--model-kwargs",
+    code, err = run_in_process(capfd, ["prune", str(tmp_path / "cnn.pth"), "--arch", "os:system", "--model-kwargs",
                              f"command='touch {marker}'", "--input-shape", "1,16,16", "--out", str(tmp_path / "o")])
-    _one_line(code, err, "not an nn.Module subclass")
+    one_line(code, err, "not an nn.Module subclass")
     assert not marker.exists()
