@@ -1,11 +1,11 @@
-"""Train the zoo's digits models once and write the weights mpdeploy ships (mpdeploy/zoo_weights/).
+"""Train the zoo's digits models once and write the weights mpdeploy ships (mpdeploy/models/zoo_weights/).
 
 The zoo models used to be trained on first use, so two machines measured two different models. They are
 now trained once, here, and shipped: this script is how the shipped files were made, and how to remake
 them. It trains with one thread and deterministic kernels (seed 0), saves `<name>.safetensors`, and prints
 the file's sha256 and test top-1, the two values to record in `mpdeploy/models/zoo.py`'s registry.
 
-    .venv/bin/python benchmarks/train_zoo.py                 # both models, into mpdeploy/zoo_weights/
+    .venv/bin/python benchmarks/train_zoo.py                 # both models, into mpdeploy/models/zoo_weights/
     .venv/bin/python benchmarks/train_zoo.py digits_vit --out /tmp/zoo
 
 A retrained file is the same bytes only on the same CPU kind and library versions: floating-point
