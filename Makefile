@@ -27,4 +27,4 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 clean:
-	rm -rf $(VENV) engines/_zoo
+	rm -rf $(VENV)
