@@ -423,7 +423,8 @@ def test_suite(r: Results) -> str:
     if d is None:
         return missing("test_suite.json", "fresh_clone_tests.py")
     runs = d["runs"]
-    return ("; ".join(f"{x['summary']} in {x['wall_s'] / 60:.1f} min ({x['note']})" for x in runs) +
+    return ("; ".join(f"{x['summary']}; {x['wall_s'] / 60:.1f} min with the install"
+                      f"{', a CPU-bound process beside it' if x.get('hog') else ''} ({x['note']})" for x in runs) +
             f" ({source('test_suite.json', d)})\n")
 
 
