@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mpdeploy.core.machine import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SCHEMA = "mpdeploy.benchmark-provenance/1"
@@ -45,16 +47,6 @@ def git_state(repo: Path = REPO) -> dict:
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None, "why": "not a git checkout"}
     return {"commit": commit, "dirty": bool(changed), "changed_files": changed[:50]}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def machine() -> dict:
