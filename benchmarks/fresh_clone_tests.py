@@ -26,6 +26,8 @@ import provenance
 
 RESULTS = provenance.RESULTS / "test_suite.json"
 SUMMARY = re.compile(r"^=*\s*(\d+ (?:passed|failed|error).*? in [\d.]+s.*?)\s*=*$", re.M)
+# pytest's -ra short summary (addopts): one line per failed / errored / skipped test, kept by name
+OUTCOME_LINES = re.compile(r"^(?:FAILED|ERROR|SKIPPED) .*$", re.M)
 
 
 def clone(target: Path) -> str:
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = found[-1] if found else (re.findall(r"^\d+ tests? collected.*$", text, re.M) or ["no summary"])[-1]
     record = {"commit": commit, "command": " ".join(argv_test), "summary": summary, "hog": args.hog,
               "note": args.note or ("a CPU-bound process beside it" if args.hog else "nothing of ours beside it"),
-              **run.record(), "wall_s_total": round(time.perf_counter() - t0, 1), "tail": text.splitlines()[-15:]}
+              **run.record(), "wall_s_total": round(time.perf_counter() - t0, 1), "outcomes": OUTCOME_LINES.findall(run.stdout),
+              "tail": run.stdout.splitlines()[-15:], "stderr_tail": run.stderr.splitlines()[-5:]}
     old = json.loads(out.read_text()) if out.is_file() else {}
     runs = old.get("runs", []) + [{**record, "provenance": prov.finish()}]
     provenance.write_results(out, {"runs": runs}, prov)
