@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -266,9 +267,14 @@ def test_default_model_digits_vit(tmp_path, capsys, monkeypatch):
 
 
 def test_build_with_distillation_exports_the_distilled_weights(tmp_path, capsys):
-    root = tmp_path / "engines" / "r18d"
-    base = ["build", "timm:resnet18", "--sparse", "--backend", "ort", "--no-audit", "--weights", "random",
-            "--num-classes", "10", "--input-shape", "3,16,16", "--out", str(root), "--threads", "1"]
+    root = tmp_path / "engines" / "cnnd"
+    # 64 labelled images: one epoch is a second (distilling on all of digits made this the slowest test)
+    data = tmp_path / "few.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, images=rng.standard_normal((64, 1, 32, 32)).astype(np.float32),
+             labels=rng.integers(0, 10, 64))
+    base = ["build", "zoo:digits_cnn", "--sparse", "--backend", "ort", "--no-audit", "--out", str(root),
+            "--threads", "1", "--distill-data", str(data), "--eval-data", str(data)]
     assert cli_main([*base, "--distill-epochs", "1"]) == 0
     stages = _stages(root)
     assert stages["distill"] == "built" and stages["export"] == "built"
