@@ -422,10 +422,13 @@ def test_suite(r: Results) -> str:
     d = r("test_suite.json")
     if d is None:
         return missing("test_suite.json", "fresh_clone_tests.py")
-    runs = d["runs"]
-    return ("; ".join(f"{x['summary']}; {x['wall_s'] / 60:.1f} min with the install"
-                      f"{', a CPU-bound process beside it' if x.get('hog') else ''} ({x['note']})" for x in runs) +
-            f" ({source('test_suite.json', d)})\n")
+    rows = ["| commit | beside it | pytest's summary | minutes, with the install | failed |", "|---|---|---|---:|---|"]
+    for x in d["runs"]:
+        failed = [line.split()[1] for line in x.get("outcomes", []) if line.startswith(("FAILED", "ERROR"))]
+        named = ", ".join(f"`{f}`" for f in failed) if failed else ("-" if "outcomes" in x else "names not recorded")
+        rows.append(f"| {x['commit'][:7]} | {'a CPU-bound process' if x.get('hog') else 'nothing of ours'} "
+                    f"| {x['summary']} | {x['wall_s'] / 60:.1f} | {named} |")
+    return (f"`make test` on fresh clones, every run kept ({source('test_suite.json', d)}):\n\n" + "\n".join(rows) + "\n")
 
 
 def densify_backend(r: Results) -> str:
