@@ -305,6 +305,8 @@ def test_correct_engine_passes(base_root, base_audit):
     # the report a person reads, and its plots
     md = (base_root / "audit" / "audit.md").read_text()
     assert "**PASS**" in md
+    # the speed gate line says what was applied (ORT on CPU: no sparse kernels, no claim), never "none"
+    assert "- speed gate: none: this backend has no sparse kernels" in md
     for png in ("latency.png", "accuracy.png", "certified.png", "sensitivity.png"):
         assert f"]({png})" in md
         assert (base_root / "audit" / png).read_bytes()[:8] == PNG_MAGIC
@@ -342,6 +344,8 @@ def test_labels_that_do_not_fit_gate_on_agreement_and_speed_gate(base_root, fast
     assert any("labels not used" in w for w in a["warnings"])
     # max_top1_drop = 1.0 lets any disagreement pass; the impossible speed gate is the only failure
     assert a["passed"] is False and len(a["failures"]) == 1 and "speedup at batch 4" in a["failures"][0]
+    md = (root / "audit" / "audit.md").read_text()
+    assert "- speed gate: at least 1000x dense p50 / sparse p50 at the largest batch" in md
     assert a["sensitivity"] == [] and a["sensitivity_summary"] is None
 
 

@@ -87,9 +87,7 @@ def _headline(result: Mapping[str, Any], engine_root: Path) -> list[str]:
     lines += _fp32_gate_lines(result)
     if lat:
         speed = ", ".join(f"batch {b}: {v['ratio_p50']:.2f}x" for b, v in lat.items())
-        gate = result["thresholds"]["min_speedup"]
-        lines.append(f"- **Speedup** (dense p50 / sparse p50): {speed} "
-                     f"({'gate: at least ' + format(gate, 'g') + 'x at the largest batch' if gate else 'no speed gate'})")
+        lines.append(f"- **Speedup** (dense p50 / sparse p50): {speed} (gate: {_speed_gate_words(result['thresholds'])})")
     if s.get("mac_reduction") is not None:
         lines.append(f"- **MAC reduction**: {fmt_pct(s['mac_reduction'])} (runs sparse on 2:4 hardware: "
                      f"{fmt_pct(s['sparse_execution_mac_reduction'])})")
@@ -254,10 +252,23 @@ def _caveats_section(result: Mapping[str, Any]) -> list[str]:
     return ["## Caveats", ""] + [f"- {x}" for x in result["warnings"]] + [""]
 
 
+def _speed_gate_words(t: Mapping[str, Any]) -> str:
+    """The speed gate as it was applied: --min-speedup when set, else the default 'never slower' rule."""
+    gate = t.get("speed_gate") or {}
+    if t["min_speedup"] is not None:
+        return f"at least {t['min_speedup']:g}x dense p50 / sparse p50 at the largest batch"
+    if gate.get("sparse_kernels") is False:
+        return "none: this backend has no sparse kernels, so no speed claim is made"
+    if not gate:
+        return "none: no batch size was timed"
+    action = "fails" if gate.get("fail_if_slower", True) else "warns"
+    return (f"the audit {action} when the ratio's 95% interval at batch {gate['batch']} lies entirely below 1.0 "
+            "(measurably slower) and warns when it holds 1.0")
+
+
 def _thresholds_section(result: Mapping[str, Any]) -> list[str]:
     t = result["thresholds"]
-    speed = ("none" if t["min_speedup"] is None
-             else format(t["min_speedup"], "g") + "x dense p50 / sparse p50 at the largest batch")
+    speed = _speed_gate_words(t)
     return ["## Thresholds", "",
             f"- accuracy gate: {t['accuracy_gate']['metric']} at most {100 * t['max_top1_drop']:.2f} pts "
             "(top-1 drop when the labels fit the model, else top-1 disagreement with dense)",
