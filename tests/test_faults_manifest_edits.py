@@ -174,12 +174,14 @@ SAMPLE = [
     ("pruned", ("model", "source", "name")),
     ("pruned", ("layers", 0, "pattern")),
     ("pruned", ("created",)),
+    ("pruned", ("model", "input_shape", 2)),  # found by the sweep: export followed it (an ONNX of another size)
     ("onnx", ("sources", "weights", "path")),
     ("onnx", ("config", "opset")),
     ("engine-ort", ("variants", "sparse")),
     ("engine-ort", ("backend",)),
     ("engine-ort", ("io", "inputs", 0, "shape", 1)),
     ("engine-ort", ("runtime", "backend_options")),  # found by the sweep: was a TypeError traceback in audit
+    ("engine-ort", ("io", "outputs", 0, "shape", 1)),  # found by the sweep: was a failed audit, not a refusal
     ("audit", ("passed",)),
     ("audit", ("backend",)),
     ("audit", ("sources", "engine", "manifest_sha256")),
@@ -219,3 +221,18 @@ def test_edit_helpers_change_exactly_one_field(chain, tmp_path):
     assert changed == {"passed", artifacts.SELF_HASH} and after["passed"] is (not before["passed"])
     expected = copy.deepcopy(after)
     artifacts.verify_self(tmp_path / "audit", expected)  # the forgery passes the self-hash check
+
+
+def test_forced_ship_without_an_audit_checks_io_against_the_onnx(chain, tmp_path, capsys):
+    # No audit to tie the engine manifest to: ship itself must not believe an edited `io` (Triton's config
+    # is written from it).
+    root, _ = chain
+    work = tmp_path / "chain"
+    shutil.copytree(root, work)
+    shutil.rmtree(work / "audit")
+    apply_edit(work / "engine-ort", ("io", "inputs", 0, "shape", 2))
+    capsys.readouterr()
+    code = cli_main(["-q", "ship", str(work), "--repo", str(tmp_path / "repo"), "--force"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and "io.inputs" in err[0] and "model.onnx" in err[0], err
+    assert not (tmp_path / "repo").exists()

@@ -3,8 +3,8 @@
 - ship ties the audit to the engine it ships by manifest hash; --force overrides a verdict, never that
   tie nor the engine's own integrity (items 1 and 3);
 - a pruned manifest grants no trust: re-opening a pickle or importing a `module:Class` it records needs
-  --trust-pickle / --allow-import on the command line of the stage that does it, and --arch must name an
-  nn.Module subclass before anything is called (item 2).
+  --trust-pickle / --allow-import on the command line of the stage that does it (export, distill, audit,
+  densify --backend torch), and --arch must name an nn.Module subclass before anything is called (item 2).
 
 Hostile edits recompute the manifest's self-hash, as anyone with write access to a folder can.
 """
@@ -26,7 +26,16 @@ from mpdeploy.core import artifacts
 from mpdeploy.cli import main as cli_main
 
 
+class MarkedCNN(SmallCNN):
+    """A SmallCNN whose unpickling writes `marker`: shows whether (and when) a stage re-opens the pickle."""
 
+    def __init__(self, marker: Path):
+        super().__init__(in_chans=1)
+        self.marker = str(marker)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        Path(state["marker"]).write_text("ran")
 
 
 def rewrite_manifest(folder: Path, edit) -> None:
@@ -212,3 +221,104 @@ def test_arch_must_name_a_module_class_before_anything_is_called(tmp_path, capfd
                              f"command='touch {marker}'", "--input-shape", "1,16,16", "--out", str(tmp_path / "o")])
     one_line(code, err, "not an nn.Module subclass")
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# densify: `--backend torch` on a pruned folder re-creates the model (torch's conversion plan is computed
+# on it), so it takes the same grants as export; the engine / --trt-log paths read reports only.
+
+
+def _densify(capfd, pruned, out, *extra):
+    return run_in_process(capfd, ["densify", str(pruned), "--backend", "torch", "--out", str(out), *extra])
+
+
+def test_densify_does_not_import_a_recorded_class_without_a_grant(pruned_state_dict, tmp_path, capfd):
+    code, err = _densify(capfd, pruned_state_dict, tmp_path / "dense")
+    one_line(code, err, "own_archs:SmallCNN", "manifest", "--allow-import own_archs:SmallCNN")
+    assert not (tmp_path / "dense").exists()
+    code, err = _densify(capfd, pruned_state_dict, tmp_path / "dense", "--allow-import", "own_archs:SmallCNN")
+    assert code == 0, err
+
+
+def test_densify_of_a_forged_pickle_runs_nothing(pruned_state_dict, tmp_path, capfd):
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pt"
+    torch.save(Payload(marker), evil)
+    pruned = _copy(pruned_state_dict, tmp_path)
+    source = {"kind": "pickle", "path": str(evil), "sha256": artifacts.sha256_file(evil), "trust_pickle": True}
+    rewrite_manifest(pruned, lambda m: m["model"].update(source=source))
+    code, err = _densify(capfd, pruned, tmp_path / "dense", "--allow-import", "own_archs:SmallCNN")
+    one_line(code, err, "evil.pt", "--trust-pickle")
+    assert not marker.exists()
+    assert not (tmp_path / "dense").exists()
+
+
+BUILD = ["--input-shape", "1,16,16", "--sparse", "--backend", "ort", "--calib", "synthetic", "--calib-batches", "1",
+         "--eval-data", "synthetic", "--max-eval-images", "16", "--batch-sizes", "1", "--warmup", "0", "--repeats", "1",
+         "--no-plots", "--sensitivity-batch", "0"]
+
+
+@pytest.fixture(scope="module")
+def marked_chain(tmp_path_factory) -> tuple[Path, Path]:
+    """(engines/<name> built with --trust-pickle from a real pickle whose loading writes a marker, the marker).
+    The marker is removed once the build made it; a test that writes it removes it again."""
+    root = tmp_path_factory.mktemp("marked")
+    marker = root / "marker"
+    torch.manual_seed(0)
+    torch.save(MarkedCNN(marker).eval(), root / "model.pt")
+    assert cli_main(["-q", "build", str(root / "model.pt"), "--trust-pickle", *BUILD, "--out", str(root / "cnn")]) == 0
+    assert marker.exists()  # the build opened it, as granted: the marker is real
+    marker.unlink()
+    return root / "cnn", marker
+
+
+def test_densify_runs_model_code_only_for_the_torch_plan_and_only_granted(marked_chain, tmp_path, capfd):
+    # densify of the onnx/ with a TensorRT log reads reports and tensors only: no grant needed, nothing
+    # runs. `--backend torch` re-creates the model: refused without --trust-pickle (nothing runs), and
+    # with it the pickle is re-opened.
+    chain, marker = marked_chain
+    capfd.readouterr()
+    consumers = [t["consumer"] for t in json.loads((chain / "onnx" / "sparsity.json").read_text())["tensors"]
+                 if t["runs_sparse"]]
+    assert consumers
+    (tmp_path / "build.log").write_text(
+        f"[V] (Sparsity) Layers eligible for sparse math: {', '.join(consumers)}\n"
+        f"[V] (Sparsity) TRT inference plan picked sparse implementation for layers: {', '.join(consumers[1:])}\n")
+    code, err = run_in_process(capfd, ["densify", str(chain / "onnx"), "--trt-log", str(tmp_path / "build.log"),
+                                       "--out", str(tmp_path / "from-log")])
+    assert code == 0 and not err, err
+    assert (tmp_path / "from-log" / "manifest.json").is_file()
+    assert not marker.exists()
+
+    code, err = _densify(capfd, chain / "pruned", tmp_path / "from-plan")
+    one_line(code, err, "model.pt", "--trust-pickle")
+    assert not marker.exists() and not (tmp_path / "from-plan").exists()
+    code, err = _densify(capfd, chain / "pruned", tmp_path / "from-plan", "--trust-pickle")
+    assert code == 0, err
+    assert marker.exists()
+    marker.unlink()
+
+
+AUDIT = ["--backend", "ort", "--data", "synthetic", "--max-eval-images", "16", "--batch-sizes", "1", "--warmup", "0",
+         "--repeats", "1", "--no-plots"]
+
+
+@pytest.mark.parametrize("stage", ["distill", "audit"])
+def test_later_stages_reopen_a_recorded_pickle_only_when_granted(marked_chain, tmp_path, capfd, stage):
+    chain, marker = marked_chain
+    capfd.readouterr()
+    if stage == "distill":
+        argv = ["distill", str(chain / "pruned"), "--data", "synthetic", "--epochs", "1", "--device", "cpu",
+                "--out", str(tmp_path / "distilled")]
+        made = tmp_path / "distilled"
+    else:  # the per-layer sensitivity map is computed on the rebuilt PyTorch model
+        shutil.copytree(chain, tmp_path / "cnn", ignore=shutil.ignore_patterns("audit"))
+        argv = ["audit", str(tmp_path / "cnn"), *AUDIT, "--sensitivity-batch", "8"]
+        made = tmp_path / "cnn" / "audit"
+    code, err = run_in_process(capfd, argv)
+    one_line(code, err, "model.pt", "--trust-pickle", "manifest")
+    assert not marker.exists() and not made.exists()
+    code, err = run_in_process(capfd, [*argv, "--trust-pickle"])
+    assert code == 0, err
+    assert marker.exists() and made.is_dir()
+    marker.unlink()

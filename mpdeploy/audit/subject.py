@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.core.names import engine_folder_name
 from mpdeploy.core.kinds import EngineFolder, PrunedFolder
+from mpdeploy.onnx.graph_io import check_recorded_io
 
 from mpdeploy.audit.common import Findings
 from mpdeploy.audit.config import AuditConfig
@@ -61,6 +62,9 @@ def open_subject(engine_root: Path, backend: str | None) -> AuditSubject:
     backend_name = pick_backend(engine_root, backend)
     engine_dir = engine_root / engine_folder_name(backend_name)
     engine = EngineFolder.open(engine_dir)  # every file hashed, nothing unlisted, its sources unchanged
+    onnx = engine.onnx()
+    if onnx is not None:  # the shapes below come from `io`: it must still be what the ONNX says
+        check_recorded_io(engine_dir / "manifest.json", engine.manifest.get("io"), onnx.sparse_model)
     files = engine_files(engine)
     weights: PrunedFolder | None = engine.weights()
     pruned = None if weights is None else weights.manifest

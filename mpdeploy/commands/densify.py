@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mpdeploy.core.trust import add_trust_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", type=Path, metavar="ENGINE_DIR",
@@ -30,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conv1x1", default=None, choices=["large", "all", "off"])
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: densified/pruned beside the input)")
+    add_trust_arguments(parser)  # --backend torch re-creates the pruned model: may re-open a pickle or import a class
 
 
 def main(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from mpdeploy.core.errors import MpdeployError
 from mpdeploy.core.names import engine_folder_name
 from mpdeploy.core.kinds import OnnxFolder
 from mpdeploy.core.runner import Progress, StageResult, run_stage, step_progress
+from mpdeploy.onnx.graph_io import onnx_io
 
 logger = logging.getLogger(__name__)
 
@@ -43,21 +44,6 @@ def options_for(backend: str, config: BuildConfig) -> BuildConfig:
 def runtime_options(config: BuildConfig) -> dict[str, Any]:
     """What a runner of these engines needs beyond the build (recorded; the audit and ship read it)."""
     return {"threads": config.threads, "backend_options": [list(kv) for kv in config.backend_options]}
-
-
-def onnx_io(onnx_path: Path) -> dict[str, Any]:
-    """The engine manifest's `io` from the exported ONNX (names, float32, -1 for the dynamic batch)."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    dtypes = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
-
-    def spec(value) -> dict[str, Any]:
-        t = value.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in t.shape.dim]
-        return {"name": value.name, "dtype": dtypes.get(t.elem_type, str(t.elem_type)), "shape": shape}
-
-    return {"inputs": [spec(v) for v in model.graph.input], "outputs": [spec(v) for v in model.graph.output]}
 
 
 def engine_details(report: dict[str, Any]) -> dict[str, Any]:

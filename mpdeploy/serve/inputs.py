@@ -18,6 +18,7 @@ from mpdeploy.core.artifacts import sha256_file
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.core.kinds import AuditFolder, EngineFolder, engine_backend_present, engine_backends
 from mpdeploy.core.names import BACKENDS, engine_folder_name
+from mpdeploy.onnx.graph_io import check_recorded_io
 
 # Its warnings are ship's: the CLI prints the logger name on every line.
 logger = logging.getLogger("mpdeploy.serve.ship")
@@ -113,6 +114,9 @@ def open_engine(engine_dir: Path, backend: str) -> EngineFolder:
     """The engine folder, verified like every artifact (files, self-hash, its sources): --force or not."""
     engine = EngineFolder.open(engine_dir / engine_folder_name(backend))
     read_engine_manifest(engine_dir, backend)
+    onnx = engine.onnx()
+    if onnx is not None:  # Triton's config takes its names and shapes from `io`
+        check_recorded_io(engine.path / "manifest.json", engine.manifest.get("io"), onnx.sparse_model)
     return engine
 
 

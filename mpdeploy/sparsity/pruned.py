@@ -67,7 +67,37 @@ def load_pruned(path: Path, which: str = "sparse", verify: bool = True, chain: b
     except Exception as exc:
         raise MpdeployError(f"{path}: cannot read {weights.name} / masks.safetensors ({exc}); re-run `mpdeploy prune`") from None
     load_weights_strict(model, state, where=str(weights), arch=manifest["model"]["name"])
+    check_input_shape(model.eval(), manifest, path)
     return PrunedArtifact(path, manifest, model.eval(), masks)
+
+
+def check_input_shape(model: nn.Module, manifest: dict[str, Any], path: Path) -> None:
+    """The manifest's input shape must be the one prune measured: run at it, every layer does the work
+    (MACs, counted from real tensor shapes) its record says.
+
+    Later stages export and build at `model.input_shape`, and a convolutional model runs at any H,W, so
+    an edited shape would otherwise give a valid model of another input size. The per-layer MACs are
+    what prune counted at its shape; the check needs no field but the ones the records already hold."""
+    from mpdeploy.models.spec import bounded_input_shape
+    from mpdeploy.sparsity.layers import count_macs
+
+    shape = manifest["model"].get("input_shape")
+    if not isinstance(shape, list) or not shape or not all(type(d) is int and d > 0 for d in shape):
+        raise MpdeployError(f"{path}/manifest.json: model.input_shape {shape!r} is not a list of positive integers; "
+                            "re-run `mpdeploy prune`")
+    bounded_input_shape(shape)  # an absurd shape is refused before a tensor of it is allocated
+    recorded = {r.get("name"): r.get("macs") for r in manifest.get("layers") or [] if isinstance(r, dict)}
+    try:
+        counted = count_macs(model, tuple(shape))
+    except Exception as exc:  # noqa: BLE001 - the model's own forward refuses the shape (a ViT's patch grid)
+        why = (str(exc).strip().splitlines() or [""])[0]
+        raise MpdeployError(f"{path}: the model does not run at its recorded input shape {shape} "
+                            f"({type(exc).__name__}: {why}); the manifest was edited: re-run `mpdeploy prune`") from None
+    for name, macs in recorded.items():
+        if type(macs) is int and counted.get(name, 0) != macs:
+            raise MpdeployError(
+                f"{path}: at its recorded input shape {shape} layer {name} does {counted.get(name, 0)} MACs, but "
+                f"prune recorded {macs}: the manifest's input_shape or layer records were edited; re-run `mpdeploy prune`")
 
 
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
