@@ -1,19 +1,20 @@
-"""`mpdeploy sweep` on a real local Ray: rows, choice, artifact, resume, a failing trial, a killed worker,
-an Optuna-searched space, and the store probe refusing a node that cannot see the store.
+"""`mpdeploy sweep` on a real local Ray: rows, choice, artifact, resume, a failing trial, a killed worker, a
+killed driver, an Optuna-searched space, and the store probe refusing a node that cannot see the store.
 
 One Ray for the module (2 CPUs, no dashboard); extra nodes join it or a head of their own as `ray start
 --block` processes in their own process group, stopped by that group only (never `ray stop`, which would
 stop every Ray on the machine). The default set keeps one sweep through Ray Tune (the 4-trial sweep, its
-failing rows, ship and resume) and the store probe (no trials); each sweep costs tens of CPU seconds (a Tune
-run starts a worker per concurrent trial, each importing torch and the stages), so the killed worker, the
-Optuna search, --promote and the two-node cluster (`ray start --head` plus a node with a resource standing
-for a GPU kind) are marked slow (`make test-slow`).
+failing rows, ship and resume) and the store probe (no trials): each sweep costs tens of CPU seconds (a
+Tune run starts a worker per concurrent trial, each importing torch and the stages), so the killed worker,
+the killed driver, the Optuna search, --promote and the two-node cluster (`ray start --head` plus a node
+with a resource standing for a GPU kind) are marked slow (`make test-slow`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -125,6 +126,22 @@ def test_a_config_sampled_twice_is_one_row_that_counts_its_runs():
     assert distinct_rows(rows) == [{"id": "a", "kind": None, "status": "ok", "tune_trials": 2},
                                    {"id": "b", "kind": None, "status": "ok", "tune_trials": 1},
                                    {"id": "a", "kind": "H200", "status": "ok", "tune_trials": 1}]
+
+
+def test_optuna_is_told_a_failed_trial_failed(caplog):
+    """A failed trial reports no numbers: Optuna records it FAIL (plain OptunaSearch would hand it None values,
+    which it refuses with a warning and leaves the trial RUNNING)."""
+    from mpdeploy.pipeline.sweep.tune_run import optuna_search
+
+    param_space, searcher = optuna_search({"saliency": ["magnitude", "wanda"]}, {}, Objective("p50", 8), "full", 0)
+    searcher.set_search_properties(None, None, param_space)
+    searcher.suggest("failed")
+    searcher.suggest("finished")
+    searcher.on_trial_complete("failed", {"objective": None, "top1_drop": None})
+    searcher.on_trial_complete("finished", {"objective": 1.5, "top1_drop": 0.01})
+    study = searcher._ot_study  # Ray's OptunaSearch keeps its study here
+    assert [(t.state.name, t.values) for t in study.trials] == [("FAIL", None), ("COMPLETE", [1.5, 0.01])]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_bad_flags_are_one_line_before_ray(tmp_path, capsys):
@@ -240,6 +257,37 @@ def test_killed_worker_is_retried_and_the_sweep_completes(local_ray, tmp_path):
     assert not list((out / "steps").glob("*/.*.tmp-*"))  # the retry removed the killed worker's temporary
     errors = list((out / "tune").rglob("error.txt")) + list((out / "tune").rglob("error.pkl"))
     assert errors, "Tune recorded no failed attempt"
+
+
+@pytest.mark.slow
+def test_killed_driver_then_the_same_command_reuses_every_finished_step(local_ray, tmp_path):
+    """SIGKILL a sweep's driver (and its Ray) once its first trial is audited; the same command again reuses that
+    trial's steps untouched (nothing recomputed), finishes the other trial and writes the sweep."""
+    out = tmp_path / "sw"
+    args = ["sweep", "zoo:digits_vit", "--out", str(out), *FAST, "--concurrent", "1", "--num-cpus", "2",
+            "--grid", "saliency=magnitude,wanda"]
+    log = tmp_path / "driver.log"
+    with open(log, "w") as f:  # its own session: the driver, its local Ray and the trial workers in one group
+        driver = subprocess.Popen([sys.executable, "-m", "mpdeploy", *args], stdout=f, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        _wait_for("a first audited trial", lambda: any((out / "steps").glob("engine-*/audit/audit.json")), driver, log)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert not (out / "sweep").exists()  # stopped before the end: no sweep artifact yet
+    (audit,) = [p.parent for p in (out / "steps").glob("engine-*/audit/audit.json")]
+    finished = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "steps" in p.parts
+                and not any(part.startswith(".") for part in p.relative_to(out).parts)}
+    assert cli_main(args) == 0
+    rows = [r for r in _record(out)["rows"] if not r.get("baseline")]
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+    (first,) = [r for r in rows if (out / r["folders"]["audit"]).resolve() == audit.resolve()]
+    assert {s["status"] for s in first["steps"].values()} == {"reused"}
+    other = next(r for r in rows if r is not first)
+    assert other["steps"]["audit"]["status"] == "built"
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # nothing that had finished was rewritten
 
 
 def _optuna_samples(grid: dict[str, list[str]], seed: int, n: int) -> list[str]:

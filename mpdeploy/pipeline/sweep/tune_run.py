@@ -124,13 +124,20 @@ def optuna_search(space: dict[str, Sequence[str]], kinds: dict[str, str], object
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    # Optuna logs every study it creates and (as a warning) every failed trial on its own handler: a failed
-    # trial is already a row with its reason, and the sweep reports through logging only.
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    # Optuna logs every study it creates on its own handler; the sweep reports through logging only.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    class Search(OptunaSearch):
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            # A failed trial reports no numbers: tell Optuna it failed (it learns nothing from it) rather than
+            # hand it None values, which it refuses with a warning on stderr.
+            if result is not None and any(result.get(m) is None for m in self.metric):
+                result, error = None, True
+            super().on_trial_complete(trial_id, result, error)
+
     param_space = {**{k: tune.choice(list(v)) for k, v in space.items()}, **kinds}
     metric, mode = (["top1_drop"], ["min"]) if phase == "screen" else (
         ["objective", "top1_drop"], [objective.mode, "min"])
-    return param_space, OptunaSearch(metric=metric, mode=mode, seed=seed)
+    return param_space, Search(metric=metric, mode=mode, seed=seed)
 
 
 def distinct_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
