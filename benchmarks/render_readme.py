@@ -474,11 +474,49 @@ def sweep_vs_builds(r: Results) -> str:
     d = r("sweep_vs_builds.json")
     if d is None:
         return missing("sweep_vs_builds.json", "sweep_vs_builds.py")
-    return (f"An {d['trials']}-trial sweep of {d['model']} against the same configs run one after another with "
-            f"`mpdeploy build` (`benchmarks/sweep_vs_builds.py`, {source('sweep_vs_builds.json', d)}; {zoo_hashes(d)}): "
-            f"the builds took {d['builds_wall_s']:.0f} s wall; the sweep took {d['ratio_sweep_over_builds']:.2f}x "
-            f"their time (goal {d['goals']['sweep']}x), `--promote 2` {d['ratio_promote2_over_builds']:.2f}x "
-            f"(goal {d['goals']['promote_2']}x).\n")
+    runs = d["runs"]
+    loads = [x["loadavg_before"][0] for name in runs for x in runs[name]]
+    per_round = "; ".join(f"round {i}: {x['sweep']:.2f}x and {x['promote_2']:.2f}x"
+                          for i, x in enumerate(d["ratio_per_round"], 1))
+    cpu = d["cpu_s_all_processes"]
+
+    def verdict(name: str, ratio: float) -> str:
+        goal = d["goals"][name]
+        return f"goal {goal}x: met" if d["met"][name] else f"goal {goal}x: missed, {ratio / goal:.2f} times the goal"
+
+    c = d["sweep_choice"]
+    if c.get("id") is None:
+        choice = "no choice (no trial met the constraint)"
+    elif c["id"].startswith("dense"):
+        choice = (f"the dense baseline ({c['verdict']}; dense top-1 {pct(c['top1_dense'])}%): ONNX Runtime's CPU "
+                  "provider has no sparse kernels, so on CPU no sparse engine is measurably faster")
+    else:
+        config = " ".join(f"{k}={v}" for k, v in c["config"].items())
+        low, high = c.get("speedup_b8_ci95") or (None, None)
+        noise = (f" (95% interval {low:.2f}x to {high:.2f}x" + (": it holds 1.0, no measurable speedup; ONNX Runtime's "
+                 "CPU provider has no sparse kernels, so on CPU the choice among trials and dense is timing noise)"
+                 if low <= 1.0 <= high else ")")) if low is not None and high is not None else ""
+        choice = (f"{c['id']} ({config}): top-1 {pct(c['top1_sparse'])}% against {pct(c['top1_dense'])}% dense, "
+                  f"MAC cut {pct(c['mac_cut'], 1)}%, p50@b8 {c['p50_b8_ms']:.3g} ms, speedup over its dense twin "
+                  f"{c['speedup_b8']:.2f}x{noise}")
+    text = (f"{'An' if str(d['trials'])[0] == '8' else 'A'} {d['trials']}-trial sweep of {d['model']} (`--grid "
+            + " ".join(f"{k}={','.join(v)}" for k, v in d["grid"].items())
+            + f"`) against the same configs run one after another with `mpdeploy build` (`benchmarks/"
+            f"sweep_vs_builds.py`, {source('sweep_vs_builds.json', d)}; {zoo_hashes(d)}), {d['rounds']} round(s) "
+            f"back to back in reversing order, mean wall times: the builds {d['builds_wall_s']:.0f} s, the sweep "
+            f"{d['sweep_wall_s']:.0f} s = {d['ratio_sweep_over_builds']:.2f}x "
+            f"({verdict('sweep', d['ratio_sweep_over_builds'])}), `--promote 2` {d['promote2_wall_s']:.0f} s = "
+            f"{d['ratio_promote2_over_builds']:.2f}x ({verdict('promote_2', d['ratio_promote2_over_builds'])}); "
+            f"{per_round}. CPU seconds over every process of a run (Ray's workers included): builds "
+            f"{cpu['builds']:.0f}, sweep {cpu['sweep']:.0f}, `--promote 2` {cpu['promote_2']:.0f}. Load average at "
+            f"the start of the runs {min(loads)} to {max(loads)}. Note recorded with the run: {d['note']}\n\n"
+            + ("Here `--promote 2` took no less than the whole sweep: its screen and its second Tune phase (whose "
+               "workers start and import torch and the stages again) cost about what the engines and audits it "
+               "skips save on this small model.\n\n" if d["promote2_wall_s"] >= d["sweep_wall_s"] else "")
+            + f"The sweep's choice: {choice}.\n")
+    if d.get("figure"):
+        text += f"\n![frontier of the {d['trials']}-trial sweep]({d['figure']})\n"
+    return text
 
 
 BLOCKS: dict[str, Callable[[Results], str]] = {

@@ -1,12 +1,20 @@
-"""`mpdeploy sweep` on a real local Ray: rows, choice, artifact, resume, a failing trial, a killed worker.
+"""`mpdeploy sweep` on a real local Ray: rows, choice, artifact, resume, a failing trial, a killed worker, a
+killed driver, an Optuna-searched space, and the store probe refusing a node that cannot see the store.
 
-One Ray for the module (2 CPUs, no dashboard). The slow part: --promote, and a two-node cluster started on
-this machine (`ray start --head` plus a node with a resource standing for a GPU kind).
+One Ray for the module (2 CPUs, no dashboard); extra nodes join it or a head of their own as `ray start
+--block` processes in their own process group, stopped by that group only (never `ray stop`, which would
+stop every Ray on the machine). The default set keeps one sweep through Ray Tune (the 4-trial sweep, its
+failing rows, ship and resume) and the store probe (no trials): each sweep costs tens of CPU seconds (a
+Tune run starts a worker per concurrent trial, each importing torch and the stages), so the killed worker,
+the killed driver, the Optuna search, --promote and the two-node cluster (`ray start --head` plus a node
+with a resource standing for a GPU kind) are marked slow (`make test-slow`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -15,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -34,10 +43,16 @@ FAST = ["--backend", "ort", "--max-eval-images", "64", "--no-sensitivity", "--no
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+def _module_ray():
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def local_ray(_module_ray):
+    """The module's local Ray (started once; again if a cluster test shut it down)."""
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
 
 
 def _sweep(out: Path, *grid: str, extra=()) -> int:
@@ -103,6 +118,32 @@ def test_promote_ranks_within_budget_by_sparse_mac_cut():
     assert promoted == ["hi", "lo"] and list(why) == ["over"] and "rank 3 of 3" in why["over"]
 
 
+def test_a_config_sampled_twice_is_one_row_that_counts_its_runs():
+    from mpdeploy.pipeline.sweep.tune_run import distinct_rows
+
+    rows = [{"id": "a", "kind": None, "status": "failed", "reason": "worker died"}, {"id": "b", "kind": None, "status": "ok"},
+            {"id": "a", "kind": None, "status": "ok"}, {"id": "a", "kind": "H200", "status": "ok"}]
+    assert distinct_rows(rows) == [{"id": "a", "kind": None, "status": "ok", "tune_trials": 2},
+                                   {"id": "b", "kind": None, "status": "ok", "tune_trials": 1},
+                                   {"id": "a", "kind": "H200", "status": "ok", "tune_trials": 1}]
+
+
+def test_optuna_is_told_a_failed_trial_failed(caplog):
+    """A failed trial reports no numbers: Optuna records it FAIL (plain OptunaSearch would hand it None values,
+    which it refuses with a warning and leaves the trial RUNNING)."""
+    from mpdeploy.pipeline.sweep.tune_run import optuna_search
+
+    param_space, searcher = optuna_search({"saliency": ["magnitude", "wanda"]}, {}, Objective("p50", 8), "full", 0)
+    searcher.set_search_properties(None, None, param_space)
+    searcher.suggest("failed")
+    searcher.suggest("finished")
+    searcher.on_trial_complete("failed", {"objective": None, "top1_drop": None})
+    searcher.on_trial_complete("finished", {"objective": 1.5, "top1_drop": 0.01})
+    study = searcher._ot_study  # Ray's OptunaSearch keeps its study here
+    assert [(t.state.name, t.values) for t in study.trials] == [("FAIL", None), ("COMPLETE", [1.5, 0.01])]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_bad_flags_are_one_line_before_ray(tmp_path, capsys):
     code = cli_main(["sweep", "zoo:digits_vit", "--out", str(tmp_path / "s"), "--objective", "p50@b4",
                      "--grid", "saliency=magnitude"])
@@ -112,6 +153,8 @@ def test_bad_flags_are_one_line_before_ray(tmp_path, capsys):
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert cli_main(["sweep", "--out", str(tmp_path / "mine"), "--grid", "saliency=magnitude"]) == 2
     assert "did not write" in capsys.readouterr().err and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert cli_main(["sweep", "--out", str(tmp_path / "s"), "--samples", "3", "--grid", "saliency=magnitude"]) == 2
+    assert "add --search optuna" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -176,6 +219,7 @@ def test_sweep_rows_choice_artifact_then_resume_recomputes_nothing(local_ray, tm
         open_sweep(out / "sweep")
 
 
+@pytest.mark.slow
 def test_killed_worker_is_retried_and_the_sweep_completes(local_ray, tmp_path):
     """SIGKILL the Ray worker of the only trial while it writes its first artifact: Tune runs it again."""
     from mpdeploy.pipeline.sweep.pipeline import run_sweep
@@ -216,6 +260,72 @@ def test_killed_worker_is_retried_and_the_sweep_completes(local_ray, tmp_path):
 
 
 @pytest.mark.slow
+def test_killed_driver_then_the_same_command_reuses_every_finished_step(local_ray, tmp_path):
+    """SIGKILL a sweep's driver (and its Ray) once its first trial is audited; the same command again reuses that
+    trial's steps untouched (nothing recomputed), finishes the other trial and writes the sweep."""
+    out = tmp_path / "sw"
+    args = ["sweep", "zoo:digits_vit", "--out", str(out), *FAST, "--concurrent", "1", "--num-cpus", "2",
+            "--grid", "saliency=magnitude,wanda"]
+    log = tmp_path / "driver.log"
+    with open(log, "w") as f:  # its own session: the driver, its local Ray and the trial workers in one group
+        driver = subprocess.Popen([sys.executable, "-m", "mpdeploy", *args], stdout=f, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        _wait_for("a first audited trial", lambda: any((out / "steps").glob("engine-*/audit/audit.json")), driver, log)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert not (out / "sweep").exists()  # stopped before the end: no sweep artifact yet
+    (audit,) = [p.parent for p in (out / "steps").glob("engine-*/audit/audit.json")]
+    finished = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "steps" in p.parts
+                and not any(part.startswith(".") for part in p.relative_to(out).parts)}
+    assert cli_main(args) == 0
+    rows = [r for r in _record(out)["rows"] if not r.get("baseline")]
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+    (first,) = [r for r in rows if (out / r["folders"]["audit"]).resolve() == audit.resolve()]
+    assert {s["status"] for s in first["steps"].values()} == {"reused"}
+    other = next(r for r in rows if r is not first)
+    assert other["steps"]["audit"]["status"] == "built"
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # nothing that had finished was rewritten
+
+
+def _optuna_samples(grid: dict[str, list[str]], seed: int, n: int) -> list[str]:
+    """The trial ids a fresh OptunaSearch set up as the sweep sets it up suggests first (its random start-up)."""
+    from mpdeploy.pipeline.sweep.space import trial_id
+    from mpdeploy.pipeline.sweep.tune_run import optuna_search
+
+    param_space, searcher = optuna_search(grid, {}, Objective("p50", 8), "full", seed)
+    searcher.set_search_properties(None, None, param_space)
+    return [trial_id(searcher.suggest(f"predict-{i}")) for i in range(n)]
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_n_seeded_trials_within_the_space(local_ray, tmp_path):
+    """--search optuna: exactly N Tune trials, each config a point of the space, the seed's samples (Optuna's
+    seeded random start-up: the same configs every run), one row per distinct config, the choice within budget.
+    With optuna 5, seed 2 samples magnitude/0.3 twice and magnitude/BAD_TARGET once (a failing row)."""
+    out, samples, seed = tmp_path / "sw", 3, 2
+    grid = {"saliency": ["magnitude", "wanda"], "target-mac-reduction": ["0.3", BAD_TARGET]}
+    assert _sweep(out, *(f"{k}={','.join(v)}" for k, v in grid.items()),
+                  extra=["--search", "optuna", "--samples", str(samples), "--search-seed", str(seed)]) == 0
+    record = _record(out)
+    assert record["search"] == "optuna" and record["optuna"] == {"samples": samples, "seed": seed}
+    trials = [r for r in record["rows"] if not r.get("baseline")]
+    assert sum(r["tune_trials"] for r in trials) == samples  # exactly N trials ran
+    assert len({r["id"] for r in trials}) == len(trials)  # a config sampled twice is one row
+    assert {r["id"]: r["tune_trials"] for r in trials} == Counter(_optuna_samples(grid, seed, samples))
+    for r in trials:
+        assert r["config"].keys() == grid.keys() and all(r["config"][k] in grid[k] for k in grid)
+        if r["config"]["target-mac-reduction"] == BAD_TARGET:
+            assert r["status"] == "failed" and "--target-mac-reduction 0.950 is more than" in r["reason"]
+        else:
+            assert r["status"] == "ok" and r["steps"]["audit"]["status"] in ("built", "reused")
+    chosen = next(r for r in record["rows"] if r["id"] == record["choice"]["cpu"])
+    assert chosen["status"] == "ok" and chosen["top1_drop"] <= record["max_top1_drop"]
+
+
+@pytest.mark.slow
 def test_promote_screens_all_and_builds_the_best_k(local_ray, tmp_path):
     out = tmp_path / "sw"
     assert _sweep(out, "saliency=magnitude,wanda", "target-mac-reduction=0.3,0.45", extra=["--promote", "1"]) == 0
@@ -230,6 +340,87 @@ def test_promote_screens_all_and_builds_the_best_k(local_ray, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
+# more Ray nodes on this machine: `ray start --block` in a process group of its own, stopped by that group
+
+NODE_WAIT_S = 240.0  # a deadline for a node to join or leave on a loaded machine (a failure, not a timing)
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def _alive() -> list[dict]:
+    return [n for n in ray.nodes() if n["Alive"]]
+
+
+def _wait_for(what: str, done, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + NODE_WAIT_S
+    while not done():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"{what}: `ray start` exited {proc.returncode}: {log.read_text()[-2000:] if log else ''}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {NODE_WAIT_S:.0f} s")
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def _ray_node(log: Path, address: str, *flags: str, hide: Path | None = None):
+    """`ray start --block FLAGS` (its raylet and workers in its process group), a head at `address` (flags hold
+    --head) or a node joining the cluster there; with `hide`, in a mount namespace of its own where an empty tmpfs
+    covers that folder: a node that sees another filesystem at the store's path. It inherits this process's
+    environment, so its Ray authentication (RAY_AUTH_MODE, ~/.ray/auth_token) is the driver's."""
+    head = "--head" in flags
+    cmd = [_ray_bin(), "start", "--block", "--disable-usage-stats",
+           f"--port={address.rsplit(':', 1)[1]}" if head else f"--address={address}", *flags]
+    if hide is not None:
+        cmd = ["unshare", "--map-root-user", "--mount", "sh", "-c", 'mount -t tmpfs mpdeploy-test "$0" && exec "$@"',
+               str(hide), *cmd]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # ray start --block drains its node and stops what it started
+        try:
+            proc.wait(timeout=NODE_WAIT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # anything of that group still running
+        _forget_address(address)
+
+
+def _forget_address(address: str) -> None:
+    """`ray start` wrote `address` as this machine's latest cluster (what a bare ray.init() would join): remove it
+    once that cluster is gone, as `ray stop` would, unless another `ray start` wrote its own since."""
+    from ray._private.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    with contextlib.suppress(FileNotFoundError):
+        if path.read_text().strip().rsplit(":", 1)[-1] == address.rsplit(":", 1)[-1]:  # the same port: ours
+            path.unlink()
+
+
+def test_store_probe_refuses_a_node_that_cannot_see_the_store(local_ray, tmp_path, capsys):
+    """A second node whose --out path is another (empty) filesystem: one line naming that node, exit 2, no work."""
+    out = tmp_path / "sw"
+    out.mkdir()
+    before = len(_alive())
+    log = tmp_path / "node.log"
+    with _ray_node(log, ray.get_runtime_context().gcs_address, "--num-cpus=1", hide=out) as proc:
+        _wait_for("the second node joining", lambda: len(_alive()) == before + 1, proc, log)
+        (hidden,) = [n for n in _alive() if n["NodeID"] != ray.get_runtime_context().get_node_id()]
+        code = _sweep(out, "saliency=magnitude")
+    _wait_for("the second node leaving", lambda: len(_alive()) == before)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"({hidden['NodeID'][:8]}) cannot see the artifact store {out}" in err and "FileNotFoundError" in err
+    assert sorted(p.name for p in out.iterdir()) == []  # refused before any work; the probe's files removed
+
+
+# ---------------------------------------------------------------------------------------------------
 # two nodes on this machine: the kind-bound steps land on the node that has the kind
 
 
@@ -241,26 +432,35 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_node_cluster_engine_steps_on_the_gpu_kind_node(tmp_path):
+    """`ray start --head` and a second node offering accelerator_type:H200: the sweep (attaching with
+    --ray-address) builds and times the engine on the H200 node, and each row records that node."""
     ray.shutdown()  # the module's local Ray: this test attaches to its own cluster
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    port = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
-    try:
-        subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                        "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=180)
-        subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1",
-                        '--resources={"accelerator_type:H200": 1}', "--disable-usage-stats"], check=True, env=env,
-                       capture_output=True, timeout=180)
+    address = f"127.0.0.1:{_free_port()}"
+    with contextlib.ExitStack() as nodes:
+        head = nodes.enter_context(_ray_node(tmp_path / "head.log", address, "--head", "--num-cpus=1",
+                                             "--include-dashboard=false"))
+        _wait_for("the head starting", lambda: _connect(address), head, tmp_path / "head.log")
+        kind_node = nodes.enter_context(_ray_node(tmp_path / "h200.log", address, "--num-cpus=1",
+                                                  '--resources={"accelerator_type:H200": 1}'))
+        _wait_for("the H200 node joining", lambda: len(_alive()) == 2, kind_node, tmp_path / "h200.log")
+        h200 = [n["NodeID"] for n in _alive() if "accelerator_type:H200" in n["Resources"]]
+        ray.shutdown()  # the sweep connects by itself, through --ray-address
         out = tmp_path / "sw"
-        code = cli_main(["sweep", "zoo:digits_vit", "--out", str(out), *FAST, "--ray-address", f"127.0.0.1:{port}",
+        code = cli_main(["sweep", "zoo:digits_vit", "--out", str(out), *FAST, "--ray-address", address,
                          "--gpu-kinds", "H200", "--grid", "saliency=magnitude"])
-        assert code == 0
-        record = _record(out)
-        (row,) = [r for r in record["rows"] if not r.get("baseline")]
-        assert row["kind"] == "H200" and record["choice"].keys() == {"H200"}
-        ray.init(address=f"127.0.0.1:{port}")
-        h200 = [n["NodeID"] for n in ray.nodes() if n["Alive"] and "accelerator_type:H200" in n["Resources"]]
-        assert row["node"]["engine_steps"]["node_id"] == h200[0]
-    finally:
-        ray.shutdown()
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    assert code == 0
+    record = _record(out)
+    (row,) = [r for r in record["rows"] if not r.get("baseline")]
+    assert row["kind"] == "H200" and record["choice"].keys() == {"H200"} and len(h200) == 1
+    # built and timed on the node of that kind: the row of that audit records the node
+    assert row["node"]["engine_steps"]["node_id"] == h200[0]
+    assert row["manifests"]["audit"] == artifacts.manifest_hash(out / row["folders"]["audit"])
+
+
+def _connect(address: str) -> bool:
+    """ray.init(address) once the head answers (False until then)."""
+    try:
+        ray.init(address=address, configure_logging=False, log_to_driver=False)
+    except (ConnectionError, RuntimeError):
+        return False
+    return True

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--search", default="grid", choices=["grid", "optuna"],
                    help="grid: every combination (default); optuna: Optuna's multi-objective search, --samples trials")
     s.add_argument("--samples", type=int, default=None, help="with --search optuna: how many trials (default 16)")
+    s.add_argument("--search-seed", type=int, default=0,
+                   help="with --search optuna: the sampler's seed (default 0; the same seed samples the same trials)")
     s.add_argument("--ray-address", default=None,
                    help="run on this Ray cluster (e.g. HOST:6379 or ray://HOST:10001); default: a local Ray")
     s.add_argument("--gpu-kinds", default=None, metavar="A40,A100",
@@ -97,7 +99,8 @@ def sweep_configs_from_args(args: argparse.Namespace):
     kinds = tuple(k.strip() for k in (args.gpu_kinds or "").split(",") if k.strip())
     request = SweepRequest(grid=grid, objective=objective, max_drop=args.max_top1_drop, promote=args.promote,
                            ray_address=args.ray_address, gpu_kinds=kinds, search=args.search, samples=args.samples,
-                           concurrent=args.concurrent, retries=args.retries, num_cpus=args.num_cpus)
+                           search_seed=args.search_seed, concurrent=args.concurrent, retries=args.retries,
+                           num_cpus=args.num_cpus)
     backend, reason = (args.backend, "asked for") if kinds and args.backend != "auto" else resolve_backend(args.backend)
     distill = None
     if args.distill_epochs or "distill-epochs" in grid:

@@ -37,8 +37,8 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[di
         try:
             if address:
                 ray.init(address=address, **kwargs)
-            else:
-                ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
+            else:  # "local": a new Ray of our own, never one `ray start` left on this machine (or its stale address)
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = f"the Ray cluster at {address}" if address else "a local Ray"
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__

@@ -28,7 +28,7 @@ from mpdeploy.pipeline.sweep.report import FOLDER, write_sweep
 from mpdeploy.pipeline.sweep.space import Objective, expand, trial_configs, trial_id
 from mpdeploy.pipeline.sweep.store import STEPS
 from mpdeploy.pipeline.sweep.trial import KIND_KEY, SweepPlan, config_record
-from mpdeploy.pipeline.sweep.tune_run import TUNE_DIR, TuneSettings, run_phase
+from mpdeploy.pipeline.sweep.tune_run import DEFAULT_SAMPLES, TUNE_DIR, TuneSettings, run_phase
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class SweepRequest:
     gpu_kinds: tuple[str, ...] = ()
     search: str = "grid"  # grid | optuna
     samples: int | None = None  # optuna: number of trials
+    search_seed: int = 0  # optuna: the sampler's seed
     concurrent: int | None = None  # trials at once (default: one per core)
     retries: int = 2
     num_cpus: int | None = None  # a local Ray's cores (default: all)
@@ -59,6 +60,10 @@ class SweepRequest:
             raise MpdeployError("--promote screens a grid; with --search optuna, Optuna picks the trials: drop one")
         if not 0.0 <= self.max_drop <= 1.0:
             raise MpdeployError(f"--max-top1-drop is a fraction in [0, 1] (0.01 = 1 point), not {self.max_drop}")
+        if self.samples is not None and self.samples < 1:
+            raise MpdeployError(f"--samples must be at least 1, not {self.samples}")
+        if self.samples is not None and self.search != "optuna":
+            raise MpdeployError("--samples counts Optuna's trials; add --search optuna (a grid runs every combination)")
         if self.retries < 0:
             raise MpdeployError(f"--retries must be 0 or more, not {self.retries}")
 
@@ -120,10 +125,12 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, progress: Progress | None 
         threads, concurrent = threads_per_trial(cluster["cpus"] // (2 if request.gpu_kinds else 1) or 1,
                                                 request.concurrent)
         plan = dataclasses.replace(plan, threads=threads, build=dataclasses.replace(plan.build, threads=threads))
-        logger.info("sweep: %s trials on %d Ray node(s), %d at once, %d thread(s) each", len(trials) or request.samples,
-                    len(nodes), concurrent, threads)
         settings = TuneSettings(concurrent=concurrent, retries=request.retries, search=request.search,
-                                samples=request.samples)
+                                samples=request.samples or DEFAULT_SAMPLES, seed=request.search_seed)
+        planned = (f"{settings.samples} Optuna-sampled trials (seed {settings.seed}) from a space of "
+                   f"{_size(request.grid)}" if request.search == "optuna" else f"{len(trials)} trials")
+        logger.info("sweep: %s on %d Ray node(s), %d at once, %d thread(s) each", planned, len(nodes), concurrent,
+                    threads)
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         rows = _phases(plan, request, trials, settings, stamp, progress)
     baselines = choosing.baseline_rows(rows, request.objective)
@@ -133,13 +140,15 @@ def run_sweep(plan: SweepPlan, request: SweepRequest, progress: Progress | None 
     seconds = round(time.perf_counter() - t0, 2)
     info = {"model": plan.spec.source, "backend": plan.backend, "backend_reason": plan.backend_reason,
             "grid": request.grid, "search": request.search, "promote": request.promote,
+            **({"optuna": {"samples": settings.samples, "seed": settings.seed}} if request.search == "optuna" else {}),
             "gpu_kinds": list(request.gpu_kinds), "ray": {"address": request.ray_address or "local",
                                                            "nodes": len(nodes), "cpus": cluster["cpus"]},
             "threads_per_trial": plan.threads, "concurrent_trials": settings.concurrent, "seconds": seconds,
             "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())}
     folder = write_sweep(root, rows, choice, front, request.objective, request.max_drop,
                          {**config_record(plan), "grid": request.grid, "max_top1_drop": request.max_drop,
-                          "promote": request.promote, "search": request.search, "gpu_kinds": list(request.gpu_kinds)},
+                          "promote": request.promote, "search": request.search, "gpu_kinds": list(request.gpu_kinds),
+                          **({"optuna": info["optuna"]} if "optuna" in info else {})},
                          info)
     for kind, chosen in choice.items():
         logger.info("sweep choice on %s: %s", kind, chosen or "none (no trial met the constraint)")

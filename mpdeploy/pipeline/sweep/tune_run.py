@@ -24,6 +24,7 @@ from mpdeploy.pipeline.sweep.trial import KIND_KEY, SweepPlan, run_trial
 logger = logging.getLogger(__name__)
 
 TUNE_DIR = "tune"
+DEFAULT_SAMPLES = 16  # --search optuna without --samples
 Progress = Callable[..., None]
 
 
@@ -32,9 +33,9 @@ class TuneSettings:
     concurrent: int  # trials at once
     retries: int = 2  # Tune's FailureConfig(max_failures): a trial whose worker died is run again
     search: str = "grid"  # "grid" | "optuna"
-    samples: int | None = None  # optuna: how many trials
+    samples: int | None = None  # optuna: how many trials (DEFAULT_SAMPLES)
     kind: str | None = None  # the GPU kind the trials' engine steps ask for (one Tune run per kind)
-    seed: int = 0
+    seed: int = 0  # optuna: its sampler's seed (the same samples every run)
 
 
 def _trainable(config: dict[str, Any], plan: SweepPlan, phase: str) -> None:
@@ -115,6 +116,46 @@ def _error_line(error: Any) -> str:
     return (lines[-1] if lines else "the trial's worker failed")[:300]
 
 
+def optuna_search(space: dict[str, Sequence[str]], kinds: dict[str, str], objective: Objective, phase: str,
+                  seed: int):
+    """(param_space, OptunaSearch) of an Optuna-searched phase: every grid key a categorical choice, the
+    objective and the top-1 drop minimised together (multi-objective TPE, seeded: the same samples every run)."""
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    # Optuna logs every study it creates on its own handler; the sweep reports through logging only.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    class Search(OptunaSearch):
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            # A failed trial reports no numbers: tell Optuna it failed (it learns nothing from it) rather than
+            # hand it None values, which it refuses with a warning on stderr.
+            if result is not None and any(result.get(m) is None for m in self.metric):
+                result, error = None, True
+            super().on_trial_complete(trial_id, result, error)
+
+    param_space = {**{k: tune.choice(list(v)) for k, v in space.items()}, **kinds}
+    metric, mode = (["top1_drop"], ["min"]) if phase == "screen" else (
+        ["objective", "top1_drop"], [objective.mode, "min"])
+    return param_space, Search(metric=metric, mode=mode, seed=seed)
+
+
+def distinct_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (trial, kind): Optuna may sample a config twice (the second run reuses every step); the row
+    records how many Tune trials ran it (`tune_trials`)."""
+    seen: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for row in rows:
+        key = (row["id"], row.get("kind"))
+        if key in seen:
+            first = seen[key]
+            first["tune_trials"] += 1
+            if first.get("status") != "ok" and row.get("status") == "ok":  # keep the run that finished
+                seen[key] = {**row, "tune_trials": first["tune_trials"]}
+        else:
+            seen[key] = {**row, "tune_trials": 1}
+    return list(seen.values())
+
+
 def run_phase(plan: SweepPlan, phase: str, space: dict[str, Sequence[str]] | list[dict[str, str]],
               settings: TuneSettings, name: str, max_drop: float, progress: Progress | None = None) -> list[dict[str, Any]]:
     """Run one phase ("screen" or "full") of a sweep with Tune; returns a row per trial (failed ones too)."""
@@ -132,14 +173,8 @@ def run_phase(plan: SweepPlan, phase: str, space: dict[str, Sequence[str]] | lis
         param_space = {"trial": tune.grid_search([{**t, **kinds} for t in space])}
         total = len(space)
     elif settings.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        param_space = {**{k: tune.choice(list(v)) for k, v in space.items()},
-                       **{k: v for k, v in kinds.items()}}
-        metric, mode = (["top1_drop"], ["min"]) if phase == "screen" else (
-            ["objective", "top1_drop"], [plan.objective.mode, "min"])
-        search_alg = OptunaSearch(metric=metric, mode=mode, seed=settings.seed)
-        samples = total = settings.samples or 16
+        param_space, search_alg = optuna_search(space, kinds, plan.objective, phase, settings.seed)
+        samples = total = settings.samples or DEFAULT_SAMPLES
     else:
         param_space = {**{k: tune.grid_search(list(v)) for k, v in space.items()}, **kinds}
         total = 1
@@ -148,8 +183,10 @@ def run_phase(plan: SweepPlan, phase: str, space: dict[str, Sequence[str]] | lis
     log = _TrialLog(total, plan.objective, max_drop, progress, phase)
     tuner = tune.Tuner(
         trainable, param_space=param_space,
+        # Reused actors: a trial's worker process imports torch, timm and the stages once and runs the next
+        # trial of the phase (every trial of a phase asks for the same resources); threads are set per trial.
         tune_config=tune.TuneConfig(num_samples=samples, search_alg=search_alg,
-                                    max_concurrent_trials=settings.concurrent, reuse_actors=False),
+                                    max_concurrent_trials=settings.concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=str(plan.store.root.resolve() / TUNE_DIR),
                                   failure_config=tune.FailureConfig(max_failures=settings.retries), verbose=0,
                                   callbacks=[log.callback], log_to_file=True))
@@ -164,4 +201,8 @@ def run_phase(plan: SweepPlan, phase: str, space: dict[str, Sequence[str]] | lis
         rows.append({"id": trial_id(values), "config": values, "phase": phase, "status": "failed",
                      "kind": values.get(KIND_KEY), "backend": plan.backend,
                      "reason": f"the trial's worker failed {settings.retries + 1} time(s): {_error_line(result.error)}"})
-    return rows
+    distinct = distinct_rows(rows)
+    if len(distinct) < len(rows):
+        logger.info("%s: %d Tune trials ran %d distinct configs (Optuna sampled some twice; the repeats reused "
+                    "every step)", phase, len(rows), len(distinct))
+    return distinct
