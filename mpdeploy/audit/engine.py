@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from mpdeploy.backends import base as backends
+from mpdeploy.core import artifacts
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.core.kinds import engine_backend_present, engine_backends
 from mpdeploy.core.names import BACKENDS, VARIANTS
@@ -57,7 +58,7 @@ def engine_files(engine) -> dict[str, Path]:
     missing = [v for v in VARIANTS if not isinstance(files.get(v), str)]
     if missing:
         raise MpdeployError(
-            f"{engine.path}/manifest.json names no {' and no '.join(missing)} engine; the audit compares a sparse "
+            f"{engine.path}/{artifacts.MANIFEST} names no {' and no '.join(missing)} engine; the audit compares a sparse "
             "engine with its dense twin: rebuild with mpdeploy build --sparse"
         )
     return {v: p for v, p in engine.variant_files().items() if v in VARIANTS}

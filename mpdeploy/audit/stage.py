@@ -241,8 +241,8 @@ def _write_audit(config: AuditConfig, subject: AuditSubject, result: dict[str, A
         result["plots"] = plots
         clock.lap("plots_s")
         result["seconds"] = clock.total()
-        atomic.write_json(tmp / "audit.json", result)
-        atomic.atomic_write_text(tmp / "audit.md", render_markdown(result, subject.root))
+        atomic.write_json(tmp / AuditFolder.RESULT, result)
+        atomic.atomic_write_text(tmp / AuditFolder.MARKDOWN, render_markdown(result, subject.root))
         artifacts.write_manifest(tmp, KIND, config, inputs=audit_inputs(subject.engine),
                                  sources=audit_sources(subject.engine), target=out,
                                  extra={"backend": subject.backend, "passed": not result["failures"]})

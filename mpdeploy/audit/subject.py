@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpdeploy.core.errors import MpdeployError
-from mpdeploy.core.names import engine_folder_name
+from mpdeploy.core.names import engine_folder_name, traits
 from mpdeploy.core.kinds import EngineFolder, PrunedFolder
 
 from mpdeploy.audit.common import Findings
@@ -97,8 +97,8 @@ def timed_batch_sizes(config: AuditConfig, subject: AuditSubject, findings: Find
         if fixed_batch not in batch_sizes:
             findings.warnings.append(f"the engines take a fixed batch of {fixed_batch}: only that batch size was timed")
         batch_sizes = [fixed_batch]
-    elif subject.backend == "trt" and profile and max(batch_sizes) > max(profile):
-        # A TensorRT plan's optimization profile ends at the largest batch it was built for.
+    elif traits(subject.backend).batch_profile and profile and max(batch_sizes) > max(profile):
+        # An optimization profile (a TensorRT plan's) ends at the largest batch it was built for.
         too_big = [b for b in batch_sizes if b > max(profile)]
         batch_sizes = [b for b in batch_sizes if b <= max(profile)] or [max(profile)]
         findings.warnings.append(f"batch sizes {too_big} are beyond the engine's optimization profile (built for "

@@ -15,6 +15,7 @@ from mpdeploy.audit.config import AuditConfig
 from mpdeploy.audit.engine import check_engine_weights, onnx_for_weights
 from mpdeploy.audit.result import EngineRun
 from mpdeploy.audit.subject import AuditSubject
+from mpdeploy.core.names import traits
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +69,7 @@ def accuracy_gate(config: AuditConfig, accuracy: AccuracyRun, findings: Findings
 def has_sparse_kernels(backend: str | None, runtime: Mapping[str, Any] | None) -> bool:
     """Can this backend run 2:4 on sparse tensor cores? TensorRT and torch (GPU only) can; ONNX Runtime only
     through its TensorRT execution provider (its CPU and CUDA providers have no sparse kernels)."""
-    if backend in ("trt", "torch"):
-        return True
-    text = " ".join(str(v) for v in (runtime or {}).values()).lower()
-    return backend == "ort" and "tensorrt" in text
+    return traits(backend).runs_sparse(runtime)
 
 
 def speed_gate(config: AuditConfig, latency: Mapping[int, Mapping[str, Any]], findings: Findings,

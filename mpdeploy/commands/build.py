@@ -21,6 +21,7 @@ from mpdeploy.commands.arguments import (
     build_config_from_args,
 )
 from mpdeploy.commands.prune import add_prune_arguments
+from mpdeploy.core.kinds import AuditFolder
 from mpdeploy.core.names import BACKENDS
 
 DEFAULT_MODEL = "zoo:digits_vit"
@@ -220,6 +221,6 @@ def main(args: argparse.Namespace) -> int:
     if audit.status != "skipped" and audit.details.get("passed") is False:
         # The engines are built; the verdict is the audit's: exit 1 like `mpdeploy audit`, so a pipeline
         # stops here (ship refuses a failed audit without --force too).
-        print(f"audit FAILED: {'; '.join(map(str, audit.details.get('failures') or [])) or 'see audit/audit.md'}")
+        print(f"audit FAILED: {'; '.join(map(str, audit.details.get('failures') or [])) or f'see audit/{AuditFolder.MARKDOWN}'}")
         return 1
     return 0

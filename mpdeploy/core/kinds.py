@@ -3,8 +3,16 @@
     pruned/     PrunedFolder     model.safetensors, dense.safetensors, masks.safetensors
     distilled/  DistilledFolder  the same files, recovered weights; source "pruned"
     onnx/       OnnxFolder       model.onnx, model.dense.onnx, sparsity.json; source "weights"
-    engine-*/   EngineFolder     one file per variant, build_report.json; sources "onnx", "weights"
+    engine-*/   EngineFolder     one file per variant (named by its backend, listed in the manifest's
+                                 `variants`), build_report.json; sources "onnx", "weights"
     audit/      AuditFolder      audit.json, audit.md, plots; sources "engine", "weights"
+    (analysis)  AnalyzeFolder    spectra.json, summary.png, plots/
+    screen/     ScreenFolder     accuracy.json; source "weights"                     (the sweep's)
+    sweep/      SweepFolder      sweep.json, sweep.md, frontier.png                  (the sweep's)
+
+The class constants (WEIGHTS, MASKS, MODELS, SPARSITY, REPORT, RESULT, ...) are the only spelling of
+these file names: writers name their files with them too (tests/test_architecture.py checks that no
+other module spells one).
 
 `X.open(path)` verifies the folder (every listed file's hash, no unlisted file) and the whole chain
 behind it (each recorded source unchanged since it was used), and refuses anything else with a
@@ -19,7 +27,7 @@ from typing import Any, ClassVar
 
 from mpdeploy.core import artifacts, atomic
 from mpdeploy.core.errors import MpdeployError
-from mpdeploy.core.names import BACKENDS, ENGINE_PREFIX, engine_folder_name
+from mpdeploy.core.names import BACKENDS, ENGINE_PREFIX, PRECISIONS, engine_folder_name
 
 
 @dataclass(frozen=True)
@@ -116,17 +124,29 @@ def open_weights(path: Path | str, verify: bool = True, chain: bool = True) -> P
 @dataclass(frozen=True)
 class OnnxFolder(ArtifactFolder):
     KIND: ClassVar[str] = "onnx"
+    MODELS: ClassVar[dict[str, str]] = {"sparse": "model.onnx", "dense": "model.dense.onnx"}  # the FP32 files
+    SPARSITY: ClassVar[str] = "sparsity.json"
+
+    @classmethod
+    def model_name(cls, variant: str, precision: str = "fp32") -> str:
+        """`model.onnx` / `model.dense.onnx` for fp32; `model.fp16.onnx` / `model.dense.int8.onnx` otherwise."""
+        if variant not in cls.MODELS:
+            raise MpdeployError(f"unknown variant {variant!r}; use sparse or dense")
+        if precision not in PRECISIONS:
+            raise MpdeployError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        base = cls.MODELS[variant]
+        return base if precision == "fp32" else f"{base.removesuffix('.onnx')}.{precision}.onnx"
 
     @property
     def sparse_model(self) -> Path:
-        return self.file("model.onnx")
+        return self.file(self.MODELS["sparse"])
 
     @property
     def dense_model(self) -> Path:
-        return self.file("model.dense.onnx")
+        return self.file(self.MODELS["dense"])
 
     def sparsity(self) -> dict[str, Any]:
-        return atomic.read_json(self.file("sparsity.json"), what="sparsity record")
+        return atomic.read_json(self.file(self.SPARSITY), what="sparsity record")
 
     def weights(self, verify: bool = False) -> PrunedFolder | None:
         """The weights this ONNX was exported from (verified with the chain when this was opened)."""
@@ -189,9 +209,13 @@ def engine_backend_present(root: Path, wanted: str) -> str:
 class AuditFolder(ArtifactFolder):
     KIND: ClassVar[str] = "audit"
     SCHEMA: ClassVar[str] = "mpdeploy.audit/1"
+    RESULT: ClassVar[str] = "audit.json"  # the record (schema SCHEMA)
+    MARKDOWN: ClassVar[str] = "audit.md"  # the report a person reads
+    PLOTS: ClassVar[dict[str, str]] = {"latency": "latency.png", "accuracy": "accuracy.png",
+                                       "certified": "certified.png", "sensitivity": "sensitivity.png"}
 
     def result(self) -> dict[str, Any]:
-        path = self.file("audit.json")
+        path = self.file(self.RESULT)
         data = atomic.read_json(path, what="audit")
         if not isinstance(data, dict) or data.get("schema") != self.SCHEMA:
             raise MpdeployError(f"{path} is not a {self.SCHEMA} audit; re-run mpdeploy audit")
@@ -216,6 +240,7 @@ class ScreenFolder(ArtifactFolder):
     """A sweep's first look at pruned weights: accuracy.json (PyTorch, sparse vs dense); source "weights"."""
 
     KIND: ClassVar[str] = "screen"
+    ACCURACY: ClassVar[str] = "accuracy.json"
 
 
 @dataclass(frozen=True)
@@ -223,6 +248,25 @@ class SweepFolder(ArtifactFolder):
     """sweep.json, sweep.md, frontier.png; sources "audit:<trial>" / "screen:<trial>" for every row read."""
 
     KIND: ClassVar[str] = "sweep"
+    TABLE: ClassVar[str] = "sweep.json"  # a row per trial
+    MARKDOWN: ClassVar[str] = "sweep.md"  # the table and the choice
+    FRONTIER: ClassVar[str] = "frontier.png"
 
 
 KINDS.update({c.KIND: c for c in (ScreenFolder, SweepFolder)})
+
+
+# --- analyze (mpdeploy.analyze): a look at a model, outside the chain ---------------------------------------
+
+
+@dataclass(frozen=True)
+class AnalyzeFolder(ArtifactFolder):
+    """The Marchenko-Pastur fit of every layer: spectra.json, summary.png, a plot per layer under plots/."""
+
+    KIND: ClassVar[str] = "analyze"
+    SPECTRA: ClassVar[str] = "spectra.json"
+    SUMMARY_PLOT: ClassVar[str] = "summary.png"
+    LAYER_PLOTS: ClassVar[str] = "plots"  # a folder: NNNN_<layer>.png
+
+
+KINDS[AnalyzeFolder.KIND] = AnalyzeFolder

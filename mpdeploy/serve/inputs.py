@@ -70,7 +70,7 @@ def audit_of_engine(audit: AuditFolder | None, engine: EngineFolder, engine_dir:
     Tied means: the audit records an engine source, that source is this very folder, and the manifest hash
     it recorded is this engine manifest's hash (so any later edit of the engine or its manifest shows)."""
     if audit is None:
-        return f"{engine_dir} has no audit/audit.json"
+        return f"{engine_dir} has no audit/{AuditFolder.RESULT}"
     where = audit.path
     record = audit.sources.get("engine")
     if not isinstance(record, dict) or not record.get("path") or not record.get("manifest_sha256"):
@@ -117,7 +117,7 @@ def open_engine(engine_dir: Path, backend: str) -> EngineFolder:
 
 
 def read_engine_manifest(engine_dir: Path, backend: str) -> dict[str, Any]:
-    path = engine_dir / engine_folder_name(backend) / "manifest.json"
+    path = engine_dir / engine_folder_name(backend) / artifacts.MANIFEST
     manifest = _read_json(path, "engine manifest")
     if manifest.get("schema") != EngineFolder.SCHEMA or manifest.get("kind") != "engine":
         raise MpdeployError(
