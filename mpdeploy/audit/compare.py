@@ -32,15 +32,12 @@ class ReportConfig:
     plots: bool = True
 
 
-def _weights_manifests(audit: AuditFolder) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+def _weights_manifests(audit: AuditFolder) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the audited engine's weights manifest, the prune config behind it) via the recorded sources."""
-    path = audit.source_path("weights")
-    if path is None:
-        return None, {}
-    weights = open_weights(path, verify=False)  # verified with the audit's chain
+    weights = audit.weights()  # verified with the audit's chain
     prune_conf = weights.config or {}
-    if isinstance(weights, DistilledFolder) and weights.source_path("pruned") is not None:
-        prune_conf = open_weights(weights.source_path("pruned"), verify=False).config or {}
+    if isinstance(weights, DistilledFolder):
+        prune_conf = open_weights(weights.required_source("pruned"), verify=False).config or {}
     return weights.manifest, prune_conf
 
 

@@ -89,15 +89,12 @@ def io_spec(manifest: Mapping[str, Any], pruned: Mapping[str, Any] | None) -> tu
 # engine weights: are the pruned layers N:M inside the engine?
 
 
-def onnx_for_weights(engine, engine_file: Path) -> tuple[Path | None, str]:
+def onnx_for_weights(engine, engine_file: Path) -> tuple[Path, str]:
     """The ONNX whose initializers show the engine's weights: the engine file itself, or its onnx source."""
     if engine_file.suffix == ".onnx":
         return engine_file, "the sparse engine file itself"
-    onnx = engine.onnx()
-    if onnx is not None:
-        return onnx.sparse_model, (f"the ONNX the {engine_file.suffix or 'engine'} file was built from "
-                                   "(its weights are not inspectable)")
-    return None, f"{engine_file.name} is opaque and its manifest records no onnx source"
+    return engine.onnx().sparse_model, (f"the ONNX the {engine_file.suffix or 'engine'} file was built from "
+                                        "(its weights are not inspectable)")
 
 
 def _annotations(proto) -> dict[str, dict[str, Any]]:

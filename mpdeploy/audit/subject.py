@@ -31,8 +31,8 @@ class AuditSubject:
     engine_dir: Path  # root/engine-<backend>/
     engine: EngineFolder
     files: dict[str, Path]  # "dense" / "sparse" -> engine file
-    weights: PrunedFolder | None  # the weights it was built from; None for engines of an older mpdeploy
-    layers: list[dict[str, Any]]  # the weights source's layer records ([] without one)
+    weights: PrunedFolder  # the weights it was built from (its recorded source)
+    layers: list[dict[str, Any]]  # the weights source's layer records
     chw: tuple[int, ...]
     fixed_batch: int | None
     classes: int | None
@@ -43,13 +43,13 @@ class AuditSubject:
         return self.engine.manifest
 
     @property
-    def pruned(self) -> dict[str, Any] | None:
-        """The weights source's manifest (pruned or distilled), or None."""
-        return None if self.weights is None else self.weights.manifest
+    def pruned(self) -> dict[str, Any]:
+        """The weights source's manifest (pruned or distilled)."""
+        return self.weights.manifest
 
     @property
-    def pruned_dir(self) -> Path | None:
-        return None if self.weights is None else self.weights.path
+    def pruned_dir(self) -> Path:
+        return self.weights.path
 
     @property
     def precision(self) -> str | None:
@@ -62,11 +62,10 @@ def open_subject(engine_root: Path, backend: str | None) -> AuditSubject:
     engine_dir = engine_root / engine_folder_name(backend_name)
     engine = EngineFolder.open(engine_dir)  # every file hashed, nothing unlisted, its sources unchanged
     files = engine_files(engine)
-    weights: PrunedFolder | None = engine.weights()
-    pruned = None if weights is None else weights.manifest
-    chw, fixed_batch, classes, data_config = io_spec(engine.manifest, pruned)
+    weights = engine.weights()
+    chw, fixed_batch, classes, data_config = io_spec(engine.manifest, weights.manifest)
     return AuditSubject(root=engine_root, backend=backend_name, engine_dir=engine_dir, engine=engine, files=files,
-                        weights=weights, layers=list((pruned or {}).get("layers") or []), chw=chw,
+                        weights=weights, layers=weights.layers, chw=chw,
                         fixed_batch=fixed_batch, classes=classes, data_config=data_config)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from mpdeploy.backends.base import Backend, BuildConfig, BuildInputs, BuiltEngine, Runner, SparsePlan
 from mpdeploy.core import artifacts
 from mpdeploy.core.errors import MpdeployError
-from mpdeploy.core.kinds import PrunedFolder
+from mpdeploy.core.kinds import PrunedFolder, open_weights
 from mpdeploy.core.machine import driver_version
 
 logger = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ class TorchSparseBackend(Backend):
         if not (copy / artifacts.MANIFEST).exists():
             # Every file the pruned manifest lists, so load_pruned can verify the copy on its own.
             source = Path(inputs.pruned_dir)
-            listed = artifacts.read_manifest(source, "pruned", verify=True).get("files") or {}
+            listed = open_weights(source).manifest.get("files") or {}
             for rel in [artifacts.MANIFEST, *listed]:
                 (copy / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source / rel, copy / rel)

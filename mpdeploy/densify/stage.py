@@ -113,10 +113,7 @@ def engine_evidence(engine: EngineFolder, weights: PrunedFolder, trt_log: str | 
         report = (engine.report().get("variants") or {}).get("sparse")
         if report is None:
             raise MpdeployError(f"{engine.path} is a dense-only build: no sparse engine ran; build with --sparse")
-    onnx = engine.onnx()
-    if onnx is None:
-        raise MpdeployError(f"{engine.path} records no onnx source (made by an older mpdeploy); rebuild it")
-    return trt_evidence(report, onnx.sparsity().get("tensors") or [], pruned)
+    return trt_evidence(report, engine.onnx().sparsity().get("tensors") or [], pruned)
 
 
 def weights_plan_evidence(weights: PrunedFolder, config: DensifyConfig) -> Evidence:
@@ -139,13 +136,11 @@ def gather(source, config: DensifyConfig) -> tuple[PrunedFolder, Evidence, dict[
     """(the weights to densify, the evidence, the sources to record) for an opened input artifact."""
     if isinstance(source, EngineFolder):
         weights = source.weights()
-        if weights is None:
-            raise MpdeployError(f"{source.path} records no weights source (made by an older mpdeploy); rebuild it")
         return weights, engine_evidence(source, weights, config.trt_log), {"weights": weights.path,
                                                                           "engine": source.path}
     if isinstance(source, OnnxFolder):
         weights = source.weights()
-        if config.trt_log is None or weights is None:
+        if config.trt_log is None:
             raise MpdeployError(f"{source.path}: an onnx folder needs --trt-log FILE (a TensorRT build log of "
                                 f"{OnnxFolder.MODELS['sparse']}) to tell which layers ran dense")
         tensors = source.sparsity().get("tensors") or []

@@ -20,7 +20,6 @@ from typing import Any
 
 from mpdeploy.core import artifacts, atomic
 from mpdeploy.backends.base import Backend, BuildConfig, BuildInputs, backend_class, create_backend
-from mpdeploy.core.errors import MpdeployError
 from mpdeploy.core.names import engine_folder_name
 from mpdeploy.core.kinds import EngineFolder, OnnxFolder
 from mpdeploy.core.runner import Progress, StageResult, run_stage, step_progress
@@ -152,9 +151,7 @@ def build_engines(onnx_dir: Path, backend_name: str, build_config: BuildConfig, 
     """Build the `variants` engines of `onnx_dir` on `backend_name` into `out` (default: engine-<backend>/
     beside onnx/). Reused when the onnx, its weights, the build config and the device are the same."""
     onnx = OnnxFolder.open(onnx_dir)  # verified, with the weights it came from
-    weights_dir = onnx.source_path("weights")
-    if weights_dir is None:
-        raise MpdeployError(f"{onnx_dir} records no weights source (made by an older mpdeploy); re-run export")
+    weights_dir = onnx.required_source("weights")
     build_config = options_for(backend_name, build_config)
     folder = Path(out) if out is not None else Path(onnx_dir).parent / engine_folder_name(backend_name)
     backend = create_backend(backend_name)

@@ -29,7 +29,7 @@ import numpy as np
 
 from mpdeploy.core import artifacts, atomic
 from mpdeploy.core.errors import MpdeployError
-from mpdeploy.core.kinds import OnnxFolder
+from mpdeploy.core.kinds import OnnxFolder, open_weights
 from mpdeploy.core.names import PRECISIONS
 from mpdeploy.onnx.annotate import annotate, round_to_fp16, weights_to_fp16
 from mpdeploy.onnx.initializers import Mapped, map_initializers
@@ -267,7 +267,7 @@ def export(pruned_dir: Path, config: ExportConfig, out_dir: Path) -> Path:
     from mpdeploy.sparsity.pruned import load_pruned
 
     pruned_dir, out_dir = Path(pruned_dir), Path(out_dir)
-    artifacts.read_manifest(pruned_dir, "pruned", verify=True)  # bad input fails before anything is made
+    open_weights(pruned_dir)  # bad input (a file, its chain, a missing source) fails before anything is made
     _check_output(out_dir, pruned_dir)
     source_hash = artifacts.manifest_hash(pruned_dir)
     timings: dict[str, float] = {}
@@ -347,5 +347,4 @@ def export(pruned_dir: Path, config: ExportConfig, out_dir: Path) -> Path:
 def load_sparsity(onnx_dir: Path, verify: bool = True) -> dict[str, Any]:
     """Read a checked `onnx/` artifact's sparsity.json (the manifest, and with `verify` its hashes, first)."""
     onnx_dir = Path(onnx_dir)
-    artifacts.read_manifest(onnx_dir, KIND, verify=verify)
-    return atomic.read_json(onnx_dir / OnnxFolder.SPARSITY, what="sparsity record")
+    return OnnxFolder.open(onnx_dir, verify=verify).sparsity()

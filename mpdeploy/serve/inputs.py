@@ -147,6 +147,10 @@ def engine_file(engine_dir: Path, backend: str, manifest: dict[str, Any], varian
     if expected is None or Path(rel).is_absolute() or ".." in Path(rel).parts or not path.is_file():
         raise MpdeployError(f"engine file {path} named by the manifest is missing or not hashed in it; "
                             "rebuild with mpdeploy build")
-    if sha256_file(path) != expected or (manifest.get("file_sha256") or {}).get(rel, expected) != expected:
+    recorded = (manifest.get("file_sha256") or {}).get(rel)
+    if recorded is None:  # the engine stage always records it: without it, nothing says what was built
+        raise MpdeployError(f"engine file {path} has no sha256 recorded with the engine (file_sha256; made by an "
+                            "older mpdeploy, or edited); rebuild with mpdeploy build")
+    if sha256_file(path) != expected or recorded != expected:
         raise MpdeployError(f"{path} does not match the sha256 in its manifest (changed since the build); rebuild it")
     return path

@@ -125,7 +125,7 @@ def _next_version(model_dir: Path) -> int:
 
 
 def _fill_version_dir(
-    dest: Path, model_files: list[str], source: Path, provenance: dict[str, Any], expected: str | None
+    dest: Path, model_files: list[str], source: Path, provenance: dict[str, Any], expected: str
 ) -> None:
     """Write model file(s), provenance.json and SHA256SUMS into `dest` (a new staging folder)."""
     dest.mkdir()
@@ -133,7 +133,7 @@ def _fill_version_dir(
         shutil.copyfile(_PYTHON_MODEL_TEMPLATE if fname == MODEL_FILES["python"] else source, dest / fname)
     write_text(dest / PROVENANCE_FILE, json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     sums = {p.name: sha256_file(p) for p in sorted(dest.iterdir())}
-    if expected is not None and sums[model_files[-1]] != expected:
+    if sums[model_files[-1]] != expected:
         raise MpdeployError(f"copy of {source} does not match its manifest sha256; check the disk and retry")
     write_text(dest / SUMS_FILE, "".join(f"{h}  {n}\n" for n, h in sums.items()))
 
@@ -174,7 +174,7 @@ class _Plan:
     serve: str
     model_files: list[str]
     source: Path
-    expected_sha256: str | None
+    expected_sha256: str  # of the engine file, as its manifest records it (the copy is checked against it)
     model_cfg: Any
     config_text: str
     provenance: dict[str, Any]  # without version and config_sha256, filled per attempt
@@ -193,11 +193,11 @@ def _plan(engine_dir: Path, config: ShipConfig) -> _Plan:
     backend = pick_engine_backend(engine_dir, config.engine_backend, audit)
     serve, kind, model_files = _resolve_serving(backend, config)
     engine = open_engine(engine_dir, backend)  # integrity first: --force never skips it
+    manifest = engine.manifest
+    source = engine_file(engine_dir, backend, manifest, config.variant)
     problem = audit_of_engine(audit, engine, engine_dir)
     check_verdict(audit, problem, engine_dir, config.force)
     shipped_audit = audit if problem is None else None  # a forced ship past another engine's audit has none
-    manifest = engine.manifest
-    source = engine_file(engine_dir, backend, manifest, config.variant)
     python_env = Path(config.python_env or sys.prefix).resolve() if serve == "python" else None
     if python_env is not None and not python_env.exists():
         raise MpdeployError(
