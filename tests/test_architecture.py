@@ -1,7 +1,7 @@
 """The architecture, checked: layers without upward imports, stages apart, backends apart, no import loop.
 
-Every import counts, those inside functions too (a lazy import is still a dependency), and so do the
-re-exports of a package's __init__ (importing `mpdeploy.audit` runs it). docs/architecture.md explains
+Every import counts, those inside functions too (a lazy import is still a dependency); a package's
+__init__ imports nothing (no re-exports). docs/architecture.md explains
 the layers; this table is their definition.
 
 On 03109f0 (before the relayout) this file fails: no module sat in a layer package, and over all imports
@@ -232,12 +232,10 @@ def _defined_and_reimported(path: Path) -> tuple[set[str], dict[str, tuple[str, 
 @pytest.mark.parametrize("path", sorted([*PACKAGE.rglob("*.py"), *(ROOT / "tests").glob("*.py")]),
                          ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_one_import_path_per_name(path):
-    """`from mpdeploy.x import n` takes n from the module that defines it, not from one that imported it
-    (a package's __init__ API, like `mpdeploy.audit.audit`, is the one exception)."""
+    """`from mpdeploy.x import n` takes n from the module that defines it, not from one that imported it."""
     second_paths = []
     for node in ast.walk(ast.parse(path.read_text())):
-        if not (isinstance(node, ast.ImportFrom) and node.module in MODULES
-                and MODULES[node.module].name != "__init__.py"):
+        if not (isinstance(node, ast.ImportFrom) and node.module in MODULES):
             continue
         defined, reimported = _defined_and_reimported(MODULES[node.module])
         for alias in node.names:
@@ -245,6 +243,16 @@ def test_one_import_path_per_name(path):
                 second_paths.append(f"line {node.lineno}: {alias.name} from {node.module} (defined in "
                                     f"{reimported[alias.name][0]})")
     assert not second_paths, second_paths
+
+
+@pytest.mark.parametrize("module", sorted(m for m, p in MODULES.items() if p.name == "__init__.py"))
+def test_package_inits_import_nothing(module):
+    """A package's __init__ is its docstring (and the root's __version__): no package API re-exports its
+    modules' names, so each name has the one import path of the module that defines it."""
+    tree = ast.parse(MODULES[module].read_text())
+    imports = [node.lineno for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+               and not (isinstance(node, ast.ImportFrom) and node.module == "__future__")]
+    assert not imports, f"{module}: imports at lines {imports}; import from the defining module instead"
 
 
 def _private_imports(path: Path) -> list[str]:

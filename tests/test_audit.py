@@ -18,17 +18,11 @@ import torch
 
 from mpdeploy.core import artifacts
 from mpdeploy import cli
-from mpdeploy.audit import (
-    SCHEMA,
-    AuditConfig,
-    audit,
-    certified_mask,
-    check_engine_weights,
-    dense_margins,
-    labels_fit,
-    logit_distance,
-    measure_latency,
-)
+from mpdeploy.audit.common import SCHEMA
+from mpdeploy.audit.config import AuditConfig
+from mpdeploy.audit.engine import check_engine_weights
+from mpdeploy.audit.metrics import certified_mask, dense_margins, labels_fit, logit_distance, measure_latency
+from mpdeploy.audit.stage import audit
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.sparsity.patterns import NM, nm_mask
 

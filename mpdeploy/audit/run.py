@@ -11,7 +11,7 @@ from mpdeploy.core.runner import StageResult, run_stage, step_progress
 
 def audit_stage(engine_dir: Path, audit_config, runtime, force: bool, progress) -> StageResult:
     """Audit `engine_dir` into `audit/` beside it; reused when engine, weights and config are the same."""
-    from mpdeploy.audit import audit
+    from mpdeploy.audit.stage import audit
     from mpdeploy.audit.stage import audit_inputs, audit_sources
     from mpdeploy.core.kinds import AuditFolder, EngineFolder
 

@@ -220,7 +220,7 @@ def add_audit_options(group) -> None:
 
 def audit_config_from_args(args: argparse.Namespace, data: str, backend: str | None, batch_sizes: str):
     """An AuditConfig from the options `add_audit_options` added (validated here, before any work)."""
-    from mpdeploy.audit import AuditConfig
+    from mpdeploy.audit.config import AuditConfig
 
     return AuditConfig(
         data=data,

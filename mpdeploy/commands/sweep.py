@@ -103,7 +103,7 @@ def sweep_configs_from_args(args: argparse.Namespace):
     backend, reason = (args.backend, "asked for") if kinds and args.backend != "auto" else resolve_backend(args.backend)
     distill = None
     if args.distill_epochs or "distill-epochs" in grid:
-        from mpdeploy.distill import DistillConfig
+        from mpdeploy.distill.config import DistillConfig
 
         eval_data = args.eval_data if args.eval_data not in ("digits", "synthetic") else None
         # A template when the grid sets the epochs per trial (0 there: no recovery for that trial).

@@ -152,7 +152,7 @@ def _check_root(root: Path) -> None:
 
 
 def _audit_config(audit_config, backend_name: str, build_config: BuildConfig):
-    from mpdeploy.audit import AuditConfig
+    from mpdeploy.audit.config import AuditConfig
 
     if audit_config is None:
         # The engines serve exactly these batch sizes (a TensorRT profile ends at the largest).

@@ -276,7 +276,7 @@ def _calibrate_and_permute(model: nn.Module, loaded: LoadedModel, config: PruneC
 
     permutation_report: dict[str, Any] = {}
     if config.permute:
-        from mpdeploy.sparsity.permute import permute_model
+        from mpdeploy.sparsity.permute.fold import permute_model
 
         permutation_report = permute_model(
             model, eligible, pattern=config.pattern, saliency=config.saliency, stats=stats,

@@ -200,7 +200,7 @@ def trial_configs(values: Mapping[str, str], prune, distill_template, export, bu
     distill = None
     if epochs:
         if distill_template is None:
-            from mpdeploy.distill import DistillConfig
+            from mpdeploy.distill.config import DistillConfig
 
             distill = DistillConfig(data="digits", epochs=epochs)
         else:

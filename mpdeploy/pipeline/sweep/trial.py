@@ -140,7 +140,7 @@ def _weights(plan: SweepPlan, configs: TrialConfigs, row: dict[str, Any]) -> tup
     row["sparse_execution_mac_cut"] = result.details.get("sparse_execution_mac_reduction")
     weights = step / "pruned"
     if configs.distill is not None:
-        from mpdeploy.distill import reuse_config
+        from mpdeploy.distill.config import reuse_config
 
         key, step = plan.store.step("distill", key, reuse_config(configs.distill))
         with plan.store.lock(step):
