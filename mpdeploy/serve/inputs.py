@@ -126,7 +126,7 @@ def read_engine_manifest(engine_dir: Path, backend: str) -> dict[str, Any]:
         )
     if manifest.get("backend") != backend:
         raise MpdeployError(
-            f"{path} says backend {manifest.get('backend')!r} but sits in engine-{backend}/; rebuild it"
+            f"{path} says backend {manifest.get('backend')!r} but sits in {engine_folder_name(backend)}/; rebuild it"
         )
     io = manifest.get("io")
     if not isinstance(io, dict) or not io.get("inputs") or not io.get("outputs"):
@@ -140,7 +140,8 @@ def engine_file(engine_dir: Path, backend: str, manifest: dict[str, Any], varian
     files = manifest.get("variants") if isinstance(manifest.get("variants"), dict) else {}
     if variant not in files:
         have = ", ".join(sorted(map(str, files))) or "none"
-        raise MpdeployError(f"engine-{backend} has no {variant} engine (has: {have}); pass --variant with one of those")
+        raise MpdeployError(f"{engine_folder_name(backend)} has no {variant} engine (has: {have}); pass --variant "
+                            "with one of those")
     rel = files[variant]
     path = engine_dir / engine_folder_name(backend) / str(rel)
     expected = (manifest.get("files") or {}).get(rel) if isinstance(rel, str) else None
