@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mpdeploy.audit import certified_mask  # noqa: E402
+from mpdeploy.audit.metrics import certified_mask  # noqa: E402
 from mpdeploy.models.data import digits_tensors  # noqa: E402
 from mpdeploy.core.errors import MpdeployError  # noqa: E402
 from mpdeploy.sparsity.patterns import NM  # noqa: E402
@@ -132,7 +132,8 @@ class Bench:
         art = load_pruned(out, "sparse")
         cmd = command(self.model, config, f"engines/{self.model}-{group}/pruned")
         if post == "distill":
-            from mpdeploy.distill import DistillConfig, distill
+            from mpdeploy.distill.config import DistillConfig
+            from mpdeploy.distill.stage import distill
 
             t1 = time.perf_counter()
             distilled = distill(out, DistillConfig(data="digits", epochs=self.distill_epochs, seed=0))
@@ -181,9 +182,9 @@ def run_model(bench: Bench) -> None:
     current = base
     # Permutation, restore and distillation come from other stages still being written: a row whose
     # stage is missing or fails says so instead of stopping the benchmark.
-    steps = [("permute", "mpdeploy.sparsity.permute", "permute_model", lambda c: replace(c, permute=True), None),
+    steps = [("permute", "mpdeploy.sparsity.permute.fold", "permute_model", lambda c: replace(c, permute=True), None),
              ("restore", "mpdeploy.sparsity.restore", "restore_layers", lambda c: replace(c, restore=True, calib="digits"), None),
-             (f"distill {b.distill_epochs} ep", "mpdeploy.distill", "distill", lambda c: c, "distill")]
+             (f"distill {b.distill_epochs} ep", "mpdeploy.distill.stage", "distill", lambda c: c, "distill")]
     for name, module, attr, change, post in steps:
         group = f"2_4-mp-best-{name.split()[0]}"
         if not available(module, attr) or (post == "distill" and b.distill_epochs < 1):

@@ -28,7 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 from mpdeploy.core import artifacts, atomic  # noqa: E402
 from mpdeploy.models.data import load_images  # noqa: E402
-from mpdeploy.distill import PAPER_LR, DistillConfig, distill, evaluate  # noqa: E402
+from mpdeploy.distill.config import DistillConfig, PAPER_LR  # noqa: E402
+from mpdeploy.distill.datasets import evaluate  # noqa: E402
+from mpdeploy.distill.stage import distill  # noqa: E402
 from mpdeploy.prune.stage import PruneConfig, prune  # noqa: E402
 from mpdeploy.sparsity.pruned import load_pruned  # noqa: E402
 from mpdeploy.models.zoo import load_zoo_model, zoo_sha256  # noqa: E402

@@ -108,7 +108,8 @@ def distill_row(loaded_fn, config: PruneConfig, epochs: int, work: Path) -> dict
     """Prune to an artifact, distill it `epochs` epochs on the digits training split (the default
     DistillConfig otherwise), and read top-1 before / after from the distilled manifest."""
     from mpdeploy.core import artifacts
-    from mpdeploy.distill import DistillConfig, distill
+    from mpdeploy.distill.config import DistillConfig
+    from mpdeploy.distill.stage import distill
     from mpdeploy.prune.stage import prune
 
     loaded = loaded_fn()

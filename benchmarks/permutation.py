@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mpdeploy.sparsity.permute import search as permute  # noqa: E402  (the search's constants live there)
 from mpdeploy.sparsity.patterns import NM, parse_pattern  # noqa: E402
-from mpdeploy.sparsity.permute import kept_saliency, search_permutation, unstructured_kept  # noqa: E402
+from mpdeploy.sparsity.permute.search import kept_saliency, search_permutation, unstructured_kept  # noqa: E402
 from mpdeploy.core.machine import cpu_model  # noqa: E402
 import provenance  # noqa: E402  (benchmarks/provenance.py, beside this script)
 

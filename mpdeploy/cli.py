@@ -19,7 +19,7 @@ from mpdeploy.core.errors import MpdeployError
 from mpdeploy.core.trust import granted_by
 
 COMMANDS = {
-    "analyze": "fit the Marchenko-Pastur bulk of every layer; write spectra.json and plots",
+    "analyze": "fit the Marchenko-Pastur bulk of every layer; write its spectra and plots",
     "prune": "prune to N:M with an MP budget; write the pruned/ artifact",
     "export": "export a pruned artifact to ONNX that carries its sparsity, and check it",
     "engine": "build the sparse engine and its dense twin from an onnx/ artifact",

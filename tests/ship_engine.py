@@ -1,98 +1,93 @@
-"""A tiny audited ONNX Runtime engine folder for the ship / Triton tests, built by hand per the engine contract.
+"""A small audited engine folder for the ship / Triton tests, made by mpdeploy's own stages.
 
-`make_engine(root)` writes `root/engine-ort/{sparse,dense}.onnx` (a conv + linear net; the sparse one has
-a 2:4 Linear, so the two really differ), the engine manifest (files table, self-hash, as mpdeploy writes
-it) and a passed `audit/` tied to that engine by its manifest hash.
+`make_engine(root)` holds the real chain of the embedded zoo:digits_vit (its weights ship with mpdeploy):
+prune (2:4, the mp budget) -> export -> engine-ort (fp32) -> audit (a few digits test images, tiny timing,
+no plots; top-1 drop allowed up to 100 points, so it passes), all through `mpdeploy.pipeline.build`.
+`use_failed_audit(root)` replaces its audit with a real audit of the same engine that failed (an
+impossible speed gate). Both are made once per test process and copied: the sources are relative, so a
+copy verifies as the original.
+
+`write_standin_trt_engine(root)` adds an `engine-trt/` beside them: TensorRT cannot build here, so its plan
+is a stand-in file (shipped byte for byte), and its manifest records the chain's onnx/ and pruned/ as
+sources, as a TensorRT build of that ONNX would. It has no audit (none can run here).
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
-import json
+import shutil
+import tempfile
 from pathlib import Path
 
-import torch
-
-INPUT_SHAPE = (3, 16, 16)  # per sample; the batch dim is dynamic
+MODEL = "zoo:digits_vit"
+INPUT_SHAPE = (1, 16, 16)  # per sample; the batch dim is dynamic
 NUM_CLASSES = 10
-
-
-class Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = torch.nn.Linear(8, NUM_CLASSES)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
-
-
-def export_onnx(model: torch.nn.Module, path: Path) -> None:
-    torch.onnx.export(
-        model,
-        torch.randn(1, *INPUT_SHAPE),
-        str(path),
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        dynamo=False,
-    )
+FAILED_SPEEDUP = 1000.0  # the failed audit's --min-speedup: no engine meets it
+_BUILT: dict[str, Path] = {}
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_engine_manifest(ed: Path, *, backend: str, precision: str, variants: dict, io: dict, device: dict) -> None:
-    """The engine manifest, written the way mpdeploy writes one (files table, self-hash); no sources."""
-    from mpdeploy.core import artifacts
+def _audit_config(**gates):
+    from mpdeploy.audit.config import AuditConfig
 
-    (ed / "manifest.json").unlink(missing_ok=True)
-    extra = {"backend": backend, "precision": precision, "variants": variants, "io": io, "device": device,
-             "file_sha256": {f: sha256(ed / f) for f in variants.values()}}
-    artifacts.write_manifest(ed, "engine", {"backend": backend}, extra=extra)
+    return AuditConfig(data="digits", backend="ort", batch_sizes=(1, 4), warmup=1, repeats=2, calls_per_round=1,
+                       min_rounds=2, max_eval_images=32, sensitivity_batch=0, plots=False, max_top1_drop=1.0,
+                       **gates)
 
 
-def write_audit(root: Path, *, passed: bool, backend: str = "ort") -> None:
-    """audit/ as `mpdeploy audit` leaves it: audit.json and a manifest whose engine source is engine-<backend>/
-    with that engine manifest's hash (what ties the audit to the engine it audited)."""
-    from mpdeploy.core import artifacts
+def _build() -> Path:
+    """The chain (and a failed audit of its engine, kept aside) in a folder of this process's own."""
+    if "chain" in _BUILT:
+        return _BUILT["chain"]
+    from mpdeploy.audit.stage import audit
+    from mpdeploy.backends.base import BuildConfig
+    from mpdeploy.export.stage import ExportConfig
+    from mpdeploy.pipeline.build import BuildStageConfig, run_build
+    from mpdeploy.prune.stage import PruneConfig
 
-    (root / "audit").mkdir(exist_ok=True)
-    audit = {
-        "schema": "mpdeploy.audit/1",
-        "backend": backend,
-        "passed": passed,
-        "failures": [] if passed else ["top-1 drop 4.1 pts > 1.0"],
-        "summary": {"top1_sparse": 0.91, "top1_dense": 0.92, "agreement": 0.97, "speedup_p50": {"1": 1.08}},
-    }
-    (root / "audit" / "audit.json").write_text(json.dumps(audit))
-    (root / "audit" / "manifest.json").unlink(missing_ok=True)
-    engine = root / f"engine-{backend}"
-    artifacts.write_manifest(root / "audit", "audit", {}, inputs={"engine_manifest": artifacts.manifest_hash(engine)},
-                             sources={"engine": engine}, extra={"backend": backend, "passed": passed})
+    base = Path(tempfile.mkdtemp(prefix="mpdeploy-ship-engine-"))
+    atexit.register(shutil.rmtree, base, ignore_errors=True)
+    root = base / "tiny"
+    run_build(MODEL, PruneConfig(), ExportConfig(), BuildConfig(precision="fp32", batch_sizes=(1, 4), threads=1),
+              BuildStageConfig(backend="ort", out=root, densify=False), audit_config=_audit_config())
+    shutil.move(root / "audit", root.parent / "audit.passed")
+    audit(root, _audit_config(min_speedup=FAILED_SPEEDUP))
+    shutil.move(root / "audit", root.parent / "audit.failed")
+    shutil.move(root.parent / "audit.passed", root / "audit")
+    _BUILT["chain"] = root
+    return root
 
 
 def make_engine(root: Path) -> Path:
-    """engines/<name> with engine-ort/{sparse,dense}.onnx, manifest and a passed audit; returns `root`."""
-    torch.manual_seed(0)
-    dense = Tiny().eval()
-    sparse = Tiny().eval()
-    sparse.load_state_dict(dense.state_dict())
-    with torch.no_grad():  # 2:4 along `in` on the Linear
-        w = sparse.fc.weight.view(NUM_CLASSES, 2, 4)
-        keep = w.abs().topk(2, dim=-1).indices
-        sparse.fc.weight.copy_((w * torch.zeros_like(w).scatter_(-1, keep, 1.0)).view(NUM_CLASSES, 8))
-
-    ed = root / "engine-ort"
-    ed.mkdir(parents=True)
-    export_onnx(sparse, ed / "sparse.onnx")
-    export_onnx(dense, ed / "dense.onnx")
-    (ed / "build_report.json").write_text("{}")
-    write_engine_manifest(
-        ed, backend="ort", precision="fp32", variants={"sparse": "sparse.onnx", "dense": "dense.onnx"},
-        io={"inputs": [{"name": "input", "dtype": "float32", "shape": [-1, *INPUT_SHAPE]}],
-            "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, NUM_CLASSES]}]},
-        device={"name": "cpu", "gpu": None, "tensorrt_version": None})
-    write_audit(root, passed=True)
+    """engines/<name> with pruned/, onnx/, engine-ort/{sparse,dense}.onnx and a passed audit; returns `root`."""
+    shutil.copytree(_build(), root)
     return root
+
+
+def use_failed_audit(root: Path) -> None:
+    """Replace root/audit with the real audit of the same engine that failed (the impossible speed gate)."""
+    shutil.rmtree(root / "audit", ignore_errors=True)
+    shutil.copytree(_build().parent / "audit.failed", root / "audit")
+
+
+def write_standin_trt_engine(root: Path) -> Path:
+    """root/engine-trt/: a dense-only TensorRT engine whose plan is a stand-in; sources: root's onnx/ and pruned/."""
+    from mpdeploy.core import artifacts
+    from mpdeploy.core.kinds import EngineFolder
+
+    onnx = EngineFolder.open(root / "engine-ort").onnx()
+    ed = root / "engine-trt"
+    ed.mkdir()
+    (ed / "dense.plan").write_bytes(b"not a real plan, shipped byte for byte")
+    extra = {"backend": "trt", "precision": "fp16", "variants": {"dense": "dense.plan"},
+             "io": {"inputs": [{"name": "input", "dtype": "float16", "shape": [-1, *INPUT_SHAPE]}],
+                    "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, NUM_CLASSES]}]},
+             "device": {"name": "gpu0", "gpu": "NVIDIA H100 80GB HBM3", "tensorrt_version": "10.9.0"},
+             "file_sha256": {"dense.plan": sha256(ed / "dense.plan")}}
+    artifacts.write_manifest(ed, "engine", {"backend": "trt"}, extra=extra,
+                             sources={"onnx": onnx.path, "weights": onnx.required_source("weights")})
+    return ed

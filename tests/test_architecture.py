@@ -1,7 +1,7 @@
 """The architecture, checked: layers without upward imports, stages apart, backends apart, no import loop.
 
-Every import counts, those inside functions too (a lazy import is still a dependency), and so do the
-re-exports of a package's __init__ (importing `mpdeploy.audit` runs it). docs/architecture.md explains
+Every import counts, those inside functions too (a lazy import is still a dependency); a package's
+__init__ imports nothing (no re-exports). docs/architecture.md explains
 the layers; this table is their definition.
 
 On 03109f0 (before the relayout) this file fails: no module sat in a layer package, and over all imports
@@ -16,6 +16,7 @@ torch_sparse; and 10 `noqa: F401` re-export shims.
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -231,12 +232,10 @@ def _defined_and_reimported(path: Path) -> tuple[set[str], dict[str, tuple[str, 
 @pytest.mark.parametrize("path", sorted([*PACKAGE.rglob("*.py"), *(ROOT / "tests").glob("*.py")]),
                          ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_one_import_path_per_name(path):
-    """`from mpdeploy.x import n` takes n from the module that defines it, not from one that imported it
-    (a package's __init__ API, like `mpdeploy.audit.audit`, is the one exception)."""
+    """`from mpdeploy.x import n` takes n from the module that defines it, not from one that imported it."""
     second_paths = []
     for node in ast.walk(ast.parse(path.read_text())):
-        if not (isinstance(node, ast.ImportFrom) and node.module in MODULES
-                and MODULES[node.module].name != "__init__.py"):
+        if not (isinstance(node, ast.ImportFrom) and node.module in MODULES):
             continue
         defined, reimported = _defined_and_reimported(MODULES[node.module])
         for alias in node.names:
@@ -244,6 +243,16 @@ def test_one_import_path_per_name(path):
                 second_paths.append(f"line {node.lineno}: {alias.name} from {node.module} (defined in "
                                     f"{reimported[alias.name][0]})")
     assert not second_paths, second_paths
+
+
+@pytest.mark.parametrize("module", sorted(m for m, p in MODULES.items() if p.name == "__init__.py"))
+def test_package_inits_import_nothing(module):
+    """A package's __init__ is its docstring (and the root's __version__): no package API re-exports its
+    modules' names, so each name has the one import path of the module that defines it."""
+    tree = ast.parse(MODULES[module].read_text())
+    imports = [node.lineno for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+               and not (isinstance(node, ast.ImportFrom) and node.module == "__future__")]
+    assert not imports, f"{module}: imports at lines {imports}; import from the defining module instead"
 
 
 def _private_imports(path: Path) -> list[str]:
@@ -273,3 +282,118 @@ def test_no_god_modules_or_functions():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 90:
                 too_long.append(f"{module}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
     assert not too_long, too_long
+
+
+# --- literals with one owner: artifact file names, Triton's repository layout, backend names -------------------
+
+FILE_NAME = re.compile(r"^[\w-]+(\.[\w-]+)+$")  # a file name with an extension (not a schema "a.b/1")
+# Strings that equal a backend name but mean something else there (the same word, another thing).
+NOT_BACKEND_NAMES: dict[tuple[str, str], str] = {
+    ("mpdeploy.models.files", "torch"): "a checkpoint format (torch.save / torch.export), not the torch backend",
+    ("mpdeploy.models.programs", "torch"): "the torch package's logger",
+    ("mpdeploy.core.artifacts", "torch"): "the torch package, for the manifest's tool versions",
+}
+# Modules that may spell an owned name themselves, and why.
+OUTSIDE_MPDEPLOY = {
+    "mpdeploy.serve.triton_python_model": "copied verbatim into a Triton repository and run by Triton's Python "
+                                          "backend, where mpdeploy is not installed (its ONNX file name is "
+                                          "checked against the owner below)",
+}
+
+
+def _file_names_in(value) -> set[str]:
+    if isinstance(value, str):
+        return {value} if FILE_NAME.match(value) else set()
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return set().union(*map(_file_names_in, value)) if value else set()
+    return set()
+
+
+def owned_literals() -> dict[str, tuple[set[str], str]]:
+    """literal -> (the modules that own it, how it is matched: "word" inside any string, "exact" string)."""
+    sys.path.insert(0, str(ROOT))
+    from mpdeploy.core import artifacts, kinds, names
+    from mpdeploy.serve import triton_repo
+
+    owned: dict[str, tuple[set[str], str]] = {}
+
+    def own(literal: str, module: str, how: str) -> None:
+        owned.setdefault(literal, (set(), how))[0].add(module)
+
+    for cls in vars(kinds).values():
+        if isinstance(cls, type) and issubclass(cls, kinds.ArtifactFolder):
+            for key, value in vars(cls).items():
+                if key.isupper() and key not in ("KIND", "SCHEMA"):
+                    for name in _file_names_in(value):
+                        own(name, "mpdeploy.core.kinds", "word")
+    own(artifacts.MANIFEST, "mpdeploy.core.artifacts", "word")
+    for key, value in vars(triton_repo).items():
+        if key.isupper():
+            for name in _file_names_in(value):
+                own(name, "mpdeploy.serve.triton_repo", "word")
+    for backend in names.BACKENDS:
+        own(backend, "mpdeploy.core.names", "exact")
+    return owned
+
+
+def string_literals(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, text) of every string constant, f-string parts included, docstrings left out."""
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                docstrings.add(id(first.value))
+    return [(n.lineno, n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
+
+
+def misplaced_literals(sources: dict[str, str], owned: dict[str, tuple[set[str], str]]) -> list[str]:
+    """`module:line: literal` for every owned literal spelled outside its owners (and the known exceptions)."""
+    patterns = {lit: re.compile(rf"(?<![\w.]){re.escape(lit)}(?!\w)") for lit, (_, how) in owned.items() if how == "word"}
+    out = []
+    for module, text in sorted(sources.items()):
+        if module in OUTSIDE_MPDEPLOY:
+            continue
+        for line, value in string_literals(ast.parse(text)):
+            for literal, (owners, how) in owned.items():
+                if module in owners or (module, literal) in NOT_BACKEND_NAMES:
+                    continue
+                if (value == literal) if how == "exact" else patterns[literal].search(value):
+                    out.append((module, line, literal, f"{module}:{line}: {literal!r} (owned by {', '.join(sorted(owners))})"))
+    return [text for *_, text in sorted(out)]
+
+
+def test_file_and_backend_names_have_one_owner():
+    """Each artifact file name is spelled only in its kind (mpdeploy/core/kinds.py; the manifest's in
+    core/artifacts.py), each file of Triton's repository layout only in serve/triton_repo.py, and each
+    backend name only in core/names.py: everyone else uses the owner's constant or a backend's traits.
+    Docstrings may describe files in words."""
+    owned = owned_literals()
+    assert {"model.onnx", "audit.json", "build_report.json", "trt", "ort", "torch"} <= set(owned)
+    misplaced = misplaced_literals({m: p.read_text() for m, p in MODULES.items()}, owned)
+    assert not misplaced, f"{len(misplaced)} literals outside their owner:\n" + "\n".join(misplaced)
+    for (module, literal), why in NOT_BACKEND_NAMES.items():  # no stale exception
+        assert any(v == literal for _, v in string_literals(ast.parse(MODULES[module].read_text()))), (module, why)
+
+
+def test_literal_checker_finds_planted_names():
+    owned = {"audit.json": ({"mpdeploy.core.kinds"}, "word"), "trt": ({"mpdeploy.core.names"}, "exact")}
+    planted = {
+        "mpdeploy.core.kinds": 'RESULT = "audit.json"\n',
+        "mpdeploy.audit.x": '"""Writes audit.json."""\ndef f(b):\n    """audit.json"""\n'
+                            '    return b == "trt", f"{b}/audit.json", "trt engines", "audit.jsonl"\n',
+    }
+    assert misplaced_literals(planted, owned) == [
+        "mpdeploy.audit.x:4: 'audit.json' (owned by mpdeploy.core.kinds)",
+        "mpdeploy.audit.x:4: 'trt' (owned by mpdeploy.core.names)"]
+
+
+def test_the_triton_template_serves_the_owners_onnx_file_name():
+    from mpdeploy.serve.triton_repo import MODEL_FILES
+
+    template = MODULES["mpdeploy.serve.triton_python_model"]
+    literals = {v for _, v in string_literals(ast.parse(template.read_text())) if FILE_NAME.match(v)}
+    assert literals == {MODEL_FILES["onnxruntime_onnx"]}, literals

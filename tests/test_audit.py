@@ -1,7 +1,8 @@
 """The audit stage: a correct sparse engine passes, broken ones fail for the right reason; report; CLI.
 
-The engine folders are built by hand per the build engineer's contract (pruned/ + engine-ort/ with
-sparse.onnx, dense.onnx and a kind "engine" manifest) from the zoo's digits_cnn (its weights ship with
+The engine folders are built by hand per the build engineer's contract (pruned/ and its onnx/ export, as
+mpdeploy makes them, + engine-ort/ with sparse.onnx, dense.onnx and a kind "engine" manifest recording
+both as its sources: the planted faults live in the engine files) from the zoo's digits_cnn (its weights ship with
 mpdeploy). Latency repetitions are tiny: speed is never asserted here.
 """
 
@@ -17,17 +18,11 @@ import torch
 
 from mpdeploy.core import artifacts
 from mpdeploy import cli
-from mpdeploy.audit import (
-    SCHEMA,
-    AuditConfig,
-    audit,
-    certified_mask,
-    check_engine_weights,
-    dense_margins,
-    labels_fit,
-    logit_distance,
-    measure_latency,
-)
+from mpdeploy.audit.common import SCHEMA
+from mpdeploy.audit.config import AuditConfig
+from mpdeploy.audit.engine import check_engine_weights
+from mpdeploy.audit.metrics import certified_mask, dense_margins, labels_fit, logit_distance, measure_latency
+from mpdeploy.audit.stage import audit
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.sparsity.patterns import NM, nm_mask
 
@@ -59,7 +54,7 @@ def _write_engine(root: Path, sparse: torch.nn.Module, dense: torch.nn.Module, s
 def _write_engine_manifest(root: Path, shape, classes: int, precision: str) -> None:
     ed = root / "engine-ort"
     (ed / "build_report.json").write_text("{}")
-    artifacts.write_manifest(ed, "engine", {}, sources={"weights": root / "pruned"}, extra={
+    artifacts.write_manifest(ed, "engine", {}, sources={"onnx": root / "onnx", "weights": root / "pruned"}, extra={
         "backend": "ort",
         "precision": precision,
         "variants": {"sparse": "sparse.onnx", "dense": "dense.onnx"},
@@ -73,6 +68,7 @@ def _write_engine_manifest(root: Path, shape, classes: int, precision: str) -> N
 @pytest.fixture(scope="module")
 def base_root(tmp_path_factory) -> Path:
     """engines/digits_cnn: 2:4 on the zoo CNN's cheapest 20% of MACs (mp budget) + its ORT engine pair."""
+    from mpdeploy.export.stage import ExportConfig, export
     from mpdeploy.prune.stage import PruneConfig, prune
     from mpdeploy.sparsity.pruned import load_pruned
     from mpdeploy.models.zoo import load_zoo_model
@@ -80,6 +76,7 @@ def base_root(tmp_path_factory) -> Path:
     loaded = load_zoo_model("digits_cnn")
     root = tmp_path_factory.mktemp("engines") / "digits_cnn"
     prune(loaded, PruneConfig(budget="mp", target_mac_reduction=0.2), root / "pruned")
+    export(root / "pruned", ExportConfig(allow_ineligible=True), root / "onnx")
     sparse = load_pruned(root / "pruned", "sparse")
     dense = load_pruned(root / "pruned", "dense")
     _write_engine(root, sparse.model, dense.model, sparse.input_shape, 10)
@@ -110,6 +107,7 @@ def _variant(base: Path, tmp_path_factory, name: str, breaker) -> Path:
 
     root = tmp_path_factory.mktemp(name) / name
     shutil.copytree(base / "pruned", root / "pruned")
+    shutil.copytree(base / "onnx", root / "onnx")
     sparse = load_pruned(root / "pruned", "sparse")
     dense = load_pruned(root / "pruned", "dense")
     broken = breaker(dense.model, sparse.model, sparse.masks)
@@ -406,6 +404,7 @@ def _int8_root(base: Path, tmp_path_factory, name: str, calib: np.ndarray) -> Pa
 
     root = tmp_path_factory.mktemp(name) / name
     shutil.copytree(base / "pruned", root / "pruned")
+    shutil.copytree(base / "onnx", root / "onnx")
     (root / "engine-ort").mkdir()
     batches = [calib[i : i + 64] for i in range(0, len(calib), 64)]
     for variant in ("sparse", "dense"):

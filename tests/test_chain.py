@@ -131,6 +131,57 @@ def test_changed_source_is_refused_down_the_chain(chain_root, tmp_path, capsys, 
     assert "changed after" in line or "does not match" in line, line
 
 
+def _strip_source(folder: Path, role: str) -> None:
+    """The manifest without source `role`, honestly re-hashed (as an older mpdeploy wrote it, or a forger)."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["sources"][role]
+    manifest[artifacts.SELF_HASH] = artifacts.sha256_json({k: v for k, v in manifest.items() if k != artifacts.SELF_HASH})
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+REQUIRED_SOURCES = [("distilled", "pruned"), ("onnx", "weights"), ("engine-ort", "onnx"), ("engine-ort", "weights"),
+                    ("audit", "engine"), ("audit", "weights")]
+
+
+@pytest.mark.parametrize("kind_dir,role", REQUIRED_SOURCES)
+def test_manifest_without_a_required_source_is_refused(chain_root, tmp_path, capsys, kind_dir, role):
+    """A folder that does not record what its kind is made from is refused when opened, and by the next
+    stage in one line: nothing follows an artifact half-way."""
+    from mpdeploy.core.errors import MpdeployError
+    from mpdeploy.core.kinds import AuditFolder, EngineFolder, OnnxFolder, open_weights
+
+    root = _copy(chain_root, tmp_path)
+    _strip_source(root / kind_dir, role)
+    artifacts.read_manifest(root / kind_dir, "pruned" if kind_dir == "distilled" else kind_dir.split("-")[0])
+    opener = {"distilled": open_weights, "onnx": OnnxFolder.open, "engine-ort": EngineFolder.open,
+              "audit": AuditFolder.open}[kind_dir]
+    for verify in (True, False):
+        with pytest.raises(MpdeployError, match=f"records no {role} source"):
+            opener(root / kind_dir, verify=verify)
+    line = _one_error_line(capsys, cli_main(_next_stage(root, kind_dir, tmp_path)))
+    assert f"records no {role} source" in line, line
+    for made in ("onnx2", "engine2", "repo"):
+        assert not (tmp_path / made).exists()
+
+
+def test_a_required_source_missing_deeper_in_the_chain_is_refused(chain_root, tmp_path, capsys):
+    """An audit tied (by hash) to an engine that records no onnx source: the audit is refused too."""
+    from mpdeploy.core.errors import MpdeployError
+    from mpdeploy.core.kinds import AuditFolder
+
+    root = _copy(chain_root, tmp_path)
+    _strip_source(root / "engine-ort", "onnx")
+    audit = json.loads((root / "audit" / "manifest.json").read_text())
+    audit["sources"]["engine"]["manifest_sha256"] = audit["inputs"]["engine_manifest"] = artifacts.manifest_hash(
+        root / "engine-ort")
+    audit[artifacts.SELF_HASH] = artifacts.sha256_json({k: v for k, v in audit.items() if k != artifacts.SELF_HASH})
+    (root / "audit" / "manifest.json").write_text(json.dumps(audit))
+    with pytest.raises(MpdeployError, match=f"{root / 'engine-ort'}.* records no onnx source"):
+        AuditFolder.open(root / "audit")
+    line = _one_error_line(capsys, cli_main(["ship", str(root), "--repo", str(tmp_path / "repo")]))
+    assert "records no onnx source" in line and not (tmp_path / "repo").exists()
+
+
 def test_forged_audit_makes_ship_exit_2(chain_root, tmp_path, capsys):
     root = _copy(chain_root, tmp_path)
     path = root / "audit" / "audit.json"

@@ -234,13 +234,15 @@ def test_cli_refusals(chain, tmp_path, capsys):
 def test_prune_for_ort_says_so_and_follows_trt_rules(chain):
     manifest = artifacts.read_manifest(chain["pruned"], "pruned")
     assert "pruned_for" not in manifest  # no --backend: every layer the pattern fits
-    from mpdeploy.backends.sparse_plan import ORT_CPU_LINE, sparse_plan
+    from mpdeploy.backends.ort import PRUNE_NOTE
+    from mpdeploy.backends.sparse_plan import sparse_plan
     from mpdeploy.sparsity.pruned import load_pruned
 
     model = load_pruned(chain["pruned"], "dense").model
     names = [r["name"] for r in manifest["layers"] if r["pattern"]]
     plan = sparse_plan(model, (1, 32, 32), names, "ort")
-    assert plan.rules.startswith("TensorRT placement rules") and plan.note == ORT_CPU_LINE
+    assert plan.rules.startswith("TensorRT placement rules") and plan.note == f"ort: {PRUNE_NOTE}"
+    assert plan.backend == "ort"
     assert plan.runs_dense == {}  # every Conv weight reaches its Conv directly: eligible for TensorRT
     with pytest.raises(MpdeployError, match="2:4-compatible"):
         from mpdeploy.prune.stage import PruneConfig

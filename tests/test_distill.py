@@ -21,10 +21,14 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-import mpdeploy.distill as distill_mod
+import mpdeploy.distill.checkpoint as distill_checkpoint
+import mpdeploy.distill.config as distill_config
 import mpdeploy.distill.train as distill_train
 from mpdeploy.core import artifacts
-from mpdeploy.distill import DistillConfig, distill, kd_loss, state_hash
+from mpdeploy.distill.artifact import DUMP_ENV, state_hash
+from mpdeploy.distill.config import DistillConfig
+from mpdeploy.distill.stage import distill
+from mpdeploy.distill.train import kd_loss
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.models.spec import LoadedModel
 from mpdeploy.sparsity.patterns import NM, is_nm_compliant
@@ -105,14 +109,14 @@ def test_config_rejects_bad_values():
 
 
 def test_default_lr_and_optimizer():
-    lr, _ = distill_mod.default_lr("adamw", distill_mod.PAPER_STEPS)
+    lr, _ = distill_config.default_lr("adamw", distill_config.PAPER_STEPS)
     assert lr == pytest.approx(1e-5)  # a paper-length run gets the paper's lr
-    assert distill_mod.default_lr("sgd", 10)[0] == pytest.approx(1e-3 * distill_mod.MAX_LR_SCALE)
+    assert distill_config.default_lr("sgd", 10)[0] == pytest.approx(1e-3 * distill_config.MAX_LR_SCALE)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **KWARGS)
     resnet = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=10)
     own_vit = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 4, stride=4), torch.nn.Flatten(2), torch.nn.LayerNorm(4))
-    assert distill_mod.default_optimizer(vit)[0] == "adamw" and distill_mod.default_optimizer(own_vit)[0] == "adamw"
-    assert distill_mod.default_optimizer(resnet)[0] == "sgd"
+    assert distill_config.default_optimizer(vit)[0] == "adamw" and distill_config.default_optimizer(own_vit)[0] == "adamw"
+    assert distill_config.default_optimizer(resnet)[0] == "sgd"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -191,13 +195,13 @@ def test_checkpoint_of_other_config_is_ignored(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    distill_mod.save_checkpoint(tmp_path / "ckpt", "key-a", model, opt, sched, scaler, 1, [{"epoch": 1}])
-    state, records = distill_mod.load_checkpoint(tmp_path / "ckpt", "key-a")
+    distill_checkpoint.save_checkpoint(tmp_path / "ckpt", "key-a", model, opt, sched, scaler, 1, [{"epoch": 1}])
+    state, records = distill_checkpoint.load_checkpoint(tmp_path / "ckpt", "key-a")
     assert state["epochs_done"] == 1 and records == [{"epoch": 1}]
     assert torch.equal(state["model"]["weight"], model.weight.detach())
-    assert distill_mod.load_checkpoint(tmp_path / "ckpt", "key-b") is None  # other config / input
+    assert distill_checkpoint.load_checkpoint(tmp_path / "ckpt", "key-b") is None  # other config / input
     (tmp_path / "ckpt" / "state.pt").write_bytes(b"garbage")
-    assert distill_mod.load_checkpoint(tmp_path / "ckpt", "key-a") is None  # damaged: start over
+    assert distill_checkpoint.load_checkpoint(tmp_path / "ckpt", "key-a") is None  # damaged: start over
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -237,7 +241,7 @@ def test_torchrun_two_processes_identical_weights(pruned_cnn, tmp_path):
            f"--master-port={_free_port()}", *target, "distill", str(art), "--epochs", "1",
            "--batch-size", "64", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           distill_mod.DUMP_ENV: str(dump), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+           DUMP_ENV: str(dump), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((dump / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -234,10 +234,10 @@ def test_nan_images_are_refused_by_later_stages(pruned_cnn, tmp_path, capfd, sta
     (np.arange(16) + 5, "labels up to 20"),
 ])
 def test_labels_out_of_range_in_audit_are_refused(tmp_path, capfd, labels, needle):
-    from ship_engine import make_engine
+    from ship_engine import INPUT_SHAPE, make_engine
 
-    engine = make_engine(tmp_path / "engines" / "tiny")  # 3,16,16 input, 10 classes
-    data = _npz(tmp_path / "bad.npz", _images(channels=3), labels)
+    engine = make_engine(tmp_path / "engines" / "tiny")  # 1,16,16 input, 10 classes
+    data = _npz(tmp_path / "bad.npz", _images(channels=INPUT_SHAPE[0]), labels)
     before = sorted(p.name for p in engine.iterdir())
     code, err = run_in_process(capfd, ["audit", str(engine), "--data", data, "--backend", "ort", "--repeats", "1",
                              "--warmup", "0", "--no-plots", "--no-sensitivity"])

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from own_archs import SmallCNN
-from ship_engine import make_engine, write_audit
+from ship_engine import make_engine, use_failed_audit
 
 from faults_helpers import Payload, one_line, run_in_process
 
@@ -71,7 +71,7 @@ def _ship(capfd, engine, repo, *extra):
 def test_audit_with_stripped_sources_is_refused(engine, tmp_path, capfd, force):
     rewrite_manifest(engine / "audit", lambda m: m.update(sources={}, inputs={}))
     code, err = _ship(capfd, engine, tmp_path / "repo", *(["--force"] if force else []))
-    one_line(code, err, "records no engine it audited")
+    one_line(code, err, "records no engine and no weights source")
     assert not (tmp_path / "repo").exists()
 
 
@@ -114,6 +114,16 @@ def test_force_never_skips_engine_integrity(engine, tmp_path, capfd, edit):
     assert not (tmp_path / "repo").exists()
 
 
+def test_engine_file_without_a_recorded_sha256_is_refused(engine, tmp_path, capfd):
+    """An engine manifest recording no sha256 for its file (file_sha256 gone, the manifest honestly re-hashed,
+    as an older mpdeploy or a forger writes it): nothing ties the file to the build, so not even --force ships."""
+    shutil.rmtree(engine / "audit")  # unaudited: --force is what could let it ship at all
+    rewrite_manifest(engine / "engine-ort", lambda m: m.pop("file_sha256"))
+    code, err = _ship(capfd, engine, tmp_path / "repo", "--force")
+    one_line(code, err, "no sha256 recorded")
+    assert not (tmp_path / "repo").exists()
+
+
 def test_ship_names_the_hashes_it_verified(engine, tmp_path, capfd):
     code = cli_main(["-q", "ship", str(engine), "--repo", str(tmp_path / "repo")])
     out = capfd.readouterr().out
@@ -125,7 +135,7 @@ def test_ship_names_the_hashes_it_verified(engine, tmp_path, capfd):
 
 
 def test_forced_ship_past_a_failed_audit_still_names_it(engine, tmp_path, capfd):
-    write_audit(engine, passed=False)
+    use_failed_audit(engine)
     code = cli_main(["-q", "ship", str(engine), "--repo", str(tmp_path / "repo"), "--force"])
     capfd.readouterr()
     provenance = json.loads((tmp_path / "repo" / "tiny" / "1" / "provenance.json").read_text())

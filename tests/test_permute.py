@@ -14,13 +14,8 @@ from mpdeploy.sparsity.permute import search as permute_search  # noqa: E402
 from mpdeploy.core.errors import MpdeployError  # noqa: E402
 from mpdeploy.sparsity.layers import find_layers, skip_reason  # noqa: E402
 from mpdeploy.sparsity.patterns import NM, is_nm_compliant  # noqa: E402
-from mpdeploy.sparsity.permute import (  # noqa: E402
-    find_folds,
-    kept_saliency,
-    permute_model,
-    search_permutation,
-    unstructured_kept,
-)
+from mpdeploy.sparsity.permute.fold import find_folds, permute_model
+from mpdeploy.sparsity.permute.search import kept_saliency, search_permutation, unstructured_kept
 
 REPORT_KEYS = {
     "permuted", "reason", "kept_before", "kept_after", "unstructured_kept", "gap_recovered", "seconds", "group",

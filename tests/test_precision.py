@@ -25,7 +25,8 @@ from mpdeploy.backends.trt.plan import TRT10, TRT11, TrtCapabilities, plan_trt_b
 from mpdeploy.onnx.qdq import qdq_graph_findings
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.export.stage import ExportConfig, export, load_sparsity
-from mpdeploy.onnx.precision import onnx_file_name, quantized_weight, weight_quantization
+from mpdeploy.core.kinds import OnnxFolder
+from mpdeploy.onnx.precision import quantized_weight, weight_quantization
 from mpdeploy.onnx.trt_rules import check_trt_sparsity, nm_compliant_along, tensor_array
 from mpdeploy.sparsity.patterns import NM
 
@@ -137,7 +138,7 @@ def test_polygraphy_command_reports_every_pruned_tensor_sparse_in_the_int8_file(
 def test_fp16_bf16_cast_keeps_zeros_and_2_4(exported, precision, onnx_type):
     _, onnx_dir = exported("test_resnet", precision)
     record = load_sparsity(onnx_dir)
-    proto = onnx.load(str(onnx_dir / onnx_file_name("sparse", precision)))
+    proto = onnx.load(str(onnx_dir / OnnxFolder.model_name("sparse", precision)))
     fp32 = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(onnx_dir / "model.onnx")).graph.initializer}
     inits = {t.name: t for t in proto.graph.initializer}
     pruned = _pruned_tensors(record)
@@ -288,7 +289,7 @@ def test_strongly_typed_plan_is_the_same_on_10_and_11(caps, precision):
     assert sparse.network == {"strongly_typed": True} and sparse.typing == "strong"
     assert sparse.config == {"sparse_weights": True} and dense.config == {"sparse_weights": False}
     assert sparse.onnx_precision == precision and not sparse.calibrator
-    assert onnx_file_name("sparse", sparse.onnx_precision) == f"model.{precision}.onnx"
+    assert OnnxFolder.model_name("sparse", sparse.onnx_precision) == f"model.{precision}.onnx"
 
 
 def test_legacy_flags_only_where_tensorrt_has_them():

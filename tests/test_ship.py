@@ -26,23 +26,30 @@ ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
-from ship_engine import make_engine, sha256, write_audit, write_engine_manifest  # noqa: E402
+from ship_engine import (  # noqa: E402
+    INPUT_SHAPE,
+    NUM_CLASSES,
+    make_engine,
+    sha256,
+    use_failed_audit,
+    write_standin_trt_engine,
+)
 from tritonclient.grpc import model_config_pb2 as pb2  # noqa: E402
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "mpdeploy" / "serve" / "triton_python_model.py"
 
 
 # ---------------------------------------------------------------------------------------------------
-# fixture engine directory, built by hand per the engine contract
+# fixture engine directory: a real chain (tests/ship_engine.py)
 
 
 _sha = sha256
-_write_audit = write_audit
+IO = ([("input", "TYPE_FP32", list(INPUT_SHAPE))], [("logits", "TYPE_FP32", [NUM_CLASSES])])
 
 
 @pytest.fixture(scope="module")
 def base_engine(tmp_path_factory) -> Path:
-    """engines/tiny with engine-ort/{sparse,dense}.onnx, manifest and a passed audit."""
+    """engines/tiny: pruned/, onnx/, engine-ort/{sparse,dense}.onnx and a passed audit, made by mpdeploy."""
     return make_engine(tmp_path_factory.mktemp("engines") / "tiny")
 
 
@@ -54,18 +61,13 @@ def engine(base_engine, tmp_path) -> Path:
     return dst
 
 
-def _trt_engine(tmp_path: Path) -> Path:
-    """A dense-only TensorRT engine folder with a stand-in plan (only its bytes are shipped)."""
+def _trt_engine(base_engine: Path, tmp_path: Path) -> Path:
+    """The chain with a dense-only TensorRT engine (a stand-in plan: only its bytes are shipped) instead of
+    its ort engine and audit; unaudited (no TensorRT here to audit it)."""
     root = tmp_path / "engines" / "tinytrt"
-    ed = root / "engine-trt"
-    ed.mkdir(parents=True)
-    (ed / "dense.plan").write_bytes(b"not a real plan, shipped byte for byte")
-    write_engine_manifest(
-        ed, backend="trt", precision="fp16", variants={"dense": "dense.plan"},
-        io={"inputs": [{"name": "input", "dtype": "float16", "shape": [-1, 3, 224, 224]}],
-            "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 1000]}]},
-        device={"name": "gpu0", "gpu": "NVIDIA H100 80GB HBM3", "tensorrt_version": "10.9.0"})
-    _write_audit(root, passed=True, backend="trt")
+    shutil.copytree(base_engine, root, ignore=shutil.ignore_patterns("audit"))
+    write_standin_trt_engine(root)
+    shutil.rmtree(root / "engine-ort")
     return root
 
 
@@ -103,15 +105,16 @@ def test_ship_onnxruntime_platform(engine, tmp_path):
     assert vdir == repo / "tiny" / "1"
     cfg = _config(repo)
     assert (cfg.name, cfg.platform, cfg.backend, cfg.max_batch_size) == ("tiny", "onnxruntime_onnx", "", 8)
-    assert _io(cfg) == ([("input", "TYPE_FP32", [3, 16, 16])], [("logits", "TYPE_FP32", [10])])
+    assert _io(cfg) == IO
     assert cfg.HasField("dynamic_batching")
     assert [(g.count, pb2.ModelInstanceGroup.Kind.Name(g.kind)) for g in cfg.instance_group] == [(1, "KIND_CPU")]
     assert sorted(p.name for p in vdir.iterdir()) == ["SHA256SUMS", "model.onnx", "provenance.json"]
     assert (vdir / "model.onnx").read_bytes() == (engine / "engine-ort" / "sparse.onnx").read_bytes()
 
     prov = json.loads((vdir / "provenance.json").read_text())
-    assert prov["audit"]["passed"] is True and prov["audit"]["summary"]["agreement"] == 0.97
-    assert prov["sources"] == {}
+    audit = json.loads((engine / "audit" / "audit.json").read_text())
+    assert prov["audit"]["passed"] is True and prov["audit"]["summary"] == audit["summary"]
+    assert set(prov["sources"]) == {"onnx", "weights"}
     assert prov["verified"] == {"engine_manifest_sha256": _sha(engine / "engine-ort" / "manifest.json"),
                                 "audit_manifest_sha256": _sha(engine / "audit" / "manifest.json")}
     assert prov["engine_manifest"]["backend"] == "ort" and prov["variant"] == "sparse"
@@ -131,7 +134,7 @@ def test_ship_python_backend_config(engine, tmp_path):
     cfg = _config(repo)
     assert (cfg.backend, cfg.platform, cfg.max_batch_size) == ("python", "", 4)
     assert cfg.parameters["EXECUTION_ENV_PATH"].string_value == str(Path(sys.prefix).resolve())
-    assert _io(cfg) == ([("input", "TYPE_FP32", [3, 16, 16])], [("logits", "TYPE_FP32", [10])])
+    assert _io(cfg) == IO
     assert sorted(p.name for p in vdir.iterdir()) == ["SHA256SUMS", "model.onnx", "model.py", "provenance.json"]
     assert (vdir / "model.py").read_bytes() == TEMPLATE.read_bytes()
     assert (vdir / "model.onnx").read_bytes() == (engine / "engine-ort" / "dense.onnx").read_bytes()
@@ -141,23 +144,25 @@ def test_ship_no_batching_keeps_full_shape(engine, tmp_path):
     repo = tmp_path / "repo"
     ship(engine, ShipConfig(repo=repo, max_batch_size=0, instance_count=2))
     cfg = _config(repo)
-    assert _io(cfg) == ([("input", "TYPE_FP32", [-1, 3, 16, 16])], [("logits", "TYPE_FP32", [-1, 10])])
+    assert _io(cfg) == ([("input", "TYPE_FP32", [-1, *INPUT_SHAPE])], [("logits", "TYPE_FP32", [-1, NUM_CLASSES])])
     assert not cfg.HasField("dynamic_batching")
     assert cfg.instance_group[0].count == 2
 
 
-def test_ship_tensorrt_plan(tmp_path):
-    eng = _trt_engine(tmp_path)
+def test_ship_tensorrt_plan(base_engine, tmp_path):
+    eng = _trt_engine(base_engine, tmp_path)
     repo = tmp_path / "repo"
+    with pytest.raises(MpdeployError, match="no audit.*--force"):
+        ship(eng, ShipConfig(repo=repo, variant="dense"))
     with pytest.raises(MpdeployError, match="no sparse engine.*--variant"):
-        ship(eng, ShipConfig(repo=repo))  # dense-only build
+        ship(eng, ShipConfig(repo=repo, force=True))  # dense-only build
     with pytest.raises(MpdeployError, match="python"):
-        ship(eng, ShipConfig(repo=repo, variant="dense", serve_backend="python"))
+        ship(eng, ShipConfig(repo=repo, variant="dense", serve_backend="python", force=True))
     assert not repo.exists()
-    vdir = ship(eng, ShipConfig(repo=repo, variant="dense", name="resnet"))
+    vdir = ship(eng, ShipConfig(repo=repo, variant="dense", name="resnet", force=True))
     cfg = _config(repo, "resnet")
     assert (cfg.name, cfg.platform, cfg.max_batch_size) == ("resnet", "tensorrt_plan", 8)
-    assert _io(cfg) == ([("input", "TYPE_FP16", [3, 224, 224])], [("logits", "TYPE_FP32", [1000])])
+    assert _io(cfg) == ([("input", "TYPE_FP16", list(INPUT_SHAPE))], [("logits", "TYPE_FP32", [NUM_CLASSES])])
     assert pb2.ModelInstanceGroup.Kind.Name(cfg.instance_group[0].kind) == "KIND_GPU"
     assert (vdir / "model.plan").read_bytes() == (eng / "engine-trt" / "dense.plan").read_bytes()
     prov = json.loads((vdir / "provenance.json").read_text())
@@ -175,7 +180,7 @@ def test_versions_share_one_config(engine, tmp_path):
 
 
 def test_engine_backend_choice(engine, tmp_path):
-    shutil.copytree(_trt_engine(tmp_path) / "engine-trt", engine / "engine-trt")
+    write_standin_trt_engine(engine)
     repo = tmp_path / "repo"
     ship(engine, ShipConfig(repo=repo))  # the audit names ort
     assert _config(repo).platform == "onnxruntime_onnx"
@@ -228,12 +233,12 @@ def test_engine_without_audit_needs_force(engine, tmp_path):
 
 
 def test_failed_audit_needs_force(engine, tmp_path):
-    _write_audit(engine, passed=False)
+    use_failed_audit(engine)  # a real audit of this engine, failed by an impossible speed gate
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "other").mkdir()
     before = _snapshot(repo)
-    with pytest.raises(MpdeployError, match=r"audit .* failed \(top-1 drop 4.1 pts > 1.0\).*--force"):
+    with pytest.raises(MpdeployError, match=r"audit .* failed \(speedup at batch 4 is .* < required 1000x\).*--force"):
         ship(engine, ShipConfig(repo=repo))
     assert _snapshot(repo) == before
     vdir = ship(engine, ShipConfig(repo=repo, force=True))
@@ -332,7 +337,7 @@ def test_cli(engine, tmp_path, capsys, run_cli):
         assert run_cli(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
-    _write_audit(engine, passed=False)
+    use_failed_audit(engine)
     assert run_cli(["ship", str(engine), "--repo", str(repo), "--max-batch-size", "4"]) == 2
     assert "--force" in capsys.readouterr().err
     assert run_cli(["ship", str(engine), "--repo", str(repo), "--max-batch-size", "4", "--force"]) == 0
@@ -376,12 +381,12 @@ def test_served_by_real_triton(engine, tmp_path):
             served_cfg = client.get_model_config("tiny")
             assert served_cfg["max_batch_size"] == 8 and served_cfg["backend"] == "python"
             for batch in (1, 4, 1):
-                x = rng.standard_normal((batch, 3, 16, 16), dtype=np.float32)
+                x = rng.standard_normal((batch, *INPUT_SHAPE), dtype=np.float32)
                 inp = httpclient.InferInput("input", list(x.shape), "FP32")
                 inp.set_data_from_numpy(x)
                 got = client.infer("tiny", [inp], model_version="1", headers=server.http_headers).as_numpy("logits")
                 want = sparse.run(["logits"], {"input": x})[0]
-                assert got.shape == (batch, 10) and got.dtype == np.float32
+                assert got.shape == (batch, NUM_CLASSES) and got.dtype == np.float32
                 assert np.abs(got - want).max() < 1e-5
                 # the sparse engine was shipped, not its dense twin
                 assert np.abs(got - dense.run(["logits"], {"input": x})[0]).max() > 1e-3

@@ -98,6 +98,7 @@ def _grpc_error(url: str, shape: list[int], payload: bytes) -> tuple[int, str]:
 
 
 _ONE = np.zeros((1, *INPUT_SHAPE), np.float32)
+_NARROW = [1, *INPUT_SHAPE[:-1], INPUT_SHAPE[-1] - 1]  # one column short
 
 
 def _malformed_cases():
@@ -116,9 +117,9 @@ def _malformed_cases():
     return {
         "wrong dtype (JSON FP64)": (http(_json([1, *INPUT_SHAPE], one_json, "FP64")), "data-type is 'FP64'"),
         "wrong dtype (binary INT32)": (http_binary([1, *INPUT_SHAPE], sample, "INT32"), "data-type is 'INT32'"),
-        "wrong shape": (http_binary([1, 3, 16, 15], sample[: 3 * 16 * 15 * 4]), "unexpected shape"),
+        "wrong shape": (http_binary(_NARROW, sample[: int(np.prod(_NARROW)) * 4]), "unexpected shape"),
         "wrong input name": (http(_json([1, *INPUT_SHAPE], one_json, name="image")), "unexpected inference input"),
-        "batch above max_batch_size": (http_binary([9, *INPUT_SHAPE], sample * 9), "takes at most 6144"),
+        "batch above max_batch_size": (http_binary([9, *INPUT_SHAPE], sample * 9), f"takes at most {8 * _ONE.size}"),
         "truncated binary body": (
             http_binary([1, *INPUT_SHAPE], sample[:100], declared=len(sample)),
             "unexpected size for input",
@@ -127,8 +128,8 @@ def _malformed_cases():
             http(b'{"inputs":[]}', {"Inference-Header-Content-Length": "4096"}),
             "inference header size",
         ),
-        "huge declared shape (binary)": (http_binary(HUGE, b"\0" * 4), "takes at most 6144"),
-        "huge declared shape (JSON)": (http(_json(HUGE, [0.0])), "takes at most 6144 per request"),
+        "huge declared shape (binary)": (http_binary(HUGE, b"\0" * 4), f"takes at most {8 * _ONE.size}"),
+        "huge declared shape (JSON)": (http(_json(HUGE, [0.0])), f"takes at most {8 * _ONE.size} per request"),
         "huge declared shape (JSON, to Triton without the key)": (
             lambda s: _post(s.triton_http_url, _json(HUGE, [0.0]), {}), "API is restricted"),
         "huge declared shape (gRPC)": (lambda s: _grpc_error(s.grpc_url, HUGE, b"\0" * 4), "unexpected shape"),

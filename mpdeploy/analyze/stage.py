@@ -25,13 +25,13 @@ from mpdeploy.sparsity import spectral
 from mpdeploy.core.artifacts import atomic_dir, write_manifest
 from mpdeploy.core.atomic import write_json
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.kinds import AnalyzeFolder
 from mpdeploy.core.figures import new_figure
 from mpdeploy.sparsity.layers import LayerInfo, find_layers
 
 logger = logging.getLogger(__name__)
 
 SCHEMA = "mpdeploy.spectra/1"
-SPECTRA = "spectra.json"
 
 Progress = Callable[[int, int, str], None]
 
@@ -74,13 +74,13 @@ def analyze(
 
     results: list[_LayerResult] = []
     with atomic_dir(out_dir) as tmp:
-        plot_dir = tmp / "plots"
+        plot_dir = tmp / AnalyzeFolder.LAYER_PLOTS
         plots_left = math.inf if config.max_layer_plots is None else config.max_layer_plots
         for index, layer in enumerate(layers):
             result = _analyze_layer(layer, modules[layer.name], config)
             if config.plots and result.fit is not None and plots_left > 0:
                 plot_dir.mkdir(exist_ok=True)
-                rel = f"plots/{index:04d}_{_safe_name(layer.name)}.png"
+                rel = f"{AnalyzeFolder.LAYER_PLOTS}/{index:04d}_{_safe_name(layer.name)}.png"
                 _plot_layer(result, tmp / rel)
                 result.record["plot"] = rel
                 plots_left -= 1
@@ -89,19 +89,20 @@ def analyze(
                 progress(index + 1, len(layers), layer.name)
         records = [r.record for r in results]
         summary = _summary(records)
-        write_json(tmp / SPECTRA, {"schema": SCHEMA, "config": config, "layers": records, "summary": summary})
+        write_json(tmp / AnalyzeFolder.SPECTRA,
+                   {"schema": SCHEMA, "config": config, "layers": records, "summary": summary})
         if config.plots:
-            _plot_summary(records, tmp / "summary.png")
-        write_manifest(tmp, "analyze", config, inputs=inputs, extra={"summary": summary})
+            _plot_summary(records, tmp / AnalyzeFolder.SUMMARY_PLOT)
+        write_manifest(tmp, AnalyzeFolder.KIND, config, inputs=inputs, extra={"summary": summary})
     logger.info("analyzed %d layers (%d fitted) into %s", len(records), summary["fitted"], out_dir)
     return out_dir
 
 
 def _refuse_foreign_dir(out_dir: Path) -> None:
     # atomic_dir replaces whatever is at out_dir; never let a typo'd --out wipe an unrelated folder.
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / SPECTRA).is_file():
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / AnalyzeFolder.SPECTRA).is_file():
         raise MpdeployError(
-            f"{out_dir} exists and is not an analyze output (no {SPECTRA}); choose another --out or remove it"
+            f"{out_dir} exists and is not an analyze output (no {AnalyzeFolder.SPECTRA}); choose another --out or remove it"
         )
 
 

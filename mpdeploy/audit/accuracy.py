@@ -77,9 +77,9 @@ def measure_accuracy(config: AuditConfig, subject: AuditSubject, data: ImageData
 
 def compare_with_pytorch(config: AuditConfig, subject: AuditSubject, run: AccuracyRun,
                          findings: Findings) -> dict[str, Any] | None:
-    """Max |engine - PyTorch| logits, per engine, on the first images; None without a weights source."""
+    """Max |engine - PyTorch| logits, per engine, on the first images; None without engine outputs."""
     reference = None
-    if subject.weights is not None and run.stream is not None:
+    if run.stream is not None:
         n_ref = min(len(run.head), max(config.sensitivity_batch, 8))
         try:
             ref = torch_reference(subject.pruned_dir, run.head[:n_ref])

@@ -11,6 +11,7 @@ from typing import Any
 
 
 from mpdeploy.core.machine import cpu_model
+from mpdeploy.core.names import traits
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +63,8 @@ def runtime_text(backend: str, runtime: Mapping[str, Any], host: Mapping[str, An
     return " / ".join(parts)
 
 
-def cpu_only(backend: str, runtime: Mapping[str, Any]) -> bool:
-    text = " ".join(str(v) for v in runtime.values()).lower()
-    return backend == "ort" and "cuda" not in text and "tensorrt" not in text
+def cpu_only(backend: str | None, runtime: Mapping[str, Any] | None) -> bool:
+    return traits(backend).on_cpu(runtime)
 
 
 def fmt_pct(v: float | None, digits: int = 1) -> str:

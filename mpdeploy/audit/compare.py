@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mpdeploy.core import atomic
-from mpdeploy.audit.common import pattern_text, runtime_text
+from mpdeploy.audit.common import AUDIT_DIR, pattern_text, runtime_text
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.core.figures import new_figure
 from mpdeploy.core.kinds import AuditFolder, DistilledFolder, open_weights
@@ -32,15 +32,12 @@ class ReportConfig:
     plots: bool = True
 
 
-def _weights_manifests(audit: AuditFolder) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+def _weights_manifests(audit: AuditFolder) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the audited engine's weights manifest, the prune config behind it) via the recorded sources."""
-    path = audit.source_path("weights")
-    if path is None:
-        return None, {}
-    weights = open_weights(path, verify=False)  # verified with the audit's chain
+    weights = audit.weights()  # verified with the audit's chain
     prune_conf = weights.config or {}
-    if isinstance(weights, DistilledFolder) and weights.source_path("pruned") is not None:
-        prune_conf = open_weights(weights.source_path("pruned"), verify=False).config or {}
+    if isinstance(weights, DistilledFolder):
+        prune_conf = open_weights(weights.required_source("pruned"), verify=False).config or {}
     return weights.manifest, prune_conf
 
 
@@ -68,9 +65,9 @@ def collect(roots: Sequence[Path]) -> list[dict[str, Any]]:
         root = Path(root)
         if not root.is_dir():
             raise MpdeployError(f"engine folder not found: {root}; pass engines/<name> folders that were audited")
-        if not (root / "audit" / "audit.json").is_file():
-            raise MpdeployError(f"{root} has no audit/audit.json; run mpdeploy audit {root} first")
-        audit = AuditFolder.open(root / "audit")
+        if not (root / AUDIT_DIR / AuditFolder.RESULT).is_file():
+            raise MpdeployError(f"{root} has no {AUDIT_DIR}/{AuditFolder.RESULT}; run mpdeploy audit {root} first")
+        audit = AuditFolder.open(root / AUDIT_DIR)
         a = audit.result()
         pruned, conf = _weights_manifests(audit)
         s = a.get("summary") or {}
@@ -106,6 +103,12 @@ def _pct(v: float | None, digits: int = 1) -> str:
     return "n/a" if v is None else f"{100 * v:.{digits}f}%"
 
 
+def _report_link(root: str, out_dir: Path) -> str:
+    """The engine root's audit report, relative to the folder the comparison is written into."""
+    report = Path(root).resolve() / AUDIT_DIR / AuditFolder.MARKDOWN
+    return Path(os.path.relpath(report, out_dir.resolve())).as_posix()
+
+
 def render(rows: Sequence[Mapping[str, Any]], png_name: str | None, out_dir: Path = Path(".")) -> str:
     batches = sorted({b for r in rows for b in r["speedup"]}, key=int)
     head = ["engine", "model", "pattern", "budget", "saliency", "extras", "MAC red.", "sparse-exec MAC red.",
@@ -138,8 +141,7 @@ def render(rows: Sequence[Mapping[str, Any]], png_name: str | None, out_dir: Pat
     else:
         lines.append(f"All measured on {runtimes[0]}.")
     lines.append("")
-    links = [f"[{r['label']}]({Path(os.path.relpath(Path(r['path']).resolve() / 'audit' / 'audit.md', out_dir.resolve())).as_posix()})"
-             for r in rows]
+    links = [f"[{r['label']}]({_report_link(r['path'], out_dir)})" for r in rows]
     lines += ["Per-engine reports: " + ", ".join(links), ""]
     if png_name:
         lines += [f"![comparison]({png_name})", ""]

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from mpdeploy.backends import base as backends
+from mpdeploy.core import artifacts
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.core.kinds import engine_backend_present, engine_backends
 from mpdeploy.core.names import BACKENDS, VARIANTS
@@ -57,7 +58,7 @@ def engine_files(engine) -> dict[str, Path]:
     missing = [v for v in VARIANTS if not isinstance(files.get(v), str)]
     if missing:
         raise MpdeployError(
-            f"{engine.path}/manifest.json names no {' and no '.join(missing)} engine; the audit compares a sparse "
+            f"{engine.path}/{artifacts.MANIFEST} names no {' and no '.join(missing)} engine; the audit compares a sparse "
             "engine with its dense twin: rebuild with mpdeploy build --sparse"
         )
     return {v: p for v, p in engine.variant_files().items() if v in VARIANTS}
@@ -88,15 +89,12 @@ def io_spec(manifest: Mapping[str, Any], pruned: Mapping[str, Any] | None) -> tu
 # engine weights: are the pruned layers N:M inside the engine?
 
 
-def onnx_for_weights(engine, engine_file: Path) -> tuple[Path | None, str]:
+def onnx_for_weights(engine, engine_file: Path) -> tuple[Path, str]:
     """The ONNX whose initializers show the engine's weights: the engine file itself, or its onnx source."""
     if engine_file.suffix == ".onnx":
         return engine_file, "the sparse engine file itself"
-    onnx = engine.onnx()
-    if onnx is not None:
-        return onnx.sparse_model, (f"the ONNX the {engine_file.suffix or 'engine'} file was built from "
-                                   "(its weights are not inspectable)")
-    return None, f"{engine_file.name} is opaque and its manifest records no onnx source"
+    return engine.onnx().sparse_model, (f"the ONNX the {engine_file.suffix or 'engine'} file was built from "
+                                        "(its weights are not inspectable)")
 
 
 def _annotations(proto) -> dict[str, dict[str, Any]]:

@@ -57,8 +57,8 @@ def fp32_predictions(subject: AuditSubject, data: ImageData, count: int, budget_
 def fp32_gate(config: AuditConfig, subject: AuditSubject, data: ImageData, accuracy: AccuracyRun,
               findings: Findings) -> dict[str, Any] | None:
     """The sparse engine's top-1 drop (or disagreement) against the fp32 dense model; None for fp32 engines
-    or without a weights source / usable engine outputs."""
-    if subject.precision in (None, "fp32") or subject.weights is None or accuracy.stream is None:
+    or without usable engine outputs."""
+    if subject.precision in (None, "fp32") or accuracy.stream is None:
         return None
     stream = accuracy.stream
     fp32 = fp32_predictions(subject, data, stream.count, accuracy_budget(config))

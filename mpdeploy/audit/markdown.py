@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mpdeploy.audit.common import fmt_pct, runtime_text
+from mpdeploy.core.kinds import AuditFolder
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +150,8 @@ def _latency_section(result: Mapping[str, Any], plots: set[str]) -> list[str]:
               "throughput is batch / mean call time; speedup > 1 means the sparse engine is faster. The interval "
               "is a t-interval on the log of the per-round ratios; rounds stop on the tolerance, the time "
               "budget, or the maximum.", ""]
-    if "latency.png" in plots:
-        lines += ["![latency: dense vs sparse per batch size](latency.png)", ""]
+    if AuditFolder.PLOTS["latency"] in plots:
+        lines += [f"![latency: dense vs sparse per batch size]({AuditFolder.PLOTS['latency']})", ""]
     return lines
 
 
@@ -169,16 +170,16 @@ def _accuracy_section(result: Mapping[str, Any], plots: set[str]) -> list[str]:
     lines.append(f"| logit error max / mean abs | | {acc['max_logit_error']:.4g} / {acc['mean_logit_error']:.4g} | "
                  f"dense mean abs logit {acc['dense_logit_scale']:.3g} |")
     lines.append("")
-    if "accuracy.png" in plots:
-        lines += ["![accuracy and agreement](accuracy.png)", ""]
+    if AuditFolder.PLOTS["accuracy"] in plots:
+        lines += [f"![accuracy and agreement]({AuditFolder.PLOTS['accuracy']})", ""]
     lines += ["### Certified fraction", "",
               "For each image, m is the dense engine's top-1 margin (largest minus second-largest logit) and "
               "d = max |z_sparse - z_dense| over the logits. A perturbation of size d can shrink the margin by at "
               "most 2d, so an image with m > 2d provably keeps its dense prediction. The certified fraction is a "
               "lower bound on agreement that does not depend on labels. Median margin "
               f"{acc['margin_quantiles']['p50']:.3g}, median d {acc['perturbation_quantiles']['p50']:.3g}.", ""]
-    if "certified.png" in plots:
-        lines += ["![certified fraction: margins vs perturbations](certified.png)", ""]
+    if AuditFolder.PLOTS["certified"] in plots:
+        lines += [f"![certified fraction: margins vs perturbations]({AuditFolder.PLOTS['certified']})", ""]
     return lines
 
 
@@ -222,10 +223,10 @@ def _sensitivity_section(result: Mapping[str, Any], plots: set[str]) -> list[str
         lines.append(f"| `{r['layer']}` | {r['pattern']} | {sig} | {z} | {r['logit_effect']:.3g} | "
                      f"{r['relative_l2']:.3g} | {fmt_pct(r['flips'])} |")
     if len(ranked) > 12:
-        lines.append(f"| ... {len(ranked) - 12} more in audit.json | | | | | | |")
+        lines.append(f"| ... {len(ranked) - 12} more in {AuditFolder.RESULT} | | | | | | |")
     lines.append("")
-    if "sensitivity.png" in plots:
-        lines += ["![per-layer sensitivity vs MP signal](sensitivity.png)", ""]
+    if AuditFolder.PLOTS["sensitivity"] in plots:
+        lines += [f"![per-layer sensitivity vs MP signal]({AuditFolder.PLOTS['sensitivity']})", ""]
     return lines
 
 
@@ -274,4 +275,4 @@ def _thresholds_section(result: Mapping[str, Any]) -> list[str]:
             "(top-1 drop when the labels fit the model, else top-1 disagreement with dense)",
             f"- speed gate: {speed}",
             "- always: every pruned layer N:M in the engine weights; outputs of the right shape, finite",
-            "", "Machine-readable: `audit.json` (schema mpdeploy.audit/1).", ""]
+            "", f"Machine-readable: `{AuditFolder.RESULT}` (schema {AuditFolder.SCHEMA}).", ""]

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from mpdeploy.core.figures import new_figure
+from mpdeploy.core.kinds import AuditFolder
 
 from mpdeploy.audit.common import runtime_text
 from mpdeploy.audit.metrics import dense_margins, logit_distance
@@ -31,18 +32,19 @@ def write_plots(result: Mapping[str, Any], samples: Mapping[str, np.ndarray] | N
         samples = ({"margin": dense_margins(samples["dense"]),
                     "distance": logit_distance(samples["dense"], samples["sparse"])}
                    if samples["dense"].shape[1] >= 2 else None)
+    plots = AuditFolder.PLOTS
     if result["latency"]:
-        _plot_latency(result, folder / "latency.png")
-        written.append("latency.png")
+        _plot_latency(result, folder / plots["latency"])
+        written.append(plots["latency"])
     if result["accuracy"] is not None:
-        _plot_accuracy(result, folder / "accuracy.png")
-        written.append("accuracy.png")
+        _plot_accuracy(result, folder / plots["accuracy"])
+        written.append(plots["accuracy"])
         if samples is not None and len(samples["margin"]) and np.isfinite(samples["margin"]).all():
-            _plot_certified(samples, folder / "certified.png")
-            written.append("certified.png")
+            _plot_certified(samples, folder / plots["certified"])
+            written.append(plots["certified"])
     if result["sensitivity"]:
-        _plot_sensitivity(result, folder / "sensitivity.png")
-        written.append("sensitivity.png")
+        _plot_sensitivity(result, folder / plots["sensitivity"])
+        written.append(plots["sensitivity"])
     return written
 
 
@@ -218,6 +220,6 @@ def _plot_sensitivity(result: Mapping[str, Any], path: Path) -> None:
         ax.legend(fontsize=8, loc="best")
     else:  # small models: every matrix is under the MP fit's size floor, so no layer has a signal to plot
         ax.text(0.5, 0.5, f"no pruned layer carries an MP signal ({len(recs)} layers measured; matrices under\n"
-                "64 rows or columns get none): see the sensitivity table in audit.md",
+                f"64 rows or columns get none): see the sensitivity table in {AuditFolder.MARKDOWN}",
                 transform=ax.transAxes, ha="center", va="center", fontsize=10)
     fig.savefig(path)

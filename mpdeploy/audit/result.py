@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from mpdeploy.core import artifacts
+from mpdeploy.core.kinds import EngineFolder
 
 from mpdeploy.audit.accuracy import AccuracyRun
 from mpdeploy.audit.common import SCHEMA, Findings, pattern_text
@@ -110,7 +111,7 @@ def audit_record(config: AuditConfig, subject: AuditSubject, data: ImageData, ru
                        "accuracy_gate": accuracy_gate, "speed_gate": speed_gate},
         "engine": {"folder": engine_dir.name, "files": {k: v.name for k, v in subject.files.items()},
                    "precision": precision, "manifest_sha256": artifacts.manifest_hash(engine_dir),
-                   "build_report": "build_report.json" if (engine_dir / "build_report.json").is_file() else None},
+                   "build_report": EngineFolder.REPORT if (engine_dir / EngineFolder.REPORT).is_file() else None},
         "config": artifacts.to_jsonable(asdict(config)),
         "started": started,
         "seconds": None,

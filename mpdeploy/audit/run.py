@@ -11,9 +11,9 @@ from mpdeploy.core.runner import StageResult, run_stage, step_progress
 
 def audit_stage(engine_dir: Path, audit_config, runtime, force: bool, progress) -> StageResult:
     """Audit `engine_dir` into `audit/` beside it; reused when engine, weights and config are the same."""
-    from mpdeploy.audit import audit
+    from mpdeploy.audit.stage import audit
     from mpdeploy.audit.stage import audit_inputs, audit_sources
-    from mpdeploy.core.kinds import EngineFolder
+    from mpdeploy.core.kinds import AuditFolder, EngineFolder
 
     engine = EngineFolder.open(engine_dir)
     root, sources = Path(engine_dir).parent, audit_sources(engine)
@@ -26,7 +26,7 @@ def audit_stage(engine_dir: Path, audit_config, runtime, force: bool, progress) 
     result = run_stage("audit", root / "audit", "audit", asdict(audit_config), make, force=force,
                        inputs=audit_inputs(engine), sources=sources)
     step("audit", 1, 1)
-    data = atomic.read_json(result.path / "audit.json", what="audit")
+    data = atomic.read_json(result.path / AuditFolder.RESULT, what="audit")
     result.details = {"passed": data.get("passed"), "failures": data.get("failures") or [],
                       "summary": data.get("summary") or {}}
     return result

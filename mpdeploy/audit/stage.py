@@ -69,26 +69,15 @@ __all__ = ["AuditConfig", "audit", "audit_inputs", "audit_sources", "read_audit"
 
 logger = logging.getLogger(__name__)
 
-NO_WEIGHTS_SOURCE = ("the engine records no weights source (built by an older mpdeploy): per-layer sensitivity, "
-                     "MP signals and the weight check against the pruned masks are skipped")
-
-
 def audit_sources(engine: EngineFolder) -> dict[str, Path]:
     """What an audit of `engine` is made from: the engine and the exact weights it was built from."""
-    sources = {"engine": engine.path}
-    weights = engine.source_path("weights")
-    if weights is not None:
-        sources["weights"] = weights
-    return sources
+    return {"engine": engine.path, "weights": engine.required_source("weights")}
 
 
 def audit_inputs(engine: EngineFolder) -> dict[str, str]:
-    """The audit's reuse inputs: the engine's manifest hash and its weights' (when it records them)."""
-    inputs = {"engine_manifest": artifacts.manifest_hash(engine.path)}
-    weights = engine.source_path("weights")
-    if weights is not None:
-        inputs["pruned_manifest"] = artifacts.manifest_hash(weights)
-    return inputs
+    """The audit's reuse inputs: the engine's manifest hash and its weights'."""
+    return {"engine_manifest": artifacts.manifest_hash(engine.path),
+            "pruned_manifest": artifacts.manifest_hash(engine.required_source("weights"))}
 
 
 class _Stopwatch:
@@ -120,8 +109,6 @@ def audit(engine_root: Path, config: AuditConfig, progress: Progress | None = No
     clock = _Stopwatch()
     subject = open_subject(engine_root, config.backend)
     findings = Findings()
-    if subject.weights is None:
-        findings.warnings.append(NO_WEIGHTS_SOURCE)
     data = load_eval_data(config, subject, findings)
     clock.lap("read_inputs_s")
 
@@ -222,7 +209,7 @@ def _time_engines(config: AuditConfig, runners: Mapping[str, Any], batch_sizes: 
 def _sensitivity_map(config: AuditConfig, subject: AuditSubject, accuracy: AccuracyRun,
                      step: Progress) -> dict[str, Any] | None:
     """Per-layer sensitivity in PyTorch, when there is a weights source and it was not switched off."""
-    if subject.weights is None or not config.sensitivity or config.sensitivity_batch <= 0:
+    if not config.sensitivity or config.sensitivity_batch <= 0:
         return None
     return layer_sensitivity(subject.pruned_dir, accuracy.head[: config.sensitivity_batch], subject.layers,
                              config.sensitivity_max_layers, sensitivity_budget(config), step)
@@ -241,8 +228,8 @@ def _write_audit(config: AuditConfig, subject: AuditSubject, result: dict[str, A
         result["plots"] = plots
         clock.lap("plots_s")
         result["seconds"] = clock.total()
-        atomic.write_json(tmp / "audit.json", result)
-        atomic.atomic_write_text(tmp / "audit.md", render_markdown(result, subject.root))
+        atomic.write_json(tmp / AuditFolder.RESULT, result)
+        atomic.atomic_write_text(tmp / AuditFolder.MARKDOWN, render_markdown(result, subject.root))
         artifacts.write_manifest(tmp, KIND, config, inputs=audit_inputs(subject.engine),
                                  sources=audit_sources(subject.engine), target=out,
                                  extra={"backend": subject.backend, "passed": not result["failures"]})

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpdeploy.core.errors import MpdeployError
-from mpdeploy.core.names import engine_folder_name
+from mpdeploy.core.names import engine_folder_name, traits
 from mpdeploy.core.kinds import EngineFolder, PrunedFolder
 from mpdeploy.onnx.graph_io import check_recorded_io
 
@@ -32,8 +32,8 @@ class AuditSubject:
     engine_dir: Path  # root/engine-<backend>/
     engine: EngineFolder
     files: dict[str, Path]  # "dense" / "sparse" -> engine file
-    weights: PrunedFolder | None  # the weights it was built from; None for engines of an older mpdeploy
-    layers: list[dict[str, Any]]  # the weights source's layer records ([] without one)
+    weights: PrunedFolder  # the weights it was built from (its recorded source)
+    layers: list[dict[str, Any]]  # the weights source's layer records
     chw: tuple[int, ...]
     fixed_batch: int | None
     classes: int | None
@@ -44,13 +44,13 @@ class AuditSubject:
         return self.engine.manifest
 
     @property
-    def pruned(self) -> dict[str, Any] | None:
-        """The weights source's manifest (pruned or distilled), or None."""
-        return None if self.weights is None else self.weights.manifest
+    def pruned(self) -> dict[str, Any]:
+        """The weights source's manifest (pruned or distilled)."""
+        return self.weights.manifest
 
     @property
-    def pruned_dir(self) -> Path | None:
-        return None if self.weights is None else self.weights.path
+    def pruned_dir(self) -> Path:
+        return self.weights.path
 
     @property
     def precision(self) -> str | None:
@@ -66,11 +66,10 @@ def open_subject(engine_root: Path, backend: str | None) -> AuditSubject:
     if onnx is not None:  # the shapes below come from `io`: it must still be what the ONNX says
         check_recorded_io(engine_dir / "manifest.json", engine.manifest.get("io"), onnx.sparse_model)
     files = engine_files(engine)
-    weights: PrunedFolder | None = engine.weights()
-    pruned = None if weights is None else weights.manifest
-    chw, fixed_batch, classes, data_config = io_spec(engine.manifest, pruned)
+    weights = engine.weights()
+    chw, fixed_batch, classes, data_config = io_spec(engine.manifest, weights.manifest)
     return AuditSubject(root=engine_root, backend=backend_name, engine_dir=engine_dir, engine=engine, files=files,
-                        weights=weights, layers=list((pruned or {}).get("layers") or []), chw=chw,
+                        weights=weights, layers=weights.layers, chw=chw,
                         fixed_batch=fixed_batch, classes=classes, data_config=data_config)
 
 
@@ -101,8 +100,8 @@ def timed_batch_sizes(config: AuditConfig, subject: AuditSubject, findings: Find
         if fixed_batch not in batch_sizes:
             findings.warnings.append(f"the engines take a fixed batch of {fixed_batch}: only that batch size was timed")
         batch_sizes = [fixed_batch]
-    elif subject.backend == "trt" and profile and max(batch_sizes) > max(profile):
-        # A TensorRT plan's optimization profile ends at the largest batch it was built for.
+    elif traits(subject.backend).batch_profile and profile and max(batch_sizes) > max(profile):
+        # An optimization profile (a TensorRT plan's) ends at the largest batch it was built for.
         too_big = [b for b in batch_sizes if b > max(profile)]
         batch_sizes = [b for b in batch_sizes if b <= max(profile)] or [max(profile)]
         findings.warnings.append(f"batch sizes {too_big} are beyond the engine's optimization profile (built for "

@@ -15,32 +15,29 @@ from mpdeploy.audit.config import AuditConfig
 from mpdeploy.audit.engine import check_engine_weights, onnx_for_weights
 from mpdeploy.audit.result import EngineRun
 from mpdeploy.audit.subject import AuditSubject
+from mpdeploy.core.names import traits
 
 logger = logging.getLogger(__name__)
 
 CONFIDENCE = 0.95  # the ratio interval's level when its record does not say (audit/timing.py)
 
 
-def check_weights(subject: AuditSubject, findings: Findings) -> dict[str, Any] | None:
+def check_weights(subject: AuditSubject, findings: Findings) -> dict[str, Any]:
     """Every pruned layer N:M in the sparse engine's weights (its ONNX, or the ONNX it was built from)."""
-    weights: dict[str, Any] | None = None
-    onnx_path, onnx_note = onnx_for_weights(subject.engine, subject.files["sparse"])
-    if onnx_path is not None and subject.weights is not None:
-        from safetensors.numpy import load_file
+    from safetensors.numpy import load_file
 
-        masks = {k: v.astype(bool) for k, v in load_file(str(subject.weights.masks_file)).items()}
-        weights = check_engine_weights(onnx_path, subject.layers, masks)
-        weights["note"] = onnx_note
-        bad = weights["violations"]
-        if bad:
-            root = subject.root
-            findings.failures.append(
-                f"{len(bad)} of {weights['checked']} pruned layers are not N:M-compliant in "
-                f"{onnx_path.relative_to(root) if onnx_path.is_relative_to(root) else onnx_path} "
-                f"(e.g. {bad[0]['layer']}: {bad[0]['problem']})"
-            )
-    elif subject.weights is not None:
-        findings.warnings.append(f"engine weights not checked: {onnx_note}")
+    onnx_path, onnx_note = onnx_for_weights(subject.engine, subject.files["sparse"])
+    masks = {k: v.astype(bool) for k, v in load_file(str(subject.weights.masks_file)).items()}
+    weights = check_engine_weights(onnx_path, subject.layers, masks)
+    weights["note"] = onnx_note
+    bad = weights["violations"]
+    if bad:
+        root = subject.root
+        findings.failures.append(
+            f"{len(bad)} of {weights['checked']} pruned layers are not N:M-compliant in "
+            f"{onnx_path.relative_to(root) if onnx_path.is_relative_to(root) else onnx_path} "
+            f"(e.g. {bad[0]['layer']}: {bad[0]['problem']})"
+        )
     return weights
 
 
@@ -68,10 +65,7 @@ def accuracy_gate(config: AuditConfig, accuracy: AccuracyRun, findings: Findings
 def has_sparse_kernels(backend: str | None, runtime: Mapping[str, Any] | None) -> bool:
     """Can this backend run 2:4 on sparse tensor cores? TensorRT and torch (GPU only) can; ONNX Runtime only
     through its TensorRT execution provider (its CPU and CUDA providers have no sparse kernels)."""
-    if backend in ("trt", "torch"):
-        return True
-    text = " ".join(str(v) for v in (runtime or {}).values()).lower()
-    return backend == "ort" and "tensorrt" in text
+    return traits(backend).runs_sparse(runtime)
 
 
 def speed_gate(config: AuditConfig, latency: Mapping[int, Mapping[str, Any]], findings: Findings,

@@ -19,8 +19,6 @@ from mpdeploy.core.errors import MpdeployError
 from mpdeploy.core.names import BACKENDS, PRECISIONS
 
 
-# name -> "module:Class"; order = preference for --backend auto.
-
 @dataclass(frozen=True)
 class BuildConfig:
     precision: str | None = None  # None -> the backend's default (fp16 on GPU backends, fp32 on ort CPU)
@@ -71,6 +69,22 @@ class BuildInputs:
     pruned_dir: Path | None = None
 
 
+@dataclass(frozen=True)
+class SparsePlan:
+    """What a backend will run sparse: `runs_dense` maps each candidate layer it will not to why."""
+
+    backend: str  # the backend asked for
+    rules: str  # whose rules decided
+    settings: dict[str, Any]
+    runs_dense: dict[str, str] = field(default_factory=dict)
+    note: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The prune manifest's `pruned_for` entry."""
+        return {"backend": self.backend, "rules": self.rules, "settings": self.settings,
+                "runs_dense": dict(self.runs_dense), "note": self.note}
+
+
 @dataclass
 class BuiltEngine:
     file: str  # file name inside the engine folder
@@ -101,10 +115,17 @@ class Runner(abc.ABC):
 
 
 class Backend(abc.ABC):
-    name: ClassVar[str]
+    name: ClassVar[str]  # its key in core.names.BACKENDS (set from there: the name is spelled only in the table)
     default_precision: ClassVar[str]
     # backend option -> allowed values, the first one the default (BuildConfig.backend_options)
     options: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    build_note: ClassVar[str | None] = None  # how it builds the two variants, for the build report's notes
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            implementation = f"{cls.__module__}:{cls.__qualname__}"
+            cls.name = next((n for n, t in BACKENDS.items() if t.implementation == implementation), cls.__qualname__)
 
     def resolve_options(self, config: BuildConfig) -> dict[str, Any]:
         """This backend's options with defaults filled in; an unknown key or value is a user error."""
@@ -139,6 +160,21 @@ class Backend(abc.ABC):
         """What the engine runs on (CPU model / GPU name, driver, library versions)."""
         return {}
 
+    @classmethod
+    def prune_plan(cls, model, input_shape, names: list[str], precision: str | None,
+                   options: dict[str, Any]) -> SparsePlan:
+        """Which of the candidate layers `names` of the dense `model` this backend will run dense, decided
+        before pruning (`prune --backend`), so those stay dense. Needs no GPU."""
+        raise MpdeployError(f"backend {cls.name} has no plan of which layers it runs sparse; prune without --backend")
+
+    @classmethod
+    def weights_plan(cls, model, precision: str | None, options: dict[str, Any],
+                     check_pattern: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """(settings, one entry {"name", "convert", "reason"} per layer): which layers of `model` run sparse,
+        where that follows from the weights alone (core.names trait plan_from_weights); no build, no GPU.
+        `check_pattern=False`: which would, once pruned to 2:4 (the dense model's plan)."""
+        raise MpdeployError(f"backend {cls.name} decides sparse use only when it builds; pass its engine folder")
+
 
 def engine_load_config(manifest: dict[str, Any], batch_sizes, threads: int | None = None) -> BuildConfig:
     """The BuildConfig to load an engine with, from its manifest (the precision and the run-time options
@@ -159,7 +195,7 @@ def engine_load_config(manifest: dict[str, Any], batch_sizes, threads: int | Non
 def backend_class(name: str) -> type[Backend]:
     if name not in BACKENDS:
         raise MpdeployError(f"unknown backend {name!r}; choose auto or one of {', '.join(BACKENDS)}")
-    module_name, cls_name = BACKENDS[name].split(":")
+    module_name, cls_name = BACKENDS[name].implementation.split(":")
     return getattr(importlib.import_module(module_name), cls_name)
 
 

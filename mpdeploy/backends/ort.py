@@ -9,6 +9,7 @@ dense GEMMs over zeros, so on CPU sparse and dense take about the same time (the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
@@ -19,10 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from mpdeploy.backends.base import Backend, BuildConfig, BuildInputs, BuiltEngine, Runner
+from mpdeploy.backends.base import Backend, BuildConfig, BuildInputs, BuiltEngine, Runner, SparsePlan
+from mpdeploy.backends.sparse_plan import tensorrt_rules_plan
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.core.machine import cpu_model
-from mpdeploy.onnx.precision import onnx_file_name, require_precision_file
+from mpdeploy.core.kinds import OnnxFolder
+from mpdeploy.onnx.precision import require_precision_file
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +34,8 @@ PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExec
 CPU_NOTE = ("ONNX Runtime's CPU execution provider has no 2:4 sparse kernels: the sparse engine runs the same dense "
             "GEMMs as the dense twin (its zeros are multiplied like any other weight), so expect sparse ~= dense "
             "latency on CPU; the audit measures it")
+PRUNE_NOTE = ("ONNX Runtime on CPU has no sparse kernels, so no layer runs sparse there; pruning for TensorRT's rules "
+              "instead, as the target of a later GPU build")
 
 
 def _ort():
@@ -92,12 +97,20 @@ class OrtRunner(Runner):
 
 
 class OrtBackend(Backend):
-    name = "ort"
     default_precision = "fp32"
     options = {
         "optimization": ("basic", "none"),  # offline optimization saved as the engine file
         "providers": ("auto", "cpu"),  # auto: TensorRT EP > CUDA EP > CPU, whichever is installed
     }
+
+    @classmethod
+    def prune_plan(cls, model, input_shape, names: list[str], precision: str | None,
+                   options: dict[str, Any]) -> SparsePlan:
+        """No sparse kernels on CPU: TensorRT's rules, as the target of a later GPU build (said in the note)."""
+        line = f"{cls.name}: {PRUNE_NOTE}"
+        logger.info(line)
+        plan = tensorrt_rules_plan(cls.name, model, input_shape, names)
+        return dataclasses.replace(plan, note=line if not plan.note else f"{line}; {plan.note}")
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -119,7 +132,7 @@ class OrtBackend(Backend):
                 "the ort backend does not run bf16: ONNX Runtime's CPU provider has no BF16 Conv/pooling kernels "
                 "(measured: NOT_IMPLEMENTED for Conv(22)); use --precision fp16|int8 with ort, or --backend trt"
             )
-        converted = Path(onnx_dir) / onnx_file_name(variant, precision)
+        converted = Path(onnx_dir) / OnnxFolder.model_name(variant, precision)
         if converted.is_file():
             if precision == "int8":
                 return converted, ("int8 = the export's Q/DQ model (symmetric per-channel INT8 weights, calibrated INT8 "
@@ -146,7 +159,7 @@ class OrtBackend(Backend):
         t0 = time.perf_counter()
         # A converted file is kept as exported: offline folding would turn FP32 weight -> Q into INT8
         # initializers and change the layout TensorRT and Triton read; sessions optimize it at load anyway.
-        if options["optimization"] == "none" or src.name != onnx_file_name(variant, "fp32"):
+        if options["optimization"] == "none" or src.name != OnnxFolder.model_name(variant, "fp32"):
             shutil.copyfile(src, dst)
             if external:
                 shutil.copyfile(src.with_name(src.name + ".data"), dst.with_name(dst.name + ".data"))

@@ -23,8 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from mpdeploy.backends.base import Backend, BuildConfig, BuildInputs, BuiltEngine, Runner
+from mpdeploy.backends.base import Backend, BuildConfig, BuildInputs, BuiltEngine, Runner, SparsePlan
+from mpdeploy.core import artifacts
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.kinds import PrunedFolder, open_weights
 from mpdeploy.core.machine import driver_version
 
 logger = logging.getLogger(__name__)
@@ -211,9 +213,30 @@ class TorchRunner(Runner):
 
 
 class TorchSparseBackend(Backend):
-    name = "torch"
     default_precision = "fp16"
     options = {"kernel": KERNELS, "conv1x1": ("large", "all", "off")}
+
+    @classmethod
+    def weights_plan(cls, model, precision: str | None, options: dict[str, Any],
+                     check_pattern: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        defaults = {k: v[0] for k, v in cls.options.items()}
+        settings = {"precision": precision or cls.default_precision,
+                    "kernel": options.get("kernel") or defaults["kernel"],
+                    "conv1x1": options.get("conv1x1") or defaults["conv1x1"]}
+        return settings, plan_conversion(model, settings["kernel"], settings["precision"], settings["conv1x1"],
+                                         check_pattern=check_pattern)
+
+    @classmethod
+    def prune_plan(cls, model, input_shape, names: list[str], precision: str | None,
+                   options: dict[str, Any]) -> SparsePlan:
+        """Its conversion plan for the kernel / precision / conv1x1 option, without the 2:4 check (the dense
+        model is not pruned yet): shape rules, Linear and large 1x1 convs."""
+        settings, plan = cls.weights_plan(model, precision, options, check_pattern=False)
+        wanted = set(names)
+        runs_dense = {e["name"]: f"{cls.name} runs it dense: {e['reason']}" for e in plan
+                      if e["name"] in wanted and not e["convert"]}
+        return SparsePlan(cls.name, f"{cls.name} conversion plan (kernel, precision, shape rules; Linear and 1x1 convs)",
+                          settings, runs_dense)
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -257,13 +280,11 @@ class TorchSparseBackend(Backend):
         kernel, precision = options["kernel"], self._precision(config, options["kernel"])
         out_dir = Path(out_dir)
         copy = out_dir / PRUNED_COPY
-        if not (copy / "manifest.json").exists():
+        if not (copy / artifacts.MANIFEST).exists():
             # Every file the pruned manifest lists, so load_pruned can verify the copy on its own.
-            from mpdeploy.core import artifacts
-
             source = Path(inputs.pruned_dir)
-            listed = artifacts.read_manifest(source, "pruned", verify=True).get("files") or {}
-            for rel in ["manifest.json", *listed]:
+            listed = open_weights(source).manifest.get("files") or {}
+            for rel in [artifacts.MANIFEST, *listed]:
                 (copy / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source / rel, copy / rel)
 
@@ -292,7 +313,7 @@ class TorchSparseBackend(Backend):
             "schema": "mpdeploy.torch_engine/1",
             "variant": variant,
             "pruned_dir": PRUNED_COPY,
-            "weights": "model.safetensors" if variant == "sparse" else "dense.safetensors",
+            "weights": PrunedFolder.WEIGHTS[variant],
             "precision": precision,
             "kernel": kernel,
             "conv1x1": options["conv1x1"],

@@ -6,12 +6,13 @@ import argparse
 from pathlib import Path
 
 from mpdeploy.commands.arguments import add_model_arguments
+from mpdeploy.core.kinds import AnalyzeFolder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: engines/<model>/analyze)")
-    parser.add_argument("--no-plots", action="store_true", help="write spectra.json only (much faster on big models)")
+    parser.add_argument("--no-plots", action="store_true", help=f"write {AnalyzeFolder.SPECTRA} only (much faster on big models)")
     parser.add_argument("--max-layer-plots", type=int, metavar="N", help="plot only the first N fitted layers")
 
 

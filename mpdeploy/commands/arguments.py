@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.kinds import AuditFolder
 from mpdeploy.core.names import PRECISIONS
 from mpdeploy.models.spec import COLORS, CROPS, ModelSpec, bounded_input_shape
 
@@ -214,12 +215,12 @@ def add_audit_options(group) -> None:
     group.add_argument("--sensitivity-max-layers", type=int, default=24,
                        help="measure at most this many pruned layers, spread over the depth (default: 24)")
     group.add_argument("--no-sensitivity", action="store_true", help="skip the per-layer sensitivity map")
-    group.add_argument("--no-plots", action="store_true", help="write audit.json and audit.md without PNG plots")
+    group.add_argument("--no-plots", action="store_true", help=f"write {AuditFolder.RESULT} and {AuditFolder.MARKDOWN} without PNG plots")
 
 
 def audit_config_from_args(args: argparse.Namespace, data: str, backend: str | None, batch_sizes: str):
     """An AuditConfig from the options `add_audit_options` added (validated here, before any work)."""
-    from mpdeploy.audit import AuditConfig
+    from mpdeploy.audit.config import AuditConfig
 
     return AuditConfig(
         data=data,

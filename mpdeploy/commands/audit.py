@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mpdeploy.audit import audit, read_audit, verdict_line
+    from mpdeploy.audit.stage import audit, read_audit, verdict_line
     from mpdeploy.backends.base import BuildConfig
     from mpdeploy.commands.progress import stage_progress
 

@@ -9,7 +9,9 @@ with the same inputs; --force rebuilds them.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mpdeploy.commands.arguments import (
     DATA_SOURCES,
@@ -21,7 +23,16 @@ from mpdeploy.commands.arguments import (
     build_config_from_args,
 )
 from mpdeploy.commands.prune import add_prune_arguments
+from mpdeploy.core.kinds import AuditFolder
 from mpdeploy.core.names import BACKENDS
+
+if TYPE_CHECKING:  # the configs' modules import torch: not at `mpdeploy --help`
+    from mpdeploy.audit.config import AuditConfig
+    from mpdeploy.backends.base import BuildConfig
+    from mpdeploy.distill.config import DistillConfig
+    from mpdeploy.export.stage import ExportConfig
+    from mpdeploy.pipeline.build import BuildStageConfig
+    from mpdeploy.prune.stage import PruneConfig
 
 DEFAULT_MODEL = "zoo:digits_vit"
 # With no MODEL the demo runs the whole method on the default: the calibrated default saliency (auto) on digits, then
@@ -66,8 +77,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="export even if pruned layers are not 2:4-eligible for TensorRT in the ONNX")
 
 
-def configs_from_args(args: argparse.Namespace):
-    """(prune, export, build, stage, distill, audit) configs; validates every flag before anything heavy runs."""
+@dataclass(frozen=True)
+class BuildConfigs:
+    """What `mpdeploy build` runs with: one config per stage, from the flags."""
+
+    prune: PruneConfig
+    export: ExportConfig
+    build: BuildConfig  # the engines'
+    stage: BuildStageConfig  # which backend, where, what to run
+    distill: DistillConfig | None  # None: no recovery
+    audit: AuditConfig | None  # None: --no-audit
+
+
+def configs_from_args(args: argparse.Namespace) -> BuildConfigs:
+    """The configs of every stage; validates every flag before anything heavy runs."""
     from mpdeploy.pipeline.build import BuildStageConfig
     from mpdeploy.commands.prune import prune_config_from_args
     from mpdeploy.export.stage import ExportConfig
@@ -94,12 +117,13 @@ def configs_from_args(args: argparse.Namespace):
         raise MpdeployError(f"--distill-epochs must be 0 or more, got {epochs}")
     distill_config = None
     if epochs:
-        from mpdeploy.distill import DistillConfig
+        from mpdeploy.distill.config import DistillConfig
 
         # The audit's labelled images score the distillation too (digits: its test split, the default).
         eval_data = args.eval_data if args.eval_data not in ("digits", "synthetic") else None
         distill_config = DistillConfig(data=args.distill_data or "digits", epochs=epochs, eval_data=eval_data)
-    return prune_config, export_config, build_config, stage, distill_config, audit_config
+    return BuildConfigs(prune=prune_config, export=export_config, build=build_config, stage=stage,
+                        distill=distill_config, audit=audit_config)
 
 
 def _mib(n) -> str:
@@ -209,17 +233,17 @@ def main(args: argparse.Namespace) -> int:
     from mpdeploy.commands.progress import stage_progress
     from mpdeploy.commands.arguments import spec_from_args
 
-    prune_config, export_config, build_config, stage, distill_config, audit_config = configs_from_args(args)
+    configs = configs_from_args(args)
     spec = spec_from_args(args, default=DEFAULT_MODEL)
     with stage_progress("build") as progress:
-        result = run_build(spec, prune_config, export_config, build_config, stage, progress=progress,
-                           distill_config=distill_config, audit_config=audit_config)
+        result = run_build(spec, configs.prune, configs.export, configs.build, configs.stage, progress=progress,
+                           distill_config=configs.distill, audit_config=configs.audit)
     print_summary(result)
     audits = [s for s in result.stages if s.stage.split(":")[0] == "audit"]
     audit = audits[-1]  # the densified engine's, when a densify round ran: the one to ship
     if audit.status != "skipped" and audit.details.get("passed") is False:
         # The engines are built; the verdict is the audit's: exit 1 like `mpdeploy audit`, so a pipeline
         # stops here (ship refuses a failed audit without --force too).
-        print(f"audit FAILED: {'; '.join(map(str, audit.details.get('failures') or [])) or 'see audit/audit.md'}")
+        print(f"audit FAILED: {'; '.join(map(str, audit.details.get('failures') or [])) or f'see audit/{AuditFolder.MARKDOWN}'}")
         return 1
     return 0

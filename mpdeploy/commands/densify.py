@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mpdeploy.core.names import backends_with
 from mpdeploy.core.trust import add_trust_arguments
 
 
@@ -24,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trt-log", type=Path, default=None,
                         help="a recorded TensorRT verbose build log (or engine-inspector JSON) to read instead of "
                              "the engine's own report")
-    parser.add_argument("--backend", default=None, choices=["torch"],
-                        help="for a pruned/ folder: compute torch's conversion plan here (no GPU needed)")
+    parser.add_argument("--backend", default=None, choices=backends_with("plan_from_weights"),
+                        help="for a pruned/ folder: compute this backend's conversion plan here (no GPU needed)")
     parser.add_argument("--precision", default=None, choices=["fp16", "bf16", "fp32"],
                         help="torch plan: engine precision (default fp16)")
     parser.add_argument("--torch-kernel", default=None, choices=["cusparselt", "cutlass"])

@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mpdeploy.distill import DistillConfig, distill
+    from mpdeploy.distill.config import DistillConfig
+    from mpdeploy.distill.stage import distill
 
     config = DistillConfig(  # validate flags before loading anything heavy
         data=args.data,

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from mpdeploy.commands.arguments import DATA_SOURCES, add_model_arguments
+from mpdeploy.core.names import BACKENDS
 
 
 def parse_tome(text: str | None):
@@ -88,9 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_prune_arguments(parser)
     g = parser.add_argument_group("prune for a backend")
-    g.add_argument("--backend", default=None, choices=["trt", "torch", "ort"],
-                   help="prune only the layers this backend runs sparse (trt: TensorRT's rules; torch: its conversion "
-                        "plan; ort: CPU has no sparse kernels, so TensorRT's rules); default: every eligible layer")
+    g.add_argument("--backend", default=None, choices=list(BACKENDS),
+                   help="prune only the layers this backend runs sparse (its own plan: TensorRT's placement rules, or "
+                        "torch's conversion plan; without sparse kernels, TensorRT's rules for a later GPU build); "
+                        "default: every eligible layer")
     g.add_argument("--precision", default=None, choices=["fp16", "bf16", "int8", "fp32"],
                    help="the engine precision the backend's plan is for (torch; default fp16)")
     g.add_argument("--torch-kernel", default=None, choices=["cusparselt", "cutlass"],

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mpdeploy.core.names import BACKENDS, VARIANTS
 from mpdeploy.serve.ship import KINDS, SERVE_BACKENDS, ShipConfig, ship_verified
+from mpdeploy.serve.triton_repo import CONFIG_FILE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--python-env", type=Path, help="EXECUTION_ENV_PATH for --serve-backend python (default: this Python's prefix)"
     )
     parser.add_argument(
-        "--force", action="store_true", help="ship an unaudited or failed engine; replace a different config.pbtxt "
+        "--force", action="store_true", help=f"ship an unaudited or failed engine; replace a different {CONFIG_FILE} "
         "(never skips verifying the engine and the audit's tie to it)"
     )
 

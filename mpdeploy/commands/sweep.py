@@ -14,6 +14,8 @@ from pathlib import Path
 from mpdeploy.commands.arguments import add_audit_options, add_engine_options, add_model_arguments
 from mpdeploy.commands.build import DEFAULT_CALIB, DEFAULT_MODEL
 from mpdeploy.commands.prune import add_prune_arguments
+from mpdeploy.core.kinds import SweepFolder
+from mpdeploy.core.names import BACKENDS
 
 GRID_HELP = ("search space, one KEY=V1,V2,... per key: pattern, extra-patterns (joined by +), budget, saliency, "
              "target-mac-reduction, tome, restore, permute, prune-head, distill-epochs, precision; e.g. "
@@ -43,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="trials at once (default: one per core; threads per trial = cores / trials)")
     s.add_argument("--retries", type=int, default=2, help="times Ray Tune re-runs a trial whose worker died (default 2)")
     s.add_argument("--num-cpus", type=int, default=None, help="cores of the local Ray (default: all)")
-    s.add_argument("--backend", default="auto", choices=["auto", "trt", "torch", "ort"],
+    s.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
                    help="engine backend of every trial (default: auto)")
     s.add_argument("--out", type=Path, default=None, help="sweep folder (default: sweeps/<model name>)")
     g = parser.add_argument_group("engines")
@@ -104,7 +106,7 @@ def sweep_configs_from_args(args: argparse.Namespace):
     backend, reason = (args.backend, "asked for") if kinds and args.backend != "auto" else resolve_backend(args.backend)
     distill = None
     if args.distill_epochs or "distill-epochs" in grid:
-        from mpdeploy.distill import DistillConfig
+        from mpdeploy.distill.config import DistillConfig
 
         eval_data = args.eval_data if args.eval_data not in ("digits", "synthetic") else None
         # A template when the grid sets the epochs per trial (0 there: no recovery for that trial).
@@ -137,5 +139,5 @@ def main(args: argparse.Namespace) -> int:
         else:
             config = " ".join(f"{k}={v}" for k, v in row["config"].items())
             print(f"  {kind}: choice {chosen} ({config}); {row.get('verdict')}")
-    print(f"  table and reasons: {result.folder / 'sweep.md'}")
+    print(f"  table and reasons: {result.folder / SweepFolder.MARKDOWN}")
     return 0 if all(result.choice.values()) else 1

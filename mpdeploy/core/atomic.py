@@ -150,9 +150,6 @@ def check_target(target: Path) -> None:
         raise MpdeployError(f"output path {target} exists and is a file; remove it or choose another --out")
 
 
-_check_parent_writable = check_target  # old private name, kept for callers
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

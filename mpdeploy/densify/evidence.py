@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.kinds import OnnxFolder
 
 _PROFILE_SUFFIX = re.compile(r"\s*\[profile \d+\]\s*$")
 NOT_PICKED = "eligible, but TensorRT timed sparse and dense kernels and kept the dense one"
@@ -92,7 +93,7 @@ def trt_evidence(report: dict[str, Any], tensors: list[dict[str, Any]], pruned: 
     for layer in pruned:
         node = consumer.get(layer)
         if node is None:
-            evidence.unknown[layer] = "no ONNX consumer recorded for it in sparsity.json"
+            evidence.unknown[layer] = f"no ONNX consumer recorded for it in {OnnxFolder.SPARSITY}"
         elif node in picked_nodes:
             evidence.ran_sparse.append(layer)
         elif node in eligible_nodes:

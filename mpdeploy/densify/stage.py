@@ -2,10 +2,11 @@
 
 Input (opened only through mpdeploy.core.kinds, verified with its chain):
 
-    engine-trt/    its build report's picked list (or --trt-log, a recorded TensorRT build log)
-    engine-torch/  its converted list
+    engine-*/      its build report's per-layer sparse use (core.names trait sparse_use_report): TensorRT's
+                   picked list (or --trt-log, a recorded TensorRT build log), or the converted list
     onnx/          with --trt-log: a TensorRT build of that ONNX done elsewhere (e.g. trtexec on a GPU host)
-    pruned/        with backend "torch": torch's conversion plan computed here (CPU is enough)
+    pruned/        with --backend B whose sparse use follows from the weights (trait plan_from_weights):
+                   its plan computed here (CPU is enough)
 
 Output: `pruned` artifact files (model.safetensors with the returned layers' dense tensors taken
 bit-for-bit from the chain's dense source, dense.safetensors as it was, masks.safetensors without
@@ -32,6 +33,7 @@ from mpdeploy.densify.evidence import (
 )
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.core.kinds import KINDS, EngineFolder, OnnxFolder, PrunedFolder
+from mpdeploy.core.names import backends_with, traits
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +47,10 @@ _MANIFEST_BASE = ("schema", "kind", "created", "tool_versions", "config", "confi
 class DensifyConfig:
     slow_layers: str | None = None  # file: layers whose sparse kernel timed slower than dense (GPU)
     trt_log: str | None = None  # file: a recorded TensorRT verbose build log (or inspector JSON) to read instead
-    backend: str | None = None  # for a pruned/ input: "torch" computes its conversion plan here
-    precision: str | None = None  # torch plan: engine precision (default fp16)
-    kernel: str | None = None  # torch plan: cusparselt | cutlass
-    conv1x1: str | None = None  # torch plan: large | all | off
+    backend: str | None = None  # for a pruned/ input: the backend whose plan (from the weights) to compute here
+    precision: str | None = None  # that plan's engine precision (default: the backend's)
+    kernel: str | None = None  # that plan's backend options (the torch backend's kernel and conv1x1)
+    conv1x1: str | None = None
 
 
 @dataclass
@@ -96,38 +98,37 @@ def _trt_report_from_file(path: Path) -> dict[str, Any]:
 def engine_evidence(engine: EngineFolder, weights: PrunedFolder, trt_log: str | None = None) -> Evidence:
     """Which of `weights`' pruned layers `engine` ran sparse, from its own build report (or `trt_log`)."""
     pruned = sparse_layer_names(weights.layers)
-    if trt_log is None and engine.backend == "torch":
+    report_kind = traits(engine.backend).sparse_use_report
+    if trt_log is None and report_kind == "converted":
         sparse = (engine.report().get("variants") or {}).get("sparse") or {}
         return torch_evidence(sparse.get("converted_layers") or [], sparse.get("not_converted") or [], pruned)
-    if trt_log is None and engine.backend != "trt":
-        raise MpdeployError(f"{engine.path}: ONNX Runtime reports no per-layer sparse use (and on CPU it has no sparse "
-                            "kernels: every layer ran dense, giving them all back is the dense engine); for a later "
-                            "GPU target pass --trt-log FILE from a TensorRT build of this ONNX")
+    if trt_log is None and report_kind != "picked":
+        why = traits(engine.backend).no_sparse_note or "no sparse kernels were reported"
+        raise MpdeployError(f"{engine.path}: backend {engine.backend} reports no per-layer sparse use ({why}: every "
+                            "layer ran dense, giving them all back is the dense engine); for a later GPU target pass "
+                            "--trt-log FILE from a TensorRT build of this ONNX")
     if trt_log is not None:
         report = _trt_report_from_file(Path(trt_log))
     else:
         report = (engine.report().get("variants") or {}).get("sparse")
         if report is None:
             raise MpdeployError(f"{engine.path} is a dense-only build: no sparse engine ran; build with --sparse")
-    onnx = engine.onnx()
-    if onnx is None:
-        raise MpdeployError(f"{engine.path} records no onnx source (made by an older mpdeploy); rebuild it")
-    return trt_evidence(report, onnx.sparsity().get("tensors") or [], pruned)
+    return trt_evidence(report, engine.onnx().sparsity().get("tensors") or [], pruned)
 
 
-def torch_plan_evidence(weights: PrunedFolder, config: DensifyConfig) -> Evidence:
-    """The torch backend's conversion plan of the pruned model, computed here (no GPU needed)."""
-    from mpdeploy.backends.torch_sparse import TorchSparseBackend, plan_conversion
+def weights_plan_evidence(weights: PrunedFolder, config: DensifyConfig) -> Evidence:
+    """The plan of `config.backend` for the pruned model (which layers it converts to sparse), computed here
+    from the weights (no engine, no GPU)."""
+    from mpdeploy.backends.base import backend_class
     from mpdeploy.sparsity.pruned import load_pruned
 
-    defaults = {k: v[0] for k, v in TorchSparseBackend.options.items()}
     model = load_pruned(weights.path, "sparse", verify=False).model
-    precision = config.precision or TorchSparseBackend.default_precision
-    plan = plan_conversion(model, config.kernel or defaults["kernel"], precision, config.conv1x1 or defaults["conv1x1"])
+    options = {"kernel": config.kernel, "conv1x1": config.conv1x1}
+    _, plan = backend_class(config.backend).weights_plan(model, config.precision, options)
     evidence = torch_evidence([e["name"] for e in plan if e["convert"]],
                               [{"layer": e["name"], "reason": e["reason"]} for e in plan if not e["convert"]],
                               sparse_layer_names(weights.layers))
-    evidence.source = "torch conversion plan (computed on the pruned model; no engine)"
+    evidence.source = f"{config.backend} conversion plan (computed on the pruned model; no engine)"
     return evidence
 
 
@@ -135,23 +136,22 @@ def gather(source, config: DensifyConfig) -> tuple[PrunedFolder, Evidence, dict[
     """(the weights to densify, the evidence, the sources to record) for an opened input artifact."""
     if isinstance(source, EngineFolder):
         weights = source.weights()
-        if weights is None:
-            raise MpdeployError(f"{source.path} records no weights source (made by an older mpdeploy); rebuild it")
         return weights, engine_evidence(source, weights, config.trt_log), {"weights": weights.path,
                                                                           "engine": source.path}
     if isinstance(source, OnnxFolder):
         weights = source.weights()
-        if config.trt_log is None or weights is None:
+        if config.trt_log is None:
             raise MpdeployError(f"{source.path}: an onnx folder needs --trt-log FILE (a TensorRT build log of "
-                                "model.onnx) to tell which layers ran dense")
+                                f"{OnnxFolder.MODELS['sparse']}) to tell which layers ran dense")
         tensors = source.sparsity().get("tensors") or []
         evidence = trt_evidence(_trt_report_from_file(Path(config.trt_log)), tensors,
                                 sparse_layer_names(weights.layers))
         return weights, evidence, {"weights": weights.path, "onnx": source.path}
-    if config.backend != "torch":
-        raise MpdeployError(f"{source.path} is a weights folder: pass --backend torch (its conversion plan is "
+    if not traits(config.backend).plan_from_weights:
+        planners = " or ".join(backends_with("plan_from_weights"))
+        raise MpdeployError(f"{source.path} is a weights folder: pass --backend {planners} (its conversion plan is "
                             "computed here), or pass the engine folder whose report to read")
-    return source, torch_plan_evidence(source, config), {"weights": source.path}
+    return source, weights_plan_evidence(source, config), {"weights": source.path}
 
 
 def reuse_config(weights: PrunedFolder, config: DensifyConfig) -> dict[str, Any]:

@@ -16,34 +16,3 @@ folder (`.distill-ckpt-<name>/`) so an interrupted run resumes from its last fin
 masks and their check), `checkpoint.py`, `distributed.py` (device, torchrun) and `artifact.py` (the
 output folder) hold the parts.
 """
-
-from mpdeploy.distill.artifact import DUMP_ENV, state_hash, write_artifact
-from mpdeploy.distill.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
-from mpdeploy.distill.config import (
-    DEFAULT_OUT,
-    KIND,
-    MAX_LR_SCALE,
-    OPTIMIZERS,
-    PAPER_LR,
-    PAPER_STEPS,
-    RUN_ONLY_FIELDS,
-    SGD_MOMENTUM,
-    WEIGHT_DECAY,
-    DistillConfig,
-    default_lr,
-    default_out,
-    default_optimizer,
-    reuse_config,
-)
-from mpdeploy.distill.datasets import evaluate
-from mpdeploy.distill.masks import verify_masks, zero_masked_grads
-from mpdeploy.distill.stage import distill
-from mpdeploy.distill.train import Progress, kd_loss
-
-__all__ = [
-    "DEFAULT_OUT", "DUMP_ENV", "KIND", "MAX_LR_SCALE", "OPTIMIZERS", "PAPER_LR", "PAPER_STEPS", "RUN_ONLY_FIELDS",
-    "SGD_MOMENTUM", "WEIGHT_DECAY", "DistillConfig", "Progress", "checkpoint_dir", "default_lr", "default_out",
-    "distill", "evaluate", "default_optimizer", "kd_loss",
-    "load_checkpoint", "reuse_config", "save_checkpoint", "state_hash",
-    "verify_masks", "write_artifact", "zero_masked_grads",
-]

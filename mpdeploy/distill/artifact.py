@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from mpdeploy.core import artifacts
+from mpdeploy.core.kinds import PrunedFolder
 from mpdeploy.distill.config import KIND, DistillConfig, reuse_config
 from mpdeploy.distill.distributed import Dist
 
@@ -54,9 +55,9 @@ def write_artifact(pruned_dir: Path, target: Path, manifest: dict[str, Any], sta
     extra["pruned_with"] = manifest.get("config") if manifest.get("kind") == "pruned" else manifest.get("pruned_with")
     with artifacts.atomic_dir(target, kind=KIND) as tmp:
         for rel in manifest.get("files", {}):
-            if rel != "model.safetensors":
+            if rel != PrunedFolder.WEIGHTS["sparse"]:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(pruned_dir / rel, tmp / rel)
-        save_file(state, str(tmp / "model.safetensors"))
+        save_file(state, str(tmp / PrunedFolder.WEIGHTS["sparse"]))
         artifacts.write_manifest(tmp, KIND, reuse_config(config), extra=extra, sources={"pruned": pruned_dir},
                                  target=target)

@@ -10,7 +10,8 @@ from mpdeploy.core.runner import StageResult, run_stage, step_progress
 
 def distill_stage(distill_config, pruned: Path, folder: Path, force: bool, progress) -> StageResult:
     """Short recovery into its own `distilled/` artifact (source: `pruned/`, which stays as pruning left it)."""
-    from mpdeploy.distill import KIND, distill, reuse_config
+    from mpdeploy.distill.config import KIND, reuse_config
+    from mpdeploy.distill.stage import distill
 
     result = run_stage("distill", folder, KIND, reuse_config(distill_config), force=force,
                        sources={"pruned": pruned},

@@ -10,6 +10,7 @@ from torch import nn
 
 from mpdeploy.distill.config import DistillConfig
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.kinds import PrunedFolder
 from mpdeploy.sparsity.pruned import load_pruned
 
 
@@ -17,8 +18,9 @@ def load_teacher(config: DistillConfig, pruned_dir: Path, manifest: dict[str, An
     """(teacher, the manifest's record of it): `dense.safetensors` of the input, or `config.teacher`."""
     if config.teacher is None:
         dense = load_pruned(pruned_dir, which="dense", verify=False).model
-        record = {"kind": "artifact", "file": "dense.safetensors",
-                  "sha256": manifest.get("files", {}).get("dense.safetensors"), "model": manifest["model"]["source"]}
+        file = PrunedFolder.WEIGHTS["dense"]
+        record = {"kind": "artifact", "file": file, "sha256": manifest.get("files", {}).get(file),
+                  "model": manifest["model"]["source"]}
         return dense, record
     from mpdeploy.models.spec import ModelSpec
     from mpdeploy.models.load import load_model

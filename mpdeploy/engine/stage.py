@@ -14,14 +14,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mpdeploy.core import artifacts, atomic
-from mpdeploy.backends.base import BuildConfig, BuildInputs, backend_class, create_backend
-from mpdeploy.core.errors import MpdeployError
+from mpdeploy.backends.base import Backend, BuildConfig, BuildInputs, backend_class, create_backend
 from mpdeploy.core.names import engine_folder_name
-from mpdeploy.core.kinds import OnnxFolder
+from mpdeploy.core.kinds import EngineFolder, OnnxFolder
 from mpdeploy.core.runner import Progress, StageResult, run_stage, step_progress
 from mpdeploy.onnx.graph_io import onnx_io
 
@@ -61,11 +61,8 @@ def engine_details(report: dict[str, Any]) -> dict[str, Any]:
     return details
 
 
-def _notes(backend_name: str, device: dict[str, Any], variants) -> list[str]:
-    notes = []
-    if backend_name == "trt":
-        notes.append("TensorRT finds 2:4 from the zeros in dense weights: the sparse engine is built from "
-                     "model.onnx with SPARSE_WEIGHTS on, the dense twin from model.dense.onnx with it off")
+def _notes(backend: Backend, device: dict[str, Any], variants) -> list[str]:
+    notes = [backend.build_note] if backend.build_note else []
     if device.get("note"):
         notes.append(device["note"])
     if tuple(variants) != ("sparse", "dense"):
@@ -73,44 +70,63 @@ def _notes(backend_name: str, device: dict[str, Any], variants) -> list[str]:
     return notes
 
 
-def _write_engines(backend, backend_name, backend_reason, variants, build_config, precision, device, onnx,
-                   weights_dir, folder, config, inputs, step) -> dict[str, Any]:
-    sources = {"onnx": onnx.path, "weights": weights_dir}
-    with artifacts.atomic_dir(folder, kind=ENGINE_KIND) as tmp:
+@dataclass(frozen=True)
+class EngineJob:
+    """One engine folder to write, everything about it decided before the first build."""
+
+    backend: Backend
+    reason: str  # why this backend (asked for, or auto's pick)
+    variants: tuple[str, ...]
+    build_config: BuildConfig
+    precision: str
+    device: dict[str, Any]
+    onnx: OnnxFolder
+    weights_dir: Path
+    folder: Path
+    config: dict[str, Any]  # the manifest's config (with `inputs`, the reuse key)
+    inputs: dict[str, str]
+
+
+def _write_engines(job: EngineJob, step) -> dict[str, Any]:
+    backend, name, variants, build_config = job.backend, job.backend.name, job.variants, job.build_config
+    sources = {"onnx": job.onnx.path, "weights": job.weights_dir}
+    with artifacts.atomic_dir(job.folder, kind=ENGINE_KIND) as tmp:
         files, per_variant, warnings = {}, {}, []
         for i, variant in enumerate(variants):
-            step(f"build {backend_name}", i, len(variants))
+            step(f"build {name}", i, len(variants))
             v0 = time.perf_counter()
-            built = backend.build(BuildInputs(onnx_dir=onnx.path, pruned_dir=weights_dir), variant, tmp, build_config)
+            built = backend.build(BuildInputs(onnx_dir=job.onnx.path, pruned_dir=job.weights_dir), variant, tmp,
+                                  build_config)
             seconds = time.perf_counter() - v0
             files[variant] = built.file
             per_variant[variant] = {"file": built.file, "build_seconds": round(seconds, 3),
                                     "size_bytes": (tmp / built.file).stat().st_size, **built.report}
             warnings += [f"{variant}: {w}" for w in built.report.get("warnings") or []]
-            logger.info("built %s %s engine in %.1fs", backend_name, variant, seconds)
-        step(f"build {backend_name}", len(variants), len(variants))
-        weights_manifest = artifacts.read_manifest(weights_dir, "pruned", verify=False)
+            logger.info("built %s %s engine in %.1fs", name, variant, seconds)
+        step(f"build {name}", len(variants), len(variants))
+        weights_manifest = artifacts.read_manifest(job.weights_dir, "pruned", verify=False)
         report = {
-            "schema": REPORT_SCHEMA, "backend": backend_name, "backend_reason": backend_reason, "device": device,
-            "precision": precision,
+            "schema": REPORT_SCHEMA, "backend": name, "backend_reason": job.reason, "device": job.device,
+            "precision": job.precision,
             "flags": {"variants": list(variants), "batch_sizes": list(build_config.batch_sizes),
                       "profile_batches": list(build_config.profile_batches),
                       "backend_options": backend.resolve_options(build_config),
                       "workspace_mib": build_config.workspace_mib, "calib": build_config.calib},
             "build_seconds": {v: per_variant[v]["build_seconds"] for v in variants},
             "engine_bytes": {v: per_variant[v]["size_bytes"] for v in variants},
-            "variants": per_variant, "warnings": warnings, "notes": _notes(backend_name, device, variants),
-            "onnx_sparsity_summary": onnx.sparsity().get("summary"),
+            "variants": per_variant, "warnings": warnings, "notes": _notes(backend, job.device, variants),
+            "onnx_sparsity_summary": job.onnx.sparsity().get("summary"),
             "prune_totals": weights_manifest.get("totals"),
         }
-        atomic.write_json(tmp / "build_report.json", report)
+        atomic.write_json(tmp / EngineFolder.REPORT, report)
         artifacts.write_manifest(
-            tmp, ENGINE_KIND, config, inputs=inputs, sources=sources, target=folder,
-            extra={"backend": backend_name, "precision": precision,
+            tmp, ENGINE_KIND, job.config, inputs=job.inputs, sources=sources, target=job.folder,
+            extra={"backend": name, "precision": job.precision,
                    "variants": files,  # the engine contract: variant -> file name (hashed in `files`)
-                   "io": onnx_io(onnx.sparse_model), "device": device, "runtime": runtime_options(build_config),
+                   "io": onnx_io(job.onnx.sparse_model), "device": job.device,
+                   "runtime": runtime_options(build_config),
                    "file_sha256": {rel: artifacts.sha256_file(tmp / rel) for rel in files.values()},
-                   "backend_reason": backend_reason, "model": onnx.manifest.get("model")},
+                   "backend_reason": job.reason, "model": job.onnx.manifest.get("model")},
         )
     return report
 
@@ -121,9 +137,7 @@ def build_engines(onnx_dir: Path, backend_name: str, build_config: BuildConfig, 
     """Build the `variants` engines of `onnx_dir` on `backend_name` into `out` (default: engine-<backend>/
     beside onnx/). Reused when the onnx, its weights, the build config and the device are the same."""
     onnx = OnnxFolder.open(onnx_dir)  # verified, with the weights it came from
-    weights_dir = onnx.source_path("weights")
-    if weights_dir is None:
-        raise MpdeployError(f"{onnx_dir} records no weights source (made by an older mpdeploy); re-run export")
+    weights_dir = onnx.required_source("weights")
     build_config = options_for(backend_name, build_config)
     folder = Path(out) if out is not None else Path(onnx_dir).parent / engine_folder_name(backend_name)
     backend = create_backend(backend_name)
@@ -137,14 +151,16 @@ def build_engines(onnx_dir: Path, backend_name: str, build_config: BuildConfig, 
     step = step_progress(progress, f"build {backend_name}")
     made: dict[str, Any] = {}
 
+    job = EngineJob(backend, backend_reason, tuple(variants), build_config, precision, device, onnx, weights_dir,
+                    folder, config, inputs)
+
     def make() -> None:
-        made["report"] = _write_engines(backend, backend_name, backend_reason, variants, build_config, precision,
-                                        device, onnx, weights_dir, folder, config, inputs, step)
+        made["report"] = _write_engines(job, step)
 
     result = run_stage("build", folder, ENGINE_KIND, config, make, force=force, inputs=inputs,
                        sources={"onnx": onnx.path, "weights": weights_dir})
     if result.status == "reused":  # run-time options are not in the reuse key: callers pass theirs to runners
         step(f"build {backend_name}", len(variants), len(variants))
-    report = made.get("report") or atomic.read_json(folder / "build_report.json", what="build report")
+    report = made.get("report") or atomic.read_json(folder / EngineFolder.REPORT, what="build report")
     result.details = engine_details(report)
     return result

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from mpdeploy.core.errors import MpdeployError
-from mpdeploy.onnx.precision import convert, onnx_file_name, weight_quantization
+from mpdeploy.core.kinds import OnnxFolder
+from mpdeploy.onnx.precision import convert, weight_quantization
 from mpdeploy.onnx.trt_rules import check_trt_sparsity
 
 logger = logging.getLogger(__name__)
@@ -104,8 +105,8 @@ def write_precision_files(tmp: Path, precision: str, records: list[dict], manife
         calib["chosen_because"] = why
     files, conversion = {}, {}
     for variant in ("sparse", "dense"):
-        name = onnx_file_name(variant, precision)
-        conversion[variant] = convert(tmp / onnx_file_name(variant, "fp32"), tmp / name, precision, "input", batches)
+        name = OnnxFolder.model_name(variant, precision)
+        conversion[variant] = convert(tmp / OnnxFolder.model_name(variant, "fp32"), tmp / name, precision, "input", batches)
         files[variant] = name
     proto = onnx.load(str(tmp / files["sparse"]))
     report = check_trt_sparsity(proto)
@@ -133,7 +134,7 @@ def write_precision_files(tmp: Path, precision: str, records: list[dict], manife
         "calibration": calib,
         "tensors": tensors,
         "eligible_2_4": sum(t["is_2_4"] for t in tensors if t["runs_sparse"]),
-        "ort_check": {v: _ort_compare(tmp / onnx_file_name(v, "fp32"), tmp / files[v], shape, config.check_batch)
+        "ort_check": {v: _ort_compare(tmp / OnnxFolder.model_name(v, "fp32"), tmp / files[v], shape, config.check_batch)
                       for v in files},
     }
     if precision == "int8":

@@ -29,6 +29,7 @@ import numpy as np
 
 from mpdeploy.core import artifacts, atomic
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.kinds import OnnxFolder, open_weights
 from mpdeploy.core.names import PRECISIONS
 from mpdeploy.onnx.annotate import annotate, round_to_fp16, weights_to_fp16
 from mpdeploy.onnx.initializers import Mapped, map_initializers
@@ -200,7 +201,8 @@ def _ort_check(tmp: Path, sparse, dense, config: ExportConfig) -> dict[str, Any]
     if config.dynamic_batch and config.check_batch != 1:
         batches.append(1)  # proves the batch axis really is dynamic
     diffs = {}
-    for variant, art, file in (("sparse", sparse, "model.onnx"), ("dense", dense, "model.dense.onnx")):
+    for variant, art in (("sparse", sparse), ("dense", dense)):
+        file = OnnxFolder.MODELS[variant]
         reference = round_to_fp16(art.model) if config.fp16 else art.model
         diffs[variant] = _ort_max_diff(tmp / file, reference, sparse.input_shape, batches)
     for variant, diff in diffs.items():
@@ -265,7 +267,7 @@ def export(pruned_dir: Path, config: ExportConfig, out_dir: Path) -> Path:
     from mpdeploy.sparsity.pruned import load_pruned
 
     pruned_dir, out_dir = Path(pruned_dir), Path(out_dir)
-    artifacts.read_manifest(pruned_dir, "pruned", verify=True)  # bad input fails before anything is made
+    open_weights(pruned_dir)  # bad input (a file, its chain, a missing source) fails before anything is made
     _check_output(out_dir, pruned_dir)
     source_hash = artifacts.manifest_hash(pruned_dir)
     timings: dict[str, float] = {}
@@ -295,7 +297,7 @@ def export(pruned_dir: Path, config: ExportConfig, out_dir: Path) -> Path:
         annotations = {r["initializer"]: {"param": r["param"], "pattern": r["pattern"], "axis": r["annotation_axis"]}
                        for r in records}
         per_tensor = annotate(proto, annotations, {**header, "variant": "sparse"})
-        _save(proto, tmp / "model.onnx")
+        _save(proto, tmp / OnnxFolder.MODELS["sparse"])
         del proto
 
         t0 = time.perf_counter()
@@ -303,7 +305,7 @@ def export(pruned_dir: Path, config: ExportConfig, out_dir: Path) -> Path:
         if config.fp16:
             weights_to_fp16(dense_proto)
         annotate(dense_proto, {}, {**header, "variant": "dense"})
-        _save(dense_proto, tmp / "model.dense.onnx")
+        _save(dense_proto, tmp / OnnxFolder.MODELS["dense"])
         del dense_proto
         timings["export_dense_s"] = time.perf_counter() - t0
 
@@ -321,7 +323,7 @@ def export(pruned_dir: Path, config: ExportConfig, out_dir: Path) -> Path:
         summary = _summary(records, ineligible, trt)
         sparsity = _sparsity_record(config, source_hash, per_tensor, records, trt, annotations, ort_check, summary,
                                     precision)
-        atomic.write_json(tmp / "sparsity.json", sparsity)
+        atomic.write_json(tmp / OnnxFolder.SPARSITY, sparsity)
         artifacts.write_manifest(
             tmp, KIND, config, inputs={"pruned_manifest": source_hash}, sources={"weights": pruned_dir},
             extra={
@@ -345,5 +347,4 @@ def export(pruned_dir: Path, config: ExportConfig, out_dir: Path) -> Path:
 def load_sparsity(onnx_dir: Path, verify: bool = True) -> dict[str, Any]:
     """Read a checked `onnx/` artifact's sparsity.json (the manifest, and with `verify` its hashes, first)."""
     onnx_dir = Path(onnx_dir)
-    artifacts.read_manifest(onnx_dir, KIND, verify=verify)
-    return atomic.read_json(onnx_dir / "sparsity.json", what="sparsity record")
+    return OnnxFolder.open(onnx_dir, verify=verify).sparsity()

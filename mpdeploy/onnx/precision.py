@@ -20,7 +20,8 @@ TensorRT 11 removed the builder's precision flags: the precision is whatever the
   Chosen over ModelOpt's ONNX quantizer because it is already installed with onnxruntime, runs on
   CPU, and the same file is what the ort backend then runs and audits here.
 
-Nothing here imports a stage module: the backends use `onnx_file_name` too.
+Nothing here imports a stage module: the backends use `require_precision_file` too (the file names are
+the onnx kind's, `OnnxFolder.model_name`).
 """
 
 from __future__ import annotations
@@ -33,11 +34,10 @@ from typing import Any
 import numpy as np
 
 from mpdeploy.core.errors import MpdeployError
-from mpdeploy.core.names import PRECISIONS
+from mpdeploy.core.kinds import OnnxFolder
 
 logger = logging.getLogger(__name__)
 
-BASE_FILES = {"sparse": "model.onnx", "dense": "model.dense.onnx"}
 # Ops whose (constant) weight input is quantized per channel, and the channel axis for each:
 # Conv weights [O, I, kh, kw] along O; MatMul B [K, N] along N; Gemm B per output channel.
 PER_CHANNEL_AXIS = {"Conv": 0, "MatMul": 1, "Gemm": 0}
@@ -45,19 +45,9 @@ QUANTIZED_OPS = ("Conv", "MatMul", "Gemm", "Add", "Mul", "Relu", "Clip", "MaxPoo
                  "GlobalAveragePool", "Concat", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
 
 
-def onnx_file_name(variant: str, precision: str) -> str:
-    """`model.onnx` / `model.dense.onnx` for fp32; `model.fp16.onnx` / `model.dense.int8.onnx` otherwise."""
-    if variant not in BASE_FILES:
-        raise MpdeployError(f"unknown variant {variant!r}; use sparse or dense")
-    if precision not in PRECISIONS:
-        raise MpdeployError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    base = BASE_FILES[variant]
-    return base if precision == "fp32" else base.replace(".onnx", f".{precision}.onnx")
-
-
 def require_precision_file(onnx_dir: Path, variant: str, precision: str) -> Path:
     """The precision's ONNX in an export artifact, or a one-line error saying how to make it."""
-    path = Path(onnx_dir) / onnx_file_name(variant, precision)
+    path = Path(onnx_dir) / OnnxFolder.model_name(variant, precision)
     if not path.is_file():
         raise MpdeployError(f"{path} not found: the export has no {precision} {variant} model; re-run "
                             f"`mpdeploy export --precision {precision}` (mpdeploy build does this itself)")

@@ -1,11 +1,11 @@
 """The build pipeline: model -> prune [-> distill] -> export -> engines (sparse + dense twin) -> audit.
 
-    engines/<name>/pruned/            prune artifact (its dense.safetensors is the dense twin)
+    engines/<name>/pruned/            prune artifact (its dense weights file is the dense twin)
     engines/<name>/distilled/         with --distill-epochs: recovered weights (source: pruned/)
     engines/<name>/onnx/              export artifact (source: distilled/ or pruned/)
     engines/<name>/engine-<backend>/  the two engines (sources: onnx/ and the same weights)
     engines/<name>/audit/             the audit (sources: the engine and the weights it was built from)
-    engines/<name>/densified/         with --sparse on trt / torch: pruned/ (the layers the engine ran dense,
+    engines/<name>/densified/         with --sparse on a backend that reports per-layer sparse use: pruned/ (the layers the engine ran dense,
                                       dense again; sources: the weights and the engine), onnx/, engine-<backend>/,
                                       audit/ -- one densify round, on by default (`densify=False` turns it off)
     engines/<name>/build_summary.json what the last run did per stage (built / reused / skipped, seconds)
@@ -40,7 +40,8 @@ from mpdeploy.core import artifacts, atomic
 from mpdeploy.backends.base import BuildConfig, create_backend, resolve_backend
 from mpdeploy.engine.stage import build_engines, options_for
 from mpdeploy.core.errors import MpdeployError
-from mpdeploy.core.names import BACKENDS, ENGINE_PREFIX
+from mpdeploy.core.kinds import OnnxFolder
+from mpdeploy.core.names import BACKENDS, ENGINE_PREFIX, traits
 from mpdeploy.audit.run import audit_stage
 from mpdeploy.core.runner import StageResult
 from mpdeploy.densify.run import densify_stage, sparse_use_check
@@ -54,7 +55,6 @@ Progress = Callable[..., None]
 SUMMARY_SCHEMA = "mpdeploy.build_summary/1"
 SUMMARY_FILE = "build_summary.json"
 DENSIFIED = "densified"  # the densify round's sub-root: pruned/, onnx/, engine-<backend>/, audit/
-SPARSE_BACKENDS = ("trt", "torch")  # backends whose reports say, per layer, what ran sparse
 _NAME_RE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -152,7 +152,7 @@ def _check_root(root: Path) -> None:
 
 
 def _audit_config(audit_config, backend_name: str, build_config: BuildConfig):
-    from mpdeploy.audit import AuditConfig
+    from mpdeploy.audit.config import AuditConfig
 
     if audit_config is None:
         # The engines serve exactly these batch sizes (a TensorRT profile ends at the largest).
@@ -167,6 +167,15 @@ def prune_for(prune_config, backend_name: str, precision: str, build_config: Bui
         return prune_config
     options = tuple((k, v) for k, v in build_config.backend_options if k in ("kernel", "conv1x1"))
     return dataclasses.replace(prune_config, backend=backend_name, backend_precision=precision, backend_options=options)
+
+
+def export_for(export_config, backend_name: str, precision: str, build_config: BuildConfig):
+    """The export a backend that builds from the precision's own ONNX needs: that precision's files beside
+    the FP32 ones (unless the config asks for a precision already). INT8 calibrates on --calib, else the
+    pruned artifact's data."""
+    if not traits(backend_name).precision_onnx or precision == "fp32" or export_config.precision != "fp32":
+        return export_config
+    return dataclasses.replace(export_config, precision=precision, calib=export_config.calib or build_config.calib)
 
 
 def _audit(engine_dir: Path, audit_config, build_config: BuildConfig, stage: BuildStageConfig, progress,
@@ -189,10 +198,10 @@ def _densify_round(root: Path, engine: StageResult, first_audit: StageResult, ba
         return []
     if not stage.densify:
         return [StageResult("densify", "skipped", 0.0, None, {"reason": "--no-densify"})]
-    if backend_name not in SPARSE_BACKENDS:
+    if traits(backend_name).sparse_use_report is None:
+        why = traits(backend_name).no_sparse_note
         return [StageResult("densify", "skipped", 0.0, None, {
-            "reason": f"{backend_name}: no per-layer report of sparse use (ONNX Runtime on CPU has no sparse kernels; "
-                      "the model was pruned for TensorRT's rules, for a later GPU build)"})]
+            "reason": f"{backend_name}: no per-layer report of sparse use{f' ({why})' if why else ''}"})]
     from mpdeploy.densify.stage import DensifyConfig
 
     sub = root / DENSIFIED
@@ -237,12 +246,13 @@ def run_build(model, prune_config, export_config, build_config: BuildConfig, sta
     backend_name, backend_reason = resolve_backend(stage.backend)  # fail fast, before loading anything
     build_config = options_for(backend_name, build_config)
     precision = create_backend(backend_name).resolve_precision(build_config)
-    if backend_name in ("trt", "ort") and precision != "fp32" and export_config.precision == "fp32":
-        # TensorRT 10/11 build strongly typed networks from the precision's own ONNX (FP16 / BF16 / INT8 Q/DQ);
-        # ort runs the same fp16 / int8 files. INT8 calibrates on --calib, else the pruned artifact's data.
-        export_config = dataclasses.replace(export_config, precision=precision,
-                                            calib=export_config.calib or build_config.calib)
-        logger.info("%s + %s: exporting model.%s.onnx beside the FP32 files", backend_name, precision, precision)
+    # TensorRT 10/11 build strongly typed networks from the precision's own ONNX (FP16 / BF16 / INT8 Q/DQ);
+    # ort runs the same fp16 / int8 files.
+    wanted = export_for(export_config, backend_name, precision, build_config)
+    if wanted != export_config:
+        logger.info("%s + %s: exporting %s beside the FP32 files", backend_name, precision,
+                    OnnxFolder.model_name("sparse", precision))
+    export_config = wanted
     logger.info("backend %s", backend_reason)
     prune_config = prune_for(prune_config, backend_name, precision, build_config)
     audit_config = _audit_config(audit_config, backend_name, build_config) if stage.audit else None

@@ -19,6 +19,7 @@ from torch import nn
 from mpdeploy.core import artifacts, atomic
 from mpdeploy.sparsity.budgets import Candidate, get_budget
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.kinds import PrunedFolder
 from mpdeploy.sparsity.layers import LayerInfo, count_macs, find_layers, skip_reason
 from mpdeploy.models.spec import LoadedModel
 from mpdeploy.sparsity.patterns import NM, is_nm_compliant, parse_pattern
@@ -275,7 +276,7 @@ def _calibrate_and_permute(model: nn.Module, loaded: LoadedModel, config: PruneC
 
     permutation_report: dict[str, Any] = {}
     if config.permute:
-        from mpdeploy.sparsity.permute import permute_model
+        from mpdeploy.sparsity.permute.fold import permute_model
 
         permutation_report = permute_model(
             model, eligible, pattern=config.pattern, saliency=config.saliency, stats=stats,
@@ -416,9 +417,9 @@ def prune(loaded: LoadedModel, config: PruneConfig, out_dir: Path, progress: Pro
     result = prune_model(loaded, config, progress)
     dense_state = result.extra.pop("dense_state")
     with artifacts.atomic_dir(out_dir, kind=KIND) as tmp:
-        save_file(_state_for_save(result.model.state_dict()), str(tmp / "model.safetensors"))
-        save_file(_state_for_save(dense_state), str(tmp / "dense.safetensors"))
-        save_file({k: v.to(torch.uint8).contiguous() for k, v in result.masks.items()}, str(tmp / "masks.safetensors"))
+        save_file(_state_for_save(result.model.state_dict()), str(tmp / PrunedFolder.WEIGHTS["sparse"]))
+        save_file(_state_for_save(dense_state), str(tmp / PrunedFolder.WEIGHTS["dense"]))
+        save_file({k: v.to(torch.uint8).contiguous() for k, v in result.masks.items()}, str(tmp / PrunedFolder.MASKS))
         artifacts.write_manifest(
             tmp, KIND, config,
             inputs={"model": source_hash or artifacts.sha256_json(loaded.source)},

@@ -71,7 +71,7 @@ def audit_of_engine(audit: AuditFolder | None, engine: EngineFolder, engine_dir:
     Tied means: the audit records an engine source, that source is this very folder, and the manifest hash
     it recorded is this engine manifest's hash (so any later edit of the engine or its manifest shows)."""
     if audit is None:
-        return f"{engine_dir} has no audit/audit.json"
+        return f"{engine_dir} has no audit/{AuditFolder.RESULT}"
     where = audit.path
     record = audit.sources.get("engine")
     if not isinstance(record, dict) or not record.get("path") or not record.get("manifest_sha256"):
@@ -121,7 +121,7 @@ def open_engine(engine_dir: Path, backend: str) -> EngineFolder:
 
 
 def read_engine_manifest(engine_dir: Path, backend: str) -> dict[str, Any]:
-    path = engine_dir / engine_folder_name(backend) / "manifest.json"
+    path = engine_dir / engine_folder_name(backend) / artifacts.MANIFEST
     manifest = _read_json(path, "engine manifest")
     if manifest.get("schema") != EngineFolder.SCHEMA or manifest.get("kind") != "engine":
         raise MpdeployError(
@@ -130,7 +130,7 @@ def read_engine_manifest(engine_dir: Path, backend: str) -> dict[str, Any]:
         )
     if manifest.get("backend") != backend:
         raise MpdeployError(
-            f"{path} says backend {manifest.get('backend')!r} but sits in engine-{backend}/; rebuild it"
+            f"{path} says backend {manifest.get('backend')!r} but sits in {engine_folder_name(backend)}/; rebuild it"
         )
     io = manifest.get("io")
     if not isinstance(io, dict) or not io.get("inputs") or not io.get("outputs"):
@@ -144,13 +144,18 @@ def engine_file(engine_dir: Path, backend: str, manifest: dict[str, Any], varian
     files = manifest.get("variants") if isinstance(manifest.get("variants"), dict) else {}
     if variant not in files:
         have = ", ".join(sorted(map(str, files))) or "none"
-        raise MpdeployError(f"engine-{backend} has no {variant} engine (has: {have}); pass --variant with one of those")
+        raise MpdeployError(f"{engine_folder_name(backend)} has no {variant} engine (has: {have}); pass --variant "
+                            "with one of those")
     rel = files[variant]
     path = engine_dir / engine_folder_name(backend) / str(rel)
     expected = (manifest.get("files") or {}).get(rel) if isinstance(rel, str) else None
     if expected is None or Path(rel).is_absolute() or ".." in Path(rel).parts or not path.is_file():
         raise MpdeployError(f"engine file {path} named by the manifest is missing or not hashed in it; "
                             "rebuild with mpdeploy build")
-    if sha256_file(path) != expected or (manifest.get("file_sha256") or {}).get(rel, expected) != expected:
+    recorded = (manifest.get("file_sha256") or {}).get(rel)
+    if recorded is None:  # the engine stage always records it: without it, nothing says what was built
+        raise MpdeployError(f"engine file {path} has no sha256 recorded with the engine (file_sha256; made by an "
+                            "older mpdeploy, or edited); rebuild with mpdeploy build")
+    if sha256_file(path) != expected or recorded != expected:
         raise MpdeployError(f"{path} does not match the sha256 in its manifest (changed since the build); rebuild it")
     return path

@@ -32,7 +32,7 @@ from typing import Any
 from mpdeploy.core import artifacts
 from mpdeploy.core.artifacts import sha256_file
 from mpdeploy.core.errors import MpdeployError
-from mpdeploy.core.names import VARIANTS
+from mpdeploy.core.names import BACKENDS, VARIANTS, backends_with, engine_folder_name, traits
 from mpdeploy.serve.inputs import (
     audit_of_engine,
     check_verdict,
@@ -43,6 +43,10 @@ from mpdeploy.serve.inputs import (
 )
 from mpdeploy.serve.triton_config import build_model_config, config_to_text, parse_config
 from mpdeploy.serve.triton_repo import (
+    CONFIG_FILE,
+    MODEL_FILES,
+    PROVENANCE_FILE,
+    SUMS_FILE,
     VersionTaken,
     remove_stale_tmp,
     rename_new,
@@ -57,6 +61,7 @@ logger = logging.getLogger(__name__)
 AUDIT_SCHEMA = "mpdeploy.audit/1"
 PROVENANCE_SCHEMA = "mpdeploy.ship/1"
 SERVE_BACKENDS = ("auto", "python")
+ONNX_PLATFORM = "onnxruntime_onnx"  # the platform whose file the python backend serves (with ONNX Runtime)
 KINDS = ("KIND_GPU", "KIND_CPU")
 
 # Copied verbatim as model.py for --serve-backend python; a module of this package, so wheels carry it.
@@ -120,37 +125,37 @@ def _next_version(model_dir: Path) -> int:
 
 
 def _fill_version_dir(
-    dest: Path, model_files: list[str], source: Path, provenance: dict[str, Any], expected: str | None
+    dest: Path, model_files: list[str], source: Path, provenance: dict[str, Any], expected: str
 ) -> None:
     """Write model file(s), provenance.json and SHA256SUMS into `dest` (a new staging folder)."""
     dest.mkdir()
     for fname in model_files:
-        shutil.copyfile(_PYTHON_MODEL_TEMPLATE if fname == "model.py" else source, dest / fname)
-    write_text(dest / "provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+        shutil.copyfile(_PYTHON_MODEL_TEMPLATE if fname == MODEL_FILES["python"] else source, dest / fname)
+    write_text(dest / PROVENANCE_FILE, json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     sums = {p.name: sha256_file(p) for p in sorted(dest.iterdir())}
-    if expected is not None and sums[model_files[-1]] != expected:
+    if sums[model_files[-1]] != expected:
         raise MpdeployError(f"copy of {source} does not match its manifest sha256; check the disk and retry")
-    write_text(dest / "SHA256SUMS", "".join(f"{h}  {n}\n" for n, h in sums.items()))
+    write_text(dest / SUMS_FILE, "".join(f"{h}  {n}\n" for n, h in sums.items()))
 
 
 def _resolve_serving(backend: str, config: ShipConfig) -> tuple[str, str, list[str]]:
     """(serve, kind, model files) for an engine backend: serve is a Triton platform or "python"."""
-    if backend == "torch":
+    platform = traits(backend).triton_platform  # what Triton serves this backend's engine file with
+    if platform is None:
         raise MpdeployError(
-            "torch engines are PyTorch modules converted at load time and have no file Triton can serve; "
-            "build with --backend ort or trt and ship that engine"
+            f"{backend} engines have no file Triton can serve; build with --backend "
+            f"{' or '.join(sorted(backends_with('triton_platform')))} and ship that engine"
         )
     if config.serve_backend == "python":
-        if backend != "ort":
+        if platform != ONNX_PLATFORM:
+            onnx_backends = [b for b, t in BACKENDS.items() if t.triton_platform == ONNX_PLATFORM]
             raise MpdeployError(
-                f"--serve-backend python serves ONNX with ONNX Runtime, but engine-{backend} holds TensorRT plans; "
-                f"use --serve-backend auto (tensorrt_plan) or ship an ort engine"
+                f"--serve-backend python serves ONNX with ONNX Runtime, but {engine_folder_name(backend)} holds "
+                f"{platform} engines; use --serve-backend auto ({platform}) or ship an {' or '.join(onnx_backends)} engine"
             )
-        serve, files = "python", ["model.py", "model.onnx"]
-    elif backend == "trt":
-        serve, files = "tensorrt_plan", ["model.plan"]
+        serve, files = "python", [MODEL_FILES["python"], MODEL_FILES[ONNX_PLATFORM]]
     else:
-        serve, files = "onnxruntime_onnx", ["model.onnx"]
+        serve, files = platform, [MODEL_FILES[platform]]
     kind = config.kind or ("KIND_GPU" if serve == "tensorrt_plan" else "KIND_CPU")
     if serve == "python" and kind == "KIND_GPU":
         # The template runs ONNX Runtime's CPU provider; a GPU instance would only pin the process.
@@ -169,7 +174,7 @@ class _Plan:
     serve: str
     model_files: list[str]
     source: Path
-    expected_sha256: str | None
+    expected_sha256: str  # of the engine file, as its manifest records it (the copy is checked against it)
     model_cfg: Any
     config_text: str
     provenance: dict[str, Any]  # without version and config_sha256, filled per attempt
@@ -188,11 +193,11 @@ def _plan(engine_dir: Path, config: ShipConfig) -> _Plan:
     backend = pick_engine_backend(engine_dir, config.engine_backend, audit)
     serve, kind, model_files = _resolve_serving(backend, config)
     engine = open_engine(engine_dir, backend)  # integrity first: --force never skips it
+    manifest = engine.manifest
+    source = engine_file(engine_dir, backend, manifest, config.variant)
     problem = audit_of_engine(audit, engine, engine_dir)
     check_verdict(audit, problem, engine_dir, config.force)
     shipped_audit = audit if problem is None else None  # a forced ship past another engine's audit has none
-    manifest = engine.manifest
-    source = engine_file(engine_dir, backend, manifest, config.variant)
     python_env = Path(config.python_env or sys.prefix).resolve() if serve == "python" else None
     if python_env is not None and not python_env.exists():
         raise MpdeployError(
@@ -288,7 +293,7 @@ def _provenance(name: str, engine_dir: Path, backend: str, serve: str, source: P
 
 def _config_action(plan: _Plan, force: bool) -> bool:
     """Whether config.pbtxt must be (re)written; refuses a different existing config unless forced."""
-    config_path = plan.model_dir / "config.pbtxt"
+    config_path = plan.model_dir / CONFIG_FILE
     if not config_path.exists():
         return True
     try:
@@ -309,7 +314,7 @@ def _config_action(plan: _Plan, force: bool) -> bool:
 
 def _write_once(plan: _Plan, config: ShipConfig) -> Path:
     """One attempt: pick the version, stage everything under temp names, rename into place, undo on failure."""
-    model_dir, config_path = plan.model_dir, plan.model_dir / "config.pbtxt"
+    model_dir, config_path = plan.model_dir, plan.model_dir / CONFIG_FILE
     if model_dir.exists() and not model_dir.is_dir():
         raise MpdeployError(f"{model_dir} is a file, not a model folder; remove it or pass another --name")
     write_config = _config_action(plan, config.force)
@@ -336,7 +341,7 @@ def _write_once(plan: _Plan, config: ShipConfig) -> Path:
             stage = tmp_name_next_to(model_dir)
             tmp_paths.append(stage)
             stage.mkdir()
-            write_text(stage / "config.pbtxt", plan.config_text)
+            write_text(stage / CONFIG_FILE, plan.config_text)
             _fill_version_dir(stage / str(version), plan.model_files, plan.source, provenance, plan.expected_sha256)
             rename_new(stage, model_dir)
             tmp_paths.remove(stage)

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from mpdeploy.serve.triton_config import LIMIT_PARAMETER, request_limit
+from mpdeploy.serve.triton_repo import CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def model_limits(repo: Path) -> dict[str, int]:
     from mpdeploy.serve.triton_config import parse_config
 
     limits = {}
-    for config in sorted(Path(repo).glob("*/config.pbtxt")):
+    for config in sorted(Path(repo).glob(f"*/{CONFIG_FILE}")):
         try:
             cfg = parse_config(config.read_text())
         except Exception as exc:  # noqa: BLE001 - Triton reports an unreadable config itself
@@ -83,7 +84,7 @@ def refusal(model: str, body: bytes, headers: Mapping[str, str], limits: Mapping
         return None  # Triton refuses what it cannot parse, without allocating
     if elements > limit:
         return (f"request declares {elements} input elements; model '{model}' takes at most {limit} per request "
-                f"({LIMIT_PARAMETER} in its config.pbtxt)")
+                f"({LIMIT_PARAMETER} in its {CONFIG_FILE})")
     return None
 
 

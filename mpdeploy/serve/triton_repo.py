@@ -1,4 +1,7 @@
-"""Writing into a Triton model repository without ever leaving half a model behind.
+"""Triton's model repository: its file names, and writing into it without ever leaving half a model behind.
+
+The file names below are Triton's layout (what its backends load by default), owned here; an mpdeploy
+artifact's files are named by its kind (mpdeploy.core.kinds), even where a name is the same.
 
 Temporary names are hidden, non-numeric (Triton skips them as versions) and carry the writer's pid, so a
 later ship removes what a killed one left but keeps a running one's staging; renames never replace
@@ -19,6 +22,12 @@ from typing import Any
 from mpdeploy.core.errors import MpdeployError
 
 logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.pbtxt"  # <repo>/<model>/: one config per model, shared by its versions
+# <repo>/<model>/<version>/: the file each serving platform (or Triton backend) loads by default
+MODEL_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx", "python": "model.py"}
+PROVENANCE_FILE = "provenance.json"  # what was shipped: audit summary, engine manifest, hashes
+SUMS_FILE = "SHA256SUMS"  # `cd <version> && sha256sum -c SHA256SUMS`
 
 # Temporary names: hidden and non-numeric (Triton skips them as versions; ".tmp-" is git-ignored), and
 # carrying our pid, so a later ship can tell a killed ship's leftovers from a running ship's staging.

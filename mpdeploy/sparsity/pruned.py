@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mpdeploy.core.errors import MpdeployError
-from mpdeploy.core.kinds import open_weights
+from mpdeploy.core.kinds import PrunedFolder, open_weights
 from mpdeploy.models.load import recreate_architecture
 from mpdeploy.sparsity.patterns import NM, parse_pattern
 
@@ -65,7 +65,7 @@ def load_pruned(path: Path, which: str = "sparse", verify: bool = True, chain: b
         state = load_file(str(weights))
         masks = {k: v.bool() for k, v in load_file(str(folder.masks_file)).items()}
     except Exception as exc:
-        raise MpdeployError(f"{path}: cannot read {weights.name} / masks.safetensors ({exc}); re-run `mpdeploy prune`") from None
+        raise MpdeployError(f"{path}: cannot read {weights.name} / {PrunedFolder.MASKS} ({exc}); re-run `mpdeploy prune`") from None
     load_weights_strict(model, state, where=str(weights), arch=manifest["model"]["name"])
     check_input_shape(model.eval(), manifest, path)
     return PrunedArtifact(path, manifest, model.eval(), masks)

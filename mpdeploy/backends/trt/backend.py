@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from mpdeploy.backends.base import Backend, BuildConfig, BuildInputs, BuiltEngine, Runner
+from mpdeploy.backends.base import Backend, BuildConfig, BuildInputs, BuiltEngine, Runner, SparsePlan
+from mpdeploy.backends.sparse_plan import tensorrt_rules_plan
 from mpdeploy.backends.trt.plan import detect_capabilities, plan_trt_build, unsupported_reason
 from mpdeploy.backends.trt.report import (
     layer_not_sparse_reasons,
@@ -42,6 +43,7 @@ from mpdeploy.backends.trt.report import (
 )
 from mpdeploy.core.artifacts import sha256_file
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.kinds import OnnxFolder
 from mpdeploy.onnx.precision import require_precision_file
 
 logger = logging.getLogger(__name__)
@@ -187,11 +189,19 @@ class TrtEngineRunner(Runner):
 
 
 class TrtBackend(Backend):
-    name = "trt"
     default_precision = "fp16"
     # typing: "strong" = strongly typed network from the precision's ONNX (TensorRT 10 and 11);
     # "legacy" = FP32 ONNX plus builder precision flags / calibrator (only where TensorRT still has them).
     options = {"typing": ("strong", "legacy"), "calibrator": ("entropy2", "minmax")}
+    build_note = (f"TensorRT finds 2:4 from the zeros in dense weights: the sparse engine is built from "
+                  f"{OnnxFolder.MODELS['sparse']} with SPARSE_WEIGHTS on, the dense twin from "
+                  f"{OnnxFolder.MODELS['dense']} with it off")
+
+    @classmethod
+    def prune_plan(cls, model, input_shape, names: list[str], precision: str | None,
+                   options: dict[str, Any]) -> SparsePlan:
+        """TensorRT's placement rules on a legacy ONNX export of the dense model."""
+        return tensorrt_rules_plan(cls.name, model, input_shape, names)
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -292,7 +302,8 @@ class TrtBackend(Backend):
         onnx_dir = onnx_path.parent
         layers = parse_engine_inspector(info)
         sparsity = parse_sparsity_log(log_text)
-        sparsity_json = json.loads((onnx_dir / "sparsity.json").read_text()) if (onnx_dir / "sparsity.json").exists() else {}
+        record = onnx_dir / OnnxFolder.SPARSITY
+        sparsity_json = json.loads(record.read_text()) if record.exists() else {}
         findings = qdq_graph_findings(onnx.load(str(onnx_path), load_external_data=False))
         report: dict[str, Any] = {
             "onnx": onnx_path.name,

@@ -21,6 +21,8 @@ import json
 import re
 from typing import Any
 
+from mpdeploy.core.kinds import OnnxFolder
+
 
 ELIGIBLE_MARKER = "(Sparsity) Layers eligible for sparse math:"
 PICKED_MARKER = "(Sparsity) TRT inference plan picked sparse implementation for layers:"
@@ -252,7 +254,7 @@ def pitfall_warnings(report: dict[str, Any], sparsity_json: dict[str, Any] | Non
     if ineligible:
         t = ineligible[0]
         warnings.append(f"annotated 2:4 but not eligible in the ONNX: {len(ineligible)} tensors, e.g. "
-                        f"{t.get('layer') or t.get('initializer')}: {t.get('reason') or 'see sparsity.json'}")
+                        f"{t.get('layer') or t.get('initializer')}: {t.get('reason') or f'see {OnnxFolder.SPARSITY}'}")
     dense_with_sparse = [layer for layer in layers if layer.get("has_sparse_weights") and not layer.get("sparse_tactic")]
     qdq = precision == "int8" or any("QuantizeLinear" in p or "DequantizeLinear" in p
                                      for t in tensors for p in (t.get("path") or []))

@@ -15,6 +15,7 @@ from typing import Any
 
 from mpdeploy.core import artifacts
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.kinds import SweepFolder
 from mpdeploy.pipeline.sweep.choice import accuracy_drop, kind_of, objective_value
 from mpdeploy.pipeline.sweep.space import Objective, describe
 
@@ -23,7 +24,6 @@ logger = logging.getLogger(__name__)
 KIND = "sweep"
 SCHEMA = "mpdeploy.sweep/1"
 FOLDER = "sweep"
-FILES = {"json": "sweep.json", "md": "sweep.md", "png": "frontier.png"}
 
 
 def _source_roles(rows: Sequence[Mapping[str, Any]], root: Path) -> dict[str, Path]:
@@ -48,9 +48,9 @@ def write_sweep(root: Path, rows: list[dict[str, Any]], choices: Mapping[str, st
               "rows": rows}
     sources = _source_roles(rows, Path(root))
     with artifacts.atomic_dir(target, kind=KIND) as tmp:
-        artifacts.write_json(tmp / FILES["json"], record)
-        plotted = plot_frontier(rows, choices, front, objective, max_drop, tmp / FILES["png"])
-        (tmp / FILES["md"]).write_text(render_markdown(record, plotted))
+        artifacts.write_json(tmp / SweepFolder.TABLE, record)
+        plotted = plot_frontier(rows, choices, front, objective, max_drop, tmp / SweepFolder.FRONTIER)
+        (tmp / SweepFolder.MARKDOWN).write_text(render_markdown(record, plotted))
         artifacts.write_manifest(tmp, KIND, config, sources=sources, target=target,
                                  extra={"choice": dict(choices), "objective": objective.label})
     return target
@@ -91,7 +91,7 @@ def render_markdown(record: Mapping[str, Any], plotted: bool) -> str:
               f"{record['max_top1_drop']:.2%}. Trials: {len(rows)}; backend {record.get('backend')}; "
               f"{record.get('seconds', 0):.1f} s.", ""]
     if plotted:
-        lines += ["![frontier](frontier.png)", ""]
+        lines += [f"![frontier]({SweepFolder.FRONTIER})", ""]
     kinds = sorted({kind_of(r) for r in rows})
     for kind in kinds:
         if len(kinds) > 1:
@@ -111,7 +111,7 @@ def render_markdown(record: Mapping[str, Any], plotted: bool) -> str:
         lines.append("")
     lines += ["Speedup = dense p50 / sparse p50 of the same audit (interleaved timing), with its 95% interval; an "
               "interval holding 1.0 is no measurable difference. Absolute latencies of different trials were timed at "
-              "different moments: the load of the machine is in each row of sweep.json.", ""]
+              f"different moments: the load of the machine is in each row of {SweepFolder.TABLE}.", ""]
     return "\n".join(lines)
 
 
@@ -119,11 +119,11 @@ def open_sweep(path: Path | str) -> dict[str, Any]:
     """sweep.json of a verified sweep folder (its files, and every audit and screen it was read from)."""
     path = Path(path)
     manifest = artifacts.read_manifest(path, KIND, verify=True)
-    if FILES["json"] not in (manifest.get("files") or {}):
-        raise MpdeployError(f"{path}: its manifest lists no {FILES['json']}; run mpdeploy sweep again")
-    data = artifacts.read_json(path / FILES["json"], what="sweep")
+    if SweepFolder.TABLE not in (manifest.get("files") or {}):
+        raise MpdeployError(f"{path}: its manifest lists no {SweepFolder.TABLE}; run mpdeploy sweep again")
+    data = artifacts.read_json(path / SweepFolder.TABLE, what="sweep")
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise MpdeployError(f"{path}/{FILES['json']} is not a {SCHEMA} record; run mpdeploy sweep again")
+        raise MpdeployError(f"{path}/{SweepFolder.TABLE} is not a {SCHEMA} record; run mpdeploy sweep again")
     return data
 
 

@@ -200,7 +200,7 @@ def trial_configs(values: Mapping[str, str], prune, distill_template, export, bu
     distill = None
     if epochs:
         if distill_template is None:
-            from mpdeploy.distill import DistillConfig
+            from mpdeploy.distill.config import DistillConfig
 
             distill = DistillConfig(data="digits", epochs=epochs)
         else:
@@ -211,12 +211,10 @@ def trial_configs(values: Mapping[str, str], prune, distill_template, export, bu
 def _for_backend(configs: TrialConfigs, backend: str) -> TrialConfigs:
     """As run_build does before its stages (kept in step with mpdeploy.pipeline.build.run_build)."""
     from mpdeploy.backends.base import create_backend
-    from mpdeploy.pipeline.build import prune_for
+    from mpdeploy.pipeline.build import export_for, prune_for
     from mpdeploy.engine.stage import options_for
 
     build = options_for(backend, configs.build)
     precision = create_backend(backend).resolve_precision(build)
-    export = configs.export
-    if backend in ("trt", "ort") and precision != "fp32" and export.precision == "fp32":
-        export = dataclasses.replace(export, precision=precision, calib=export.calib or build.calib)
-    return TrialConfigs(prune_for(configs.prune, backend, precision, build), configs.distill, export, build)
+    return TrialConfigs(prune_for(configs.prune, backend, precision, build), configs.distill,
+                        export_for(configs.export, backend, precision, build), build)

@@ -23,6 +23,8 @@ from typing import Any
 
 from mpdeploy.core import artifacts
 from mpdeploy.core.errors import MpdeployError
+from mpdeploy.core.kinds import EngineFolder, ScreenFolder
+from mpdeploy.core.names import engine_folder_name
 from mpdeploy.pipeline.sweep.space import Objective, TrialConfigs, describe, trial_configs, trial_id
 from mpdeploy.pipeline.sweep.store import Store
 
@@ -30,7 +32,6 @@ logger = logging.getLogger(__name__)
 
 KIND_KEY = "gpu-kind"  # the pseudo grid key of the GPU kind a trial's engine is built and timed on
 SCREEN_KIND = "screen"
-SCREEN_FILE = "accuracy.json"
 ROW_SCHEMA = "mpdeploy.sweep_row/1"
 
 
@@ -139,7 +140,7 @@ def _weights(plan: SweepPlan, configs: TrialConfigs, row: dict[str, Any]) -> tup
     row["sparse_execution_mac_cut"] = result.details.get("sparse_execution_mac_reduction")
     weights = step / "pruned"
     if configs.distill is not None:
-        from mpdeploy.distill import reuse_config
+        from mpdeploy.distill.config import reuse_config
 
         key, step = plan.store.step("distill", key, reuse_config(configs.distill))
         with plan.store.lock(step):
@@ -164,14 +165,14 @@ def _screen(plan: SweepPlan, weights_key: str, weights: Path, row: dict[str, Any
     def make() -> None:
         metrics = screen_accuracy(weights, plan.audit)
         with artifacts.atomic_dir(folder, kind=SCREEN_KIND) as tmp:
-            artifacts.write_json(tmp / SCREEN_FILE, metrics)
+            artifacts.write_json(tmp / ScreenFolder.ACCURACY, metrics)
             artifacts.write_manifest(tmp, SCREEN_KIND, config, inputs=inputs, sources={"weights": weights},
                                      target=folder)
 
     with plan.store.lock(step):
         result = run_stage("screen", folder, SCREEN_KIND, config, make, inputs=inputs, sources={"weights": weights})
     _record(row, plan.store, "screen", result)
-    metrics = artifacts.read_json(folder / SCREEN_FILE, what="screen")
+    metrics = artifacts.read_json(folder / ScreenFolder.ACCURACY, what="screen")
     row.update({k: metrics.get(k) for k in ("top1_sparse", "top1_dense", "top1_drop", "agreement")})
     row["accuracy_from"] = "screen (PyTorch, pruned weights)"
 
@@ -241,10 +242,10 @@ def engine_and_audit(plan: SweepPlan, build_config, onnx_dir: Path, step: Path) 
 
     _limit_threads(plan.threads)
     with plan.store.lock(step):
-        engine = build_engines(onnx_dir, plan.backend, build_config, out=step / f"engine-{plan.backend}",
+        engine = build_engines(onnx_dir, plan.backend, build_config, out=step / engine_folder_name(plan.backend),
                                backend_reason=plan.backend_reason)
         audit = audit_stage(engine.path, plan.audit, build_config, False, None)
-    report = artifacts.read_json(engine.path / "build_report.json", what="build report")
+    report = artifacts.read_json(engine.path / EngineFolder.REPORT, what="build report")
     return {"steps": {s: {"status": r.status, "seconds": round(r.seconds, 3)} for s, r in
                       (("engine", engine), ("audit", audit))},
             "folders": {"engine": str(engine.path), "audit": str(audit.path)},

@@ -21,11 +21,3 @@ Two halves:
   is folded into whatever produces those channels, so the model's function is unchanged and the
   new order survives save/load), search each consumer's permutation on its own saliency, fold it.
 """
-
-from mpdeploy.sparsity.permute.fold import ChannelEdit, Fold, apply_fold, find_folds, permute_model
-from mpdeploy.sparsity.permute.search import kept_saliency, search_permutation, unstructured_kept
-
-__all__ = [
-    "ChannelEdit", "Fold", "apply_fold", "find_folds", "permute_model", "kept_saliency", "search_permutation",
-    "unstructured_kept",
-]
