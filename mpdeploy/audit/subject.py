@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpdeploy.core import artifacts
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.core.names import engine_folder_name, traits
 from mpdeploy.core.kinds import EngineFolder, PrunedFolder
@@ -64,7 +65,7 @@ def open_subject(engine_root: Path, backend: str | None) -> AuditSubject:
     engine = EngineFolder.open(engine_dir)  # every file hashed, nothing unlisted, its sources unchanged
     onnx = engine.onnx()
     if onnx is not None:  # the shapes below come from `io`: it must still be what the ONNX says
-        check_recorded_io(engine_dir / "manifest.json", engine.manifest.get("io"), onnx.sparse_model)
+        check_recorded_io(engine_dir / artifacts.MANIFEST, engine.manifest.get("io"), onnx.sparse_model)
     files = engine_files(engine)
     weights = engine.weights()
     chw, fixed_batch, classes, data_config = io_spec(engine.manifest, weights.manifest)

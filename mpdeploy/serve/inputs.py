@@ -116,7 +116,7 @@ def open_engine(engine_dir: Path, backend: str) -> EngineFolder:
     read_engine_manifest(engine_dir, backend)
     onnx = engine.onnx()
     if onnx is not None:  # Triton's config takes its names and shapes from `io`
-        check_recorded_io(engine.path / "manifest.json", engine.manifest.get("io"), onnx.sparse_model)
+        check_recorded_io(engine.path / artifacts.MANIFEST, engine.manifest.get("io"), onnx.sparse_model)
     return engine
 
 

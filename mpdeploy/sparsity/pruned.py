@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpdeploy.core import artifacts
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.core.kinds import PrunedFolder, open_weights
 from mpdeploy.models.load import recreate_architecture
@@ -83,7 +84,7 @@ def check_input_shape(model: nn.Module, manifest: dict[str, Any], path: Path) ->
 
     shape = manifest["model"].get("input_shape")
     if not isinstance(shape, list) or not shape or not all(type(d) is int and d > 0 for d in shape):
-        raise MpdeployError(f"{path}/manifest.json: model.input_shape {shape!r} is not a list of positive integers; "
+        raise MpdeployError(f"{path}/{artifacts.MANIFEST}: model.input_shape {shape!r} is not a list of positive integers; "
                             "re-run `mpdeploy prune`")
     bounded_input_shape(shape)  # an absurd shape is refused before a tensor of it is allocated
     recorded = {r.get("name"): r.get("macs") for r in manifest.get("layers") or [] if isinstance(r, dict)}
