@@ -86,10 +86,12 @@ def test_grid_and_objective_parsing():
         parse_objective("p50")
 
 
-def _row(rid, p50, top1, drop, status="ok", dense=10.0):
+def _row(rid, p50, top1, drop, status="ok", dense=10.0, ci=None):
+    ci = ci or [0.95 * dense / p50, 1.05 * dense / p50]
     return {"id": rid, "config": {"x": rid}, "phase": "full", "status": status, "precision": "fp32",
             "top1_sparse": top1, "top1_dense": top1 + drop, "top1_drop": drop, "agreement": 1 - drop,
-            "labels_meaningful": True, "latency": {"8": {"sparse": {"p50": p50}, "dense": {"p50": dense}}}}
+            "labels_meaningful": True, "latency": {"8": {"sparse": {"p50": p50}, "dense": {"p50": dense},
+                                                         "speedup_ci95": ci}}}
 
 
 def test_choice_front_and_reasons_on_known_rows():
@@ -107,6 +109,21 @@ def test_choice_front_and_reasons_on_known_rows():
     assert sorted(choosing.pareto_front(rows, objective)) == ["a", "b", "dense-cpu"]
     # nothing within the budget but the dense baseline: stay dense
     assert choosing.choose([r for r in rows if r["id"] not in "bc"], objective, 0.02) == {"cpu": "dense-cpu"}
+
+
+def test_a_sparse_trial_not_measurably_faster_than_its_twin_is_never_the_choice():
+    """The fastest trial within budget whose speedup interval holds 1.0 loses to one measurably faster, and
+    when none is, the choice stays dense (sparsity only where it pays)."""
+    objective = Objective("p50", 8)
+    noisy = _row("noisy", 6.0, 0.94, 0.0, ci=[0.8, 1.6])  # fastest, but its own twin may be as fast
+    sure = _row("sure", 7.0, 0.94, 0.0, ci=[1.2, 1.6])
+    rows = [noisy, sure, *choosing.baseline_rows([noisy, sure], objective)]
+    assert choosing.choose(rows, objective, 0.02) == {"cpu": "sure"}
+    assert "not measurably faster than its dense twin at batch 8 (95% interval [0.800, 1.600]" in noisy["verdict"]
+    untimed = {**_row("untimed", 5.0, 0.94, 0.0), "latency": {"8": {"sparse": {"p50": 5.0}, "dense": {"p50": 10.0}}}}
+    rows = [noisy, untimed, *choosing.baseline_rows([noisy, untimed], objective)]
+    assert choosing.choose(rows, objective, 0.02) == {"cpu": "dense-cpu"}
+    assert "no interval" in untimed["verdict"]
 
 
 def test_promote_ranks_within_budget_by_sparse_mac_cut():

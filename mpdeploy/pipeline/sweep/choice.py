@@ -2,7 +2,8 @@
 
 Per GPU kind (one column of the report; "cpu" without --gpu-kinds): the choice is the trial with the best
 objective among those that finished and keep the top-1 drop within --max-top1-drop, the dense baseline
-included (it always meets the budget: when no sparse trial beats it, the choice is to stay dense). Where the
+included (it always meets the budget: when no sparse trial beats it, the choice is to stay dense). A sparse
+trial competes only when its speedup over its own dense twin is measurable (95% interval above 1.0). Where the
 evaluation labels do not fit the model, the disagreement with the dense engine stands in for the drop (it
 bounds any top-1 drop), as in the audit's gate.
 """
@@ -83,7 +84,8 @@ def choose(rows: list[dict[str, Any]], objective: Objective, max_drop: float) ->
     for kind in sorted({kind_of(r) for r in rows}):
         mine = [r for r in rows if kind_of(r) == kind]
         eligible = [r for r in mine if r.get("status") == "ok" and r.get("phase") == "full"
-                    and _value(r, objective) is not None and (accuracy_drop(r) or 0.0) <= max_drop + 1e-12]
+                    and _value(r, objective) is not None and (accuracy_drop(r) or 0.0) <= max_drop + 1e-12
+                    and (r.get("baseline") or _measurably_faster(r, objective.batch))]
         best = None
         for r in eligible:
             if best is None or objective.better(_value(r, objective), _value(best, objective)):
@@ -111,6 +113,11 @@ def _verdict(row: Mapping[str, Any], best: Mapping[str, Any] | None, objective: 
     value = _value(row, objective)
     if value is None:
         return f"batch {objective.batch} was not timed: it cannot compete on {objective.label}"
+    if not row.get("baseline") and not _measurably_faster(row, objective.batch):
+        ci = _speedup_ci(row, objective.batch)
+        shown = f"95% interval [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "no interval"
+        return (f"not measurably faster than its dense twin at batch {objective.batch} ({shown}, not entirely "
+                "above 1.0): sparsity does not pay here, so it is not shipped")
     if best is None:
         return "no choice"
     word = "lower throughput" if objective.mode == "max" else "slower"
@@ -121,13 +128,22 @@ def _verdict(row: Mapping[str, Any], best: Mapping[str, Any] | None, objective: 
     return text
 
 
+def _speedup_ci(row: Mapping[str, Any], batch: int) -> list[float] | None:
+    """The 95% interval of dense p50 / sparse p50 at `batch`, timed interleaved against the trial's own twin."""
+    got = ((row.get("latency") or {}).get(str(batch)) or {}).get("speedup_ci95") or []
+    return got if len(got) == 2 and all(isinstance(v, (int, float)) for v in got) else None
+
+
+def _measurably_faster(row: Mapping[str, Any], batch: int) -> bool:
+    """A sparse engine is only a candidate when it beats its own dense twin beyond timing noise: an interval
+    holding 1.0 is no measurable difference, and shipping it would be sparsity that does not pay."""
+    ci = _speedup_ci(row, batch)
+    return ci is not None and ci[0] > 1.0
+
+
 def _overlap(a: Mapping[str, Any], b: Mapping[str, Any], batch: int) -> bool:
     """Do two trials' speedup intervals (each timed interleaved against its own dense twin) overlap?"""
-    def ci(row):
-        got = ((row.get("latency") or {}).get(str(batch)) or {}).get("speedup_ci95") or []
-        return got if len(got) == 2 and all(isinstance(v, (int, float)) for v in got) else None
-
-    x, y = ci(a), ci(b)
+    x, y = _speedup_ci(a, batch), _speedup_ci(b, batch)
     return x is not None and y is not None and x[0] <= y[1] and y[0] <= x[1]
 
 
