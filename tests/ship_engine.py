@@ -78,14 +78,14 @@ def write_standin_trt_engine(root: Path) -> Path:
     """root/engine-trt/: a dense-only TensorRT engine whose plan is a stand-in; sources: root's onnx/ and pruned/."""
     from mpdeploy.core import artifacts
     from mpdeploy.core.kinds import EngineFolder
+    from mpdeploy.onnx.graph_io import onnx_io
 
     onnx = EngineFolder.open(root / "engine-ort").onnx()
     ed = root / "engine-trt"
     ed.mkdir()
     (ed / "dense.plan").write_bytes(b"not a real plan, shipped byte for byte")
     extra = {"backend": "trt", "precision": "fp16", "variants": {"dense": "dense.plan"},
-             "io": {"inputs": [{"name": "input", "dtype": "float16", "shape": [-1, *INPUT_SHAPE]}],
-                    "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, NUM_CLASSES]}]},
+             "io": onnx_io(onnx.sparse_model),  # as the engine stage writes it: from the ONNX it builds
              "device": {"name": "gpu0", "gpu": "NVIDIA H100 80GB HBM3", "tensorrt_version": "10.9.0"},
              "file_sha256": {"dense.plan": sha256(ed / "dense.plan")}}
     artifacts.write_manifest(ed, "engine", {"backend": "trt"}, extra=extra,

@@ -162,7 +162,7 @@ def test_ship_tensorrt_plan(base_engine, tmp_path):
     vdir = ship(eng, ShipConfig(repo=repo, variant="dense", name="resnet", force=True))
     cfg = _config(repo, "resnet")
     assert (cfg.name, cfg.platform, cfg.max_batch_size) == ("resnet", "tensorrt_plan", 8)
-    assert _io(cfg) == ([("input", "TYPE_FP16", list(INPUT_SHAPE))], [("logits", "TYPE_FP32", [NUM_CLASSES])])
+    assert _io(cfg) == ([("input", "TYPE_FP32", list(INPUT_SHAPE))], [("logits", "TYPE_FP32", [NUM_CLASSES])])
     assert pb2.ModelInstanceGroup.Kind.Name(cfg.instance_group[0].kind) == "KIND_GPU"
     assert (vdir / "model.plan").read_bytes() == (eng / "engine-trt" / "dense.plan").read_bytes()
     prov = json.loads((vdir / "provenance.json").read_text())
