@@ -494,8 +494,10 @@ def sweep_vs_builds(r: Results) -> str:
         config = " ".join(f"{k}={v}" for k, v in c["config"].items())
         low, high = c.get("speedup_b8_ci95") or (None, None)
         noise = (f" (95% interval {low:.2f}x to {high:.2f}x" + (": it holds 1.0, no measurable speedup; ONNX Runtime's "
-                 "CPU provider has no sparse kernels, so on CPU the choice among trials and dense is timing noise)"
-                 if low <= 1.0 <= high else ")")) if low is not None and high is not None else ""
+                 "CPU provider has no sparse kernels, so on CPU the choice among trials and dense is timing noise. "
+                 "This run predates the rule that a sparse trial competes only when its interval lies entirely "
+                 "above 1.0 (`mpdeploy/pipeline/sweep/choice.py`); under it this trial loses to the dense "
+                 "baseline)" if low <= 1.0 <= high else ")")) if low is not None and high is not None else ""
         choice = (f"{c['id']} ({config}): top-1 {pct(c['top1_sparse'])}% against {pct(c['top1_dense'])}% dense, "
                   f"MAC cut {pct(c['mac_cut'], 1)}%, p50@b8 {c['p50_b8_ms']:.3g} ms, speedup over its dense twin "
                   f"{c['speedup_b8']:.2f}x{noise}")
