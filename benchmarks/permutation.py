@@ -99,12 +99,15 @@ def summarize(cases: list[dict]) -> list[dict]:
     return out
 
 
-def write_md(path: Path, summary: list[dict], machine: dict, seconds: float | None) -> None:
+def write_md(path: Path, summary: list[dict], machine: dict, seconds: float | None, prov: dict) -> None:
+    git = prov["git"]
+    commit = (git.get("commit") or "unknown")[:10] + (" + uncommitted changes" if git.get("dirty") else "")
     lines = [
         "# Channel-permutation search",
         "",
-        f"`python benchmarks/permutation.py` on {machine['cpu']} ({machine['cores']} cores, 1 torch thread), "
-        f"torch {machine['torch']}, {machine['date']}; load average at start {machine['load_average']}. "
+        f"`python benchmarks/permutation.py` at commit {commit} on {machine['cpu']} ({machine['cores']} cores, "
+        f"1 torch thread), torch {machine['torch']}, {machine['date']}; load average at start "
+        f"{machine['load_average']}, at end {machine['load_average_end']} (shared machine). "
         f"Search: {'default fixed work (deterministic)' if seconds is None else f'{seconds} s budget'}.",
         "",
         "Kept = share of the matrix's total saliency the N:M mask keeps. Gap = share of the gap between N:M "
@@ -174,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "cases": cases,
     }
-    provenance.write_results(args.out / "permutation.json", payload, prov)
-    write_md(args.out / "permutation.md", summary, machine, args.seconds)
+    record = provenance.write_results(args.out / "permutation.json", payload, prov)
+    write_md(args.out / "permutation.md", summary, machine, args.seconds, record["provenance"])
     return 0
 
 
