@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=None, help="time budget per matrix (default: fixed work)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--smoke", action="store_true", help="one 64x128 2:4 matrix, one seed (a test runs this)")
+    parser.add_argument("--note", default="timed on one thread; the load average is recorded: wall seconds grow with "
+                        "other work on the machine, CPU seconds much less; the kept/gap figures do not depend on it",
+                        help="what else ran on the machine (goes into the JSON)")
     args = parser.parse_args(argv)
     shapes = SHAPES[:1] if args.smoke else SHAPES
     if args.smoke:
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "benchmark": "permutation",
         "command": "python benchmarks/permutation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "note": args.note,
         "search": {"seconds": args.seconds, "default_work": permute.DEFAULT_WORK,
                    "default_escapes": permute.DEFAULT_ESCAPES, "all_pairs_elements": permute.ALL_PAIRS_ELEMENTS},
         "unstructured_reference": permute.UNSTRUCTURED_KIND,
