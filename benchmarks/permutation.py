@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": "permutation",
-        "command": "python benchmarks/permutation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": shlex.join(["python", "benchmarks/permutation.py", *(argv if argv is not None else sys.argv[1:])]),
         "note": args.note,
         "search": {"seconds": args.seconds, "default_work": permute.DEFAULT_WORK,
                    "default_escapes": permute.DEFAULT_ESCAPES, "all_pairs_elements": permute.ALL_PAIRS_ELEMENTS},
