@@ -2,6 +2,8 @@
 
 Run: .venv/bin/python benchmarks/build_e2e.py [--models resnet50,vit_base_patch16_224] [--smoke]
   ->  benchmarks/results/build_e2e.json (--smoke: a tiny model at 32x32, result under /tmp unless --out)
+With --models, the builds of other models already in the result file stay, each with the provenance of
+the run that measured it (the file's own provenance is the latest run's).
 
 Goal (issue 17): at most 5 minutes per model on the 2-core machine. Each build runs in a fresh
 subprocess (random init: no weights download here); CPU seconds and peak RSS are that child's own
@@ -61,19 +63,26 @@ def run_build(model: str, out: Path, extra: list[str], timeout_s: float, prov: p
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help="comma list; other models' builds already in --out are kept, each with its run's provenance")
     parser.add_argument("--smoke", action="store_true", help="timm:test_resnet at 32x32, batch sizes 1,4 (seconds)")
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default: benchmarks/results/build_e2e.json, "
                                                                "or a temporary file with --smoke)")
     parser.add_argument("--timeout", type=float, default=900.0, help="per build, seconds")
+    parser.add_argument("--note", default="2-core machine shared with other jobs: wall time is inflated by them, "
+                        "see the load averages", help="what else ran on the machine (goes into the JSON)")
     args = parser.parse_args(argv)
     models = ["test_resnet"] if args.smoke else args.models.split(",")
     extra = ["--input-shape", "3,32,32", "--batch-sizes", "1,4"] if args.smoke else []
     out_json = args.out or (Path(tempfile.mkdtemp(prefix="build_e2e_")) / "build_e2e.json" if args.smoke else RESULTS)
     prov = provenance.begin(__file__, argv)
-    results = {"shared": "2-core machine shared with other jobs: wall time is inflated by them, see the load averages",
-               "command": "python benchmarks/build_e2e.py" + (" --smoke" if args.smoke else ""),
+    results = {"note": args.note,
+               "command": "python benchmarks/build_e2e.py " + ("--smoke" if args.smoke else f"--models {','.join(models)}"),
                "goal_s_per_model": GOAL_S, "builds": []}
+    if out_json.is_file() and not args.smoke:  # one model per run fits a time box: keep the others' rows
+        old = json.loads(out_json.read_text())
+        results["builds"] = [{"provenance": b.get("provenance", old.get("provenance")), **b}
+                             for b in old.get("builds", []) if b["model"] not in models]
     with tempfile.TemporaryDirectory(prefix="build_e2e_") as tmp:
         for model in models:
             record = run_build(model, Path(tmp) / model, extra, args.timeout, prov)

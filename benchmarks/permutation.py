@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -99,12 +100,15 @@ def summarize(cases: list[dict]) -> list[dict]:
     return out
 
 
-def write_md(path: Path, summary: list[dict], machine: dict, seconds: float | None) -> None:
+def write_md(path: Path, summary: list[dict], machine: dict, seconds: float | None, prov: dict) -> None:
+    git = prov["git"]
+    commit = (git.get("commit") or "unknown")[:10] + (" + uncommitted changes" if git.get("dirty") else "")
     lines = [
         "# Channel-permutation search",
         "",
-        f"`python benchmarks/permutation.py` on {machine['cpu']} ({machine['cores']} cores, 1 torch thread), "
-        f"torch {machine['torch']}, {machine['date']}; load average at start {machine['load_average']}. "
+        f"`python benchmarks/permutation.py` at commit {commit} on {machine['cpu']} ({machine['cores']} cores, "
+        f"1 torch thread), torch {machine['torch']}, {machine['date']}; load average at start "
+        f"{machine['load_average']}, at end {machine['load_average_end']} (shared machine). "
         f"Search: {'default fixed work (deterministic)' if seconds is None else f'{seconds} s budget'}.",
         "",
         "Kept = share of the matrix's total saliency the N:M mask keeps. Gap = share of the gap between N:M "
@@ -136,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=None, help="time budget per matrix (default: fixed work)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--smoke", action="store_true", help="one 64x128 2:4 matrix, one seed (a test runs this)")
+    parser.add_argument("--note", default="timed on one thread; the load average is recorded: wall seconds grow with "
+                        "other work on the machine, CPU seconds much less; the kept/gap figures do not depend on it",
+                        help="what else ran on the machine (goes into the JSON)")
     args = parser.parse_args(argv)
     shapes = SHAPES[:1] if args.smoke else SHAPES
     if args.smoke:
@@ -166,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": "permutation",
-        "command": "python benchmarks/permutation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": shlex.join(["python", "benchmarks/permutation.py", *(argv if argv is not None else sys.argv[1:])]),
+        "note": args.note,
         "search": {"seconds": args.seconds, "default_work": permute.DEFAULT_WORK,
                    "default_escapes": permute.DEFAULT_ESCAPES, "all_pairs_elements": permute.ALL_PAIRS_ELEMENTS},
         "unstructured_reference": permute.UNSTRUCTURED_KIND,
@@ -174,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "cases": cases,
     }
-    provenance.write_results(args.out / "permutation.json", payload, prov)
-    write_md(args.out / "permutation.md", summary, machine, args.seconds)
+    record = provenance.write_results(args.out / "permutation.json", payload, prov)
+    write_md(args.out / "permutation.md", summary, machine, args.seconds, record["provenance"])
     return 0
 
 

@@ -56,6 +56,17 @@ def missing(name: str, script: str) -> str:
     return f"Not measured yet: `python benchmarks/{script}` writes `benchmarks/results/{name}`.\n"
 
 
+def own_run(row: dict, data: dict) -> str:
+    """", its own run: commit C, DATE" for a row kept from an earlier run of a per-model script (the row
+    carries that run's provenance); "" when the file's provenance is the row's."""
+    prov = row.get("provenance") or {}
+    commit = (prov.get("git") or {}).get("commit")
+    if not commit or commit == (((data.get("provenance") or {}).get("git")) or {}).get("commit"):
+        return ""
+    dirty = " + uncommitted changes" if prov["git"].get("dirty") else ""
+    return f", its own run: commit {commit[:10]}{dirty}, {prov['date'][:10]}"
+
+
 def pct(v: float, digits: int = 2) -> str:
     return f"{100 * v:.{digits}f}"
 
@@ -297,7 +308,7 @@ def distill_digits(r: Results) -> str:
 
 
 def build_e2e(r: Results) -> str:
-    files = [f for f in ("build_e2e_adaptive_calls.json", "build_e2e_regnety_008.json") if r(f)]
+    files = [f for f in ("build_e2e.json", "build_e2e_regnety_008.json") if r(f)]
     if not files:
         return missing("build_e2e.json", "build_e2e.py")
     labels = {"resnet50": "ResNet50", "vit_base_patch16_224": "ViT-B/16", "regnety_008": "RegNetY-008"}
@@ -309,13 +320,15 @@ def build_e2e(r: Results) -> str:
             peak = b.get("peak_rss_mib")
             mem = f", peak RSS {gib(peak)}" if peak else ""
             parts.append(f"{labels.get(b['model'], b['model'])} {b['wall_s']:.1f} s wall ({b['cpu_s']:.1f} CPU s{mem}, "
-                         f"load average {b['loadavg_before'][0]}-{b['loadavg_after'][0]}, exit {b['returncode']})")
+                         f"load average {b['loadavg_before'][0]}-{b['loadavg_after'][0]}, exit {b['returncode']}"
+                         f"{own_run(b, d)})")
     note = "" if all(b.get("peak_rss_mib") for f in files for b in r(f)["builds"]) else (
         " Peak memory is left out where the file holds only a running maximum over its builds "
         "(`peak_rss_mib_any_child`), not each build's own.")
+    goal = r(files[0])["goal_s_per_model"]
     return ("Real-size models (`benchmarks/build_e2e.py`, `mpdeploy build timm:NAME --sparse --backend ort "
-            "--weights random` with the default audit): " + "; ".join(parts) + ". From " + "; ".join(sources) +
-            "." + note + "\n")
+            f"--weights random` with the default audit; goal: {goal:.0f} s wall per model): " + "; ".join(parts) +
+            ". From " + "; ".join(sources) + "." + note + "\n")
 
 
 def audit_imagefolder(r: Results) -> str:
@@ -373,9 +386,11 @@ def restore_timing(r: Results) -> str:
     for key, m in d["models"].items():
         # Before provenance.run_child the child's ru_maxrss included the parent's image: not shown.
         peak = m.get("peak_rss_mib") if d.get("provenance") else None
+        load = m.get("loadavg_before")
         parts.append(f"**{labels.get(key, key)} {m['restore_wall_s']:.1f} s wall** ({m['restore_cpu_s']:.1f} CPU s, "
                      f"{m['layers_improved']} of {m['layers']} layers improved"
-                     f"{f', peak RSS {gib(peak)}' if peak else ''})")
+                     f"{f', peak RSS {gib(peak)}' if peak else ''}"
+                     f"{f', load average {load[0]} at its start' if load else ''}{own_run(m, d)})")
         errs += [f"{labels.get(key, key)} {layer} {c['obs_vs_exact']:.3f}" for layer, c in m["layer_error_comparison"].items()]
     return (f"Restore speed and quality (`benchmarks/restore_timing.py`, random-init timm models, uniform 2:4 "
             f"magnitude masks; {source('restore_timing.json', d)}): " + " and ".join(parts) +

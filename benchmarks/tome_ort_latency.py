@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--exporter", choices=["legacy", "dynamo"], default="legacy")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--smoke", action="store_true", help="vit_tiny, r=8, batch 1, two reps (a test runs it)")
+    ap.add_argument("--note", default="interleaved repetitions so load drift hits every variant alike; the load "
+                    "average is recorded", help="what else ran on the machine (goes into the JSON)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.model, args.r, args.batches, args.warmup, args.reps, args.reps_large = "vit_tiny_patch16_224", [8], [1], 1, 2, 1
@@ -176,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     report = {
         "benchmark": "tome_ort_latency",
+        "note": args.note,
         "model": args.model,
         "weights": "random init (timm pretrained=False, seed 0)",
         "exporter": args.exporter,
