@@ -210,13 +210,19 @@ def test_recorded_pickle_is_not_reopened_without_trust_pickle(pruned_pickle, tmp
     assert not (tmp_path / "onnx").exists()
 
 
-def test_forged_trust_pickle_runs_nothing(pruned_state_dict, tmp_path, capfd):
+def _forged_pickle(pruned_state_dict, tmp_path) -> tuple[Path, Path]:
+    """(a copy of the pruned folder whose manifest records a hostile pickle as trusted, its marker file)."""
     marker = tmp_path / "marker"
     evil = tmp_path / "evil.pt"
     torch.save(Payload(marker), evil)
     pruned = _copy(pruned_state_dict, tmp_path)
     source = {"kind": "pickle", "path": str(evil), "sha256": artifacts.sha256_file(evil), "trust_pickle": True}
     rewrite_manifest(pruned, lambda m: m["model"].update(source=source))
+    return pruned, marker
+
+
+def test_forged_trust_pickle_runs_nothing(pruned_state_dict, tmp_path, capfd):
+    pruned, marker = _forged_pickle(pruned_state_dict, tmp_path)
     for command in (["export", str(pruned), "--out", str(tmp_path / "onnx")],
                     ["export", str(pruned), "--allow-import", "own_archs:SmallCNN", "--out", str(tmp_path / "onnx")]):
         code, err = run_in_process(capfd, command)
@@ -251,12 +257,7 @@ def test_densify_does_not_import_a_recorded_class_without_a_grant(pruned_state_d
 
 
 def test_densify_of_a_forged_pickle_runs_nothing(pruned_state_dict, tmp_path, capfd):
-    marker = tmp_path / "marker"
-    evil = tmp_path / "evil.pt"
-    torch.save(Payload(marker), evil)
-    pruned = _copy(pruned_state_dict, tmp_path)
-    source = {"kind": "pickle", "path": str(evil), "sha256": artifacts.sha256_file(evil), "trust_pickle": True}
-    rewrite_manifest(pruned, lambda m: m["model"].update(source=source))
+    pruned, marker = _forged_pickle(pruned_state_dict, tmp_path)
     code, err = _densify(capfd, pruned, tmp_path / "dense", "--allow-import", "own_archs:SmallCNN")
     one_line(code, err, "evil.pt", "--trust-pickle")
     assert not marker.exists()
