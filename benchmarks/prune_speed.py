@@ -1,7 +1,7 @@
 """Wall and CPU seconds per phase of the default prune with restore, before and after the shared Hessian.
 
-    python benchmarks/prune_speed.py [--before REF] [--models resnet50,vit_base_patch16_224] [--smoke]
-        -> benchmarks/results/prune_speed.json
+    python benchmarks/prune_speed.py [--before REF] [--models resnet50,vit_base_patch16_224] [--threads 0,1]
+        [--smoke] -> benchmarks/results/prune_speed.json
 
 What runs is `mpdeploy prune timm:NAME --restore --calib synthetic` with the default saliency (`auto`) and
 budget (`mp`): `mpdeploy.prune.stage.prune` on the timm model with random init (torch seed 0, no weights download),
@@ -13,6 +13,10 @@ Phases are the progress reports of the prune stage: `fit` (the MAC counts and th
 selection per layer), `restore`, and `write` (MAC accounting, checks, the artifact). Goal (issue 26):
 ResNet50 and ViT-B/16 at most 90 s each on an idle 2-core machine. The machine is shared: the load
 average before and after every child is recorded beside its times; `--nice N` runs children at nice N.
+`--threads 1` adds runs on one torch thread: their CPU seconds are the work itself, which a shared
+machine does not inflate with a second thread's spin-waits (what 2 idle cores need at best is half of
+it). Each run also records the held-out relative output error of the pruned layers (mean, max), from
+the manifest's restore entries: the quality side of the times.
 """
 
 from __future__ import annotations
@@ -121,8 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nice", type=int, default=0, help="run each child at this nice level (negative needs root)")
     parser.add_argument("--threads", default="0",
                         help="torch intra-op threads of each child, comma-separated to run each model once per "
-                             "count (0: torch's default, one per core). 1 measures the work itself: on a shared "
-                             "machine a second OpenMP thread's spin-waits add CPU seconds that do no work")
+                             "count (0: torch's default, one per core: the runs labelled after / before; N: "
+                             "after_threadsN). 1 measures the work itself: on a shared machine a second OpenMP "
+                             "thread's spin-waits add CPU seconds that do no work")
     parser.add_argument("--note", default="", help="what else ran on the machine")
     parser.add_argument("--smoke", action="store_true", help="timm's test_vit at 3x32x32 only (seconds)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
             for (label, (root, what)), threads in ((c, t) for c in codes.items() for t in thread_counts):
                 record = run_one(root, name, shape, args.timeout, args.nice, threads)
                 record["code"] = what
-                label = label if len(thread_counts) == 1 else f"{label}_threads{threads or 'default'}"
+                label = f"{label}_threads{threads}" if threads else label  # torch's default: plain "after"
                 results["runs"].setdefault(name, {})[label] = record
                 if "state_dict_sha256" in record:
                     prov.model(f"timm:{name}" + (f"@{shape}" if shape else ""), record["state_dict_sha256"],

@@ -131,8 +131,9 @@ def _calibration(config: PruneConfig, loaded: LoadedModel) -> tuple[list[torch.T
     batches = list(input_batches(data, config.calib_batch_size))
     if not batches:
         raise MpdeployError(f"calibration source {config.calib!r} holds no images")
-    # Hold out a slice so restore is judged on inputs it did not fit.
-    n_hold = max(1, len(batches) // 4) if len(batches) > 1 else 0
+    # Hold out a slice so restore is judged on inputs it did not fit: a quarter of the calibration
+    # batches (fewer from a small source), from the end.
+    n_hold = max(1, min(len(batches) // 4, config.calib_batches // 4)) if len(batches) > 1 else 0
     calib, held = batches[: len(batches) - n_hold], batches[len(batches) - n_hold :]
     calib = calib[: config.calib_batches]
     info = {"kind": data.kind, "description": data.description, "images": sum(len(b) for b in calib),

@@ -9,8 +9,8 @@ from `list_saliencies()`. Built in:
   ((1-m).u)^T C_g ((1-m).u) with C_g = E[h_g h_g^T], searched exhaustively over all C(M, N)
   patterns (6 for 2:4, 924 for 6:12, 12870 for 8:16), chunked to bound memory.
 - `sparsegpt`: SparseGPT's OBS sweep with N:M selection inside each group (mpdeploy.sparsity.obs): mask choice
-  and weight update together, from the layer's full input covariance, then a few conjugate-gradient
-  steps toward the exact refit inside the chosen mask.
+  and weight update together, from the layer's full input covariance (HESSIAN_ROWS_PER_IMAGE rows per
+  image at most), then a few conjugate-gradient steps toward the exact refit inside the chosen mask.
 - `auto`: per layer, whichever of magnitude / wanda / sparsegpt gives the smallest relative output
   error on held-out calibration inputs (so never a larger held-out layer error than magnitude).
 """
@@ -188,9 +188,6 @@ def _sparsegpt_refit(weight: torch.Tensor, pattern: NM, stats: InputStats) -> Ma
     start[:, order] = new
     refit = refine_masked_ridge(start, dense, mask, h, lam, CG_STEPS).reshape(shape).to(weight.dtype)
     return MaskChoice(mask.reshape(shape), refit, refit=True)
-
-
-AUTO_CANDIDATES = ("magnitude", "wanda", "sparsegpt")
 
 
 @register_saliency("auto", needs_calib=True, stats=("col_norm", "gram"),
