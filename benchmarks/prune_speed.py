@@ -1,7 +1,7 @@
 """Wall and CPU seconds per phase of the default prune with restore, before and after the shared Hessian.
 
-    python benchmarks/prune_speed.py [--before REF] [--models resnet50,vit_base_patch16_224] [--smoke]
-        -> benchmarks/results/prune_speed.json
+    python benchmarks/prune_speed.py [--before REF] [--models resnet50,vit_base_patch16_224] [--threads 0,1]
+        [--smoke] -> benchmarks/results/prune_speed.json
 
 What runs is `mpdeploy prune timm:NAME --restore --calib synthetic` with the default saliency (`auto`) and
 budget (`mp`): `mpdeploy.prune.stage.prune` on the timm model with random init (torch seed 0, no weights download),
@@ -13,6 +13,10 @@ Phases are the progress reports of the prune stage: `fit` (the MAC counts and th
 selection per layer), `restore`, and `write` (MAC accounting, checks, the artifact). Goal (issue 26):
 ResNet50 and ViT-B/16 at most 90 s each on an idle 2-core machine. The machine is shared: the load
 average before and after every child is recorded beside its times; `--nice N` runs children at nice N.
+`--threads 1` adds runs on one torch thread: their CPU seconds are the work itself, which a shared
+machine does not inflate with a second thread's spin-waits (what 2 idle cores need at best is half of
+it). Each run also records the held-out relative output error of the pruned layers (mean, max), from
+the manifest's restore entries: the quality side of the times.
 """
 
 from __future__ import annotations
@@ -41,8 +45,10 @@ torch.manual_seed(0)
 from mpdeploy.models.load import load_model
 from mpdeploy.models.spec import ModelSpec
 from mpdeploy.prune.stage import PruneConfig, prune
-name, shape = sys.argv[1], sys.argv[2]
+name, shape, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
 shape = tuple(int(v) for v in shape.split(",")) if shape else None
+if threads:
+    torch.set_num_threads(threads)
 loaded = load_model(ModelSpec("timm:" + name, weights="random", input_shape=shape))
 digest = hashlib.sha256()
 state = loaded.module.state_dict()
@@ -67,6 +73,7 @@ t_end, c_end = time.perf_counter(), time.process_time()
 phases["write"] = {"wall_s": t_end - last[0], "cpu_s": c_end - last[1]}
 chosen = [r["saliency_chosen"] for r in manifest["layers"] if r.get("saliency_chosen")]
 restore = [r["restore"] for r in manifest["layers"] if r.get("restore")]
+errors = [r["error_after"] for r in restore if r.get("error_after") is not None]
 print(json.dumps({
     "state_dict_sha256": digest.hexdigest(), "import_and_load_s": round(t_load - t0, 2),
     "prune_wall_s": round(t_end - t_load, 2), "prune_cpu_s": round(c_end - c_load, 2),
@@ -77,6 +84,9 @@ print(json.dumps({
     "auto_choices": {c: chosen.count(c) for c in sorted(set(chosen))},
     "restore_improved_layers": sum(1 for r in restore if r.get("improved")),
     "restore_scheme": sorted({r.get("scheme", "sequential") for r in restore}),
+    "held_out_layer_error": {"layers": len(errors), "mean": round(sum(errors) / max(1, len(errors)), 6),
+                             "max": round(max(errors, default=0.0), 6)},
+    "calibration": manifest.get("calibration"),
 }))
 """
 
@@ -92,9 +102,9 @@ def export_ref(ref: str, into: Path) -> str:
     return commit
 
 
-def run_one(code_root: Path, name: str, shape: str, timeout_s: float, nice: int) -> dict:
+def run_one(code_root: Path, name: str, shape: str, timeout_s: float, nice: int, threads: int = 0) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code_root), "HF_HUB_OFFLINE": "1"}
-    argv = [sys.executable, "-c", CHILD, name, shape]
+    argv = [sys.executable, "-c", CHILD, name, shape, str(threads)]
     if nice:
         argv = ["nice", "-n", str(nice), *argv]
     run = provenance.run_child(argv, timeout_s=timeout_s, env=env, cwd=str(code_root))
@@ -113,12 +123,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-after", action="store_true", help="with --before: measure only the old code")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per child before it is killed")
     parser.add_argument("--nice", type=int, default=0, help="run each child at this nice level (negative needs root)")
+    parser.add_argument("--threads", default="0",
+                        help="torch intra-op threads of each child, comma-separated to run each model once per "
+                             "count (0: torch's default, one per core: the runs labelled after / before; N: "
+                             "after_threadsN). 1 measures the work itself: on a shared machine a second OpenMP "
+                             "thread's spin-waits add CPU seconds that do no work")
     parser.add_argument("--note", default="", help="what else ran on the machine")
     parser.add_argument("--smoke", action="store_true", help="timm's test_vit at 3x32x32 only (seconds)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     models = SMOKE if args.smoke else {name: "" for name in args.models.split(",")}
     prov = provenance.begin(__file__, argv)
+    thread_counts = [int(t) for t in args.threads.split(",")]
     results = {"command": "mpdeploy prune timm:NAME --restore --calib synthetic (saliency auto, budget mp)",
                "goal_s": {"resnet50": 90, "vit_base_patch16_224": 90}, "note": args.note, "nice": args.nice,
                "runs": {}}
@@ -128,9 +144,10 @@ def main(argv: list[str] | None = None) -> None:
             commit = export_ref(args.before, Path(tmp))
             codes["before"] = (Path(tmp), f"git {args.before} = {commit}")
         for name, shape in models.items():
-            for label, (root, what) in codes.items():
-                record = run_one(root, name, shape, args.timeout, args.nice)
+            for (label, (root, what)), threads in ((c, t) for c in codes.items() for t in thread_counts):
+                record = run_one(root, name, shape, args.timeout, args.nice, threads)
                 record["code"] = what
+                label = f"{label}_threads{threads}" if threads else label  # torch's default: plain "after"
                 results["runs"].setdefault(name, {})[label] = record
                 if "state_dict_sha256" in record:
                     prov.model(f"timm:{name}" + (f"@{shape}" if shape else ""), record["state_dict_sha256"],

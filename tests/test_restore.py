@@ -391,3 +391,26 @@ def test_conv_rows_from_strided_views_equal_unfold_exactly(conv):
     for max_rows in (None, 50):
         ours = layer_rows(conv, x, max_rows, torch.Generator().manual_seed(1))
         assert torch.equal(ours, unfold_rows(conv, x, max_rows, 1))
+
+
+def test_least_relative_error_is_the_minimum_of_the_full_errors():
+    """The bounded sums stop early on losers and still answer what the full errors answer, whichever
+    candidate is summed whole first."""
+    from mpdeploy.sparsity.restore import least_relative_error, relative_errors
+
+    g = torch.Generator().manual_seed(5)
+    x = correlated_inputs(300, 40, seed=5)
+    h = x.T @ x / 300
+    dense = torch.randn(24, 40, generator=g)
+    near = dense + 0.01 * torch.randn(24, 40, generator=g)
+    far = dense * (torch.rand(24, 40, generator=g) > 0.5)
+    mid = dense + 0.3 * torch.randn(24, 40, generator=g)
+    for weights in ([far, mid, near], [near, far, mid], [mid, near, far], [far, mid]):
+        errors = relative_errors(weights, dense, h)
+        best = min(range(len(weights)), key=errors.__getitem__)
+        for first in range(len(weights)):
+            index, error = least_relative_error(weights, dense, h, first=first)
+            assert index == best
+            assert error == pytest.approx(errors[best], rel=1e-5)
+    # all errors zero (a zero layer): the first candidate, as the plain minimum answers
+    assert least_relative_error([far, mid], torch.zeros(24, 40), h, first=1) == (0, 0.0)

@@ -8,6 +8,7 @@ name), `manifest.json` (config, per-layer fit / signal / pattern / skip reason /
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,8 @@ from mpdeploy.core.kinds import PrunedFolder
 from mpdeploy.sparsity.layers import LayerInfo, count_macs, find_layers, skip_reason
 from mpdeploy.models.spec import LoadedModel
 from mpdeploy.sparsity.patterns import NM, is_nm_compliant, parse_pattern
-from mpdeploy.sparsity.saliency import choose_mask, collect_stats, get_saliency, removed_energy_fraction
+from mpdeploy.sparsity.saliency import (HESSIAN_ROWS_PER_IMAGE, choose_mask, collect_stats, get_saliency,
+                                        removed_energy_fraction)
 from mpdeploy.sparsity.stats import InputStats
 
 logger = logging.getLogger(__name__)
@@ -130,8 +132,9 @@ def _calibration(config: PruneConfig, loaded: LoadedModel) -> tuple[list[torch.T
     batches = list(input_batches(data, config.calib_batch_size))
     if not batches:
         raise MpdeployError(f"calibration source {config.calib!r} holds no images")
-    # Hold out a slice so restore is judged on inputs it did not fit.
-    n_hold = max(1, len(batches) // 4) if len(batches) > 1 else 0
+    # Hold out a slice so restore is judged on inputs it did not fit: a quarter of the calibration
+    # batches (fewer from a small source), from the end.
+    n_hold = max(1, min(len(batches) // 4, config.calib_batches // 4)) if len(batches) > 1 else 0
     calib, held = batches[: len(batches) - n_hold], batches[len(batches) - n_hold :]
     calib = calib[: config.calib_batches]
     info = {"kind": data.kind, "description": data.description, "images": sum(len(b) for b in calib),
@@ -272,6 +275,8 @@ def _calibrate_and_permute(model: nn.Module, loaded: LoadedModel, config: PruneC
     calib, held, calib_info = _calibration(config, loaded)
     names = [layer.name for layer in eligible]
     stats = _collect_stats(model, names, calib, held, config) if calib else {}
+    if calib and "gram" in get_saliency(config.saliency).stats:
+        calib_info["hessian_rows_per_image"] = HESSIAN_ROWS_PER_IMAGE  # the OBS covariances sample at most this
     step("calibrate", 1, 1)
 
     permutation_report: dict[str, Any] = {}
@@ -290,22 +295,31 @@ def _calibrate_and_permute(model: nn.Module, loaded: LoadedModel, config: PruneC
 
 def _candidates(model: nn.Module, eligible: list[LayerInfo], config: PruneConfig, stats: dict[str, InputStats],
                 macs: dict[str, int], fits: dict[str, tuple[dict | None, float | None]], step: Progress):
-    """(budget candidates, {(layer, pattern): mask choice}): every pattern a layer can take, with its damage."""
-    candidates, layer_masks = [], {}
-    for i, layer in enumerate(eligible):
-        weight = model.get_submodule(layer.name).weight
+    """(budget candidates, {(layer, pattern): mask choice}): every pattern a layer can take, with its damage.
+
+    Layers are independent here: they run side by side, one torch thread each (`map_by_item`)."""
+    from mpdeploy.sparsity.threads import map_by_item
+
+    def options_of(layer: LayerInfo) -> list[tuple[NM, Any, float]]:
+        weight, own = model.get_submodule(layer.name).weight, stats.get(layer.name)
         options = []
-        for pattern in config.patterns:
-            if layer.reduction % pattern.m:
-                continue
-            choice = choose_mask(weight, pattern, config.saliency, stats.get(layer.name))
+        for pattern in (p for p in config.patterns if layer.reduction % p.m == 0):
+            choice = choose_mask(weight, pattern, config.saliency, own)
+            options.append((pattern, choice, removed_energy_fraction(weight, choice.mask, config.saliency, own)))
+        return options
+
+    def cost(layer: LayerInfo) -> float:  # the OBS products and factor: out * K^2 + K^3
+        return (layer.weight_shape[0] + math.prod(layer.weight_shape[1:])) * math.prod(layer.weight_shape[1:]) ** 2
+
+    per_layer = map_by_item(options_of, eligible, cost=cost, done=lambda n, total: step("mask", n, total))
+    candidates, layer_masks = [], {}
+    for layer, options in zip(eligible, per_layer, strict=True):
+        for pattern, choice, _ in options:
             layer_masks[(layer.name, pattern)] = choice
-            damage = removed_energy_fraction(weight, choice.mask, config.saliency, stats.get(layer.name))
-            options.append((pattern, damage))
         _, signal = fits[layer.name]
-        candidates.append(Candidate(layer.name, macs.get(layer.name, 0), signal, tuple(options),
+        candidates.append(Candidate(layer.name, macs.get(layer.name, 0), signal,
+                                    tuple((pattern, damage) for pattern, _, damage in options),
                                     is_mlp=".mlp." in f".{layer.name}."))
-        step("mask", i + 1, len(eligible))
     return candidates, layer_masks
 
 

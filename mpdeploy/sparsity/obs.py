@@ -30,25 +30,43 @@ SINGLE_THREAD_WORK = 5e7
 
 
 def upper_inverse_factor(h: torch.Tensor, lam: float) -> torch.Tensor:
-    """U upper triangular with U^T U = (H + lam I)^-1, from one Cholesky factor and one triangular
-    inverse: with J the reversal, J H J = L L^T gives U = J L^-1 J."""
+    """U upper triangular with U^T U = (H + lam I)^-1 (float32), from one Cholesky factor and one
+    triangular inverse: with J the reversal, J H J = L L^T gives U = J L^-1 J."""
     k = h.shape[0]
-    h = h.double()
-    eye = torch.eye(k, dtype=torch.float64, device=h.device)
+    flipped = torch.flip(h.float(), (0, 1))  # a copy: the dead columns below are set on it, not on `h`
+    eye = torch.eye(k, dtype=torch.float32, device=h.device)
     # A column nobody excites (all-zero input) has H_jj = 0: make it independent so the factor exists.
-    dead = torch.diagonal(h) <= 0
-    h = h.clone()
-    h[dead, dead] = 1.0
+    dead = torch.diagonal(flipped) <= 0
+    flipped[dead, dead] = 1.0
     for attempt in range(6):
-        damped = torch.flip(h + (lam * 10**attempt) * eye, (0, 1)).float()
-        chol, info = torch.linalg.cholesky_ex(damped)
+        chol, info = torch.linalg.cholesky_ex(flipped + (lam * 10**attempt) * eye)
         if int(info) == 0:
             break
     else:
         raise MpdeployError("layer input covariance is not positive definite even with strong damping; "
                             "check the calibration data (NaN or constant images?)")
-    inv = torch.linalg.solve_triangular(chol, torch.eye(k, dtype=chol.dtype, device=h.device), upper=False)
-    return torch.flip(inv, (0, 1))
+    return torch.flip(lower_triangular_inverse(chol), (0, 1))
+
+
+TRIANGULAR_BASE = 256  # below this size `lower_triangular_inverse` calls the triangular solve directly
+
+
+def lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
+    """L^-1 for lower triangular L, by halves: [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]].
+    About K^3 / 3 multiply-adds, mostly in matrix products, against K^3 for a triangular solve with
+    the identity as right-hand side (which does not know the result is triangular)."""
+    k = lower.shape[0]
+    if k <= TRIANGULAR_BASE:
+        eye = torch.eye(k, dtype=lower.dtype, device=lower.device)
+        return torch.linalg.solve_triangular(lower, eye, upper=False)
+    half = k // 2
+    a_inv = lower_triangular_inverse(lower[:half, :half])
+    d_inv = lower_triangular_inverse(lower[half:, half:])
+    out = torch.zeros_like(lower)
+    out[:half, :half] = a_inv
+    out[half:, half:] = d_inv
+    out[half:, :half] = -(d_inv @ (lower[half:, :half] @ a_inv))
+    return out
 
 
 def obs_sweep(
@@ -87,19 +105,34 @@ def obs_sweep(
     return w * keep, keep
 
 
+SUB_BLOCK = 16  # columns whose updates to the rest of their block are applied as one product
+
+
 def _sweep_block(w1, u1, err1, keep, i1, diag, pattern) -> None:
-    """The column-by-column OBS updates inside one block (in place on w1, err1, keep)."""
-    for i in range(w1.shape[1]):
-        if pattern is not None and i % pattern.m == 0:
-            score = w1[:, i : i + pattern.m] ** 2 / diag[i1 + i : i1 + i + pattern.m].unsqueeze(0) ** 2
-            top = torch.topk(score, pattern.n, dim=1).indices
-            keep[:, i1 + i : i1 + i + pattern.m].scatter_(1, top, True)
-        col = w1[:, i]
-        q = col * keep[:, i1 + i]
-        err = (col - q) / u1[i, i]
-        w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-        w1[:, i] = q
-        err1[:, i] = err
+    """The column-by-column OBS updates inside one block (in place on w1, err1, keep).
+
+    Each column's update reaches the rest of its sub-block at once (small element-wise ops) and the
+    rest of the block after the sub-block, as one [out, sub] x [sub, rest] product: the same updates
+    as one outer product per column over the whole block, in fewer and larger operations. A sub-block
+    holds whole N:M groups, so a group's mask is chosen from weights every earlier column updated."""
+    width = w1.shape[1]
+    m = pattern.m if pattern is not None else 1
+    sub = m * -(-SUB_BLOCK // m)
+    for s in range(0, width, sub):
+        e = min(s + sub, width)
+        for i in range(s, e):
+            if pattern is not None and i % m == 0:
+                score = w1[:, i : i + m] ** 2 / diag[i1 + i : i1 + i + m].unsqueeze(0) ** 2
+                top = torch.topk(score, pattern.n, dim=1).indices
+                keep[:, i1 + i : i1 + i + m].scatter_(1, top, True)
+            col = w1[:, i]
+            q = col * keep[:, i1 + i]
+            err = (col - q) / u1[i, i]
+            w1[:, i:e] -= err.unsqueeze(1) * u1[i, i:e].unsqueeze(0)
+            w1[:, i] = q
+            err1[:, i] = err
+        if e < width:
+            w1[:, e:] -= err1[:, s:e] @ u1[s:e, e:]
 
 
 def reduction_order(shape: tuple[int, ...]) -> torch.Tensor:
@@ -126,23 +159,24 @@ def refine_masked_ridge(
     keep = keep.float()
     hf = h.float()
     # H + lam I once: every step's product then needs no extra [out, K] term.
-    h_damped = hf + lam * torch.eye(hf.shape[0], dtype=hf.dtype, device=hf.device)
+    h_damped = hf.clone()
+    h_damped.diagonal().add_(lam)
     v = start.float() * keep
     w = dense.float()
     precond = keep / torch.diagonal(h_damped).clamp_min(1e-12).unsqueeze(0)
-    residual = (w @ hf - v @ h_damped) * keep  # minus half the gradient
+    residual = ((w - v) @ hf - lam * v) * keep  # minus half the gradient: w H - v (H + lam I), one product
     z = residual * precond
     direction = z.clone()
     rz = (residual * z).sum(1, keepdim=True)
-    for _ in range(steps):
-        a_dir = (direction @ h_damped) * keep
+    for _ in range(steps):  # in place where it can be: [out, K] temporaries cost as much as the product
+        a_dir = torch.mm(direction, h_damped).mul_(keep)
         curvature = (direction * a_dir).sum(1, keepdim=True)
         alpha = torch.where(curvature > 0, rz / curvature.clamp_min(1e-30), torch.zeros_like(rz))
-        v = v + alpha * direction
-        residual = residual - alpha * a_dir
-        z = residual * precond
+        v.addcmul_(alpha, direction)
+        residual.addcmul_(alpha, a_dir, value=-1.0)
+        z = torch.mul(residual, precond, out=z)
         rz_new = (residual * z).sum(1, keepdim=True)
         beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz))
-        direction = z + beta * direction
+        direction.mul_(beta).add_(z)
         rz = rz_new
-    return v * keep
+    return v.mul_(keep)

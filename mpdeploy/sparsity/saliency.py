@@ -9,8 +9,8 @@ from `list_saliencies()`. Built in:
   ((1-m).u)^T C_g ((1-m).u) with C_g = E[h_g h_g^T], searched exhaustively over all C(M, N)
   patterns (6 for 2:4, 924 for 6:12, 12870 for 8:16), chunked to bound memory.
 - `sparsegpt`: SparseGPT's OBS sweep with N:M selection inside each group (mpdeploy.sparsity.obs): mask choice
-  and weight update together, from the layer's full input covariance, then a few conjugate-gradient
-  steps toward the exact refit inside the chosen mask.
+  and weight update together, from the layer's full input covariance (HESSIAN_ROWS_PER_IMAGE rows per
+  image at most), then a few conjugate-gradient steps toward the exact refit inside the chosen mask.
 - `auto`: per layer, whichever of magnitude / wanda / sparsegpt gives the smallest relative output
   error on held-out calibration inputs (so never a larger held-out layer error than magnitude).
 """
@@ -34,6 +34,13 @@ logger = logging.getLogger(__name__)
 BLOCK_COST_CHUNK_BYTES = 256 << 20  # working memory per chunk of the exhaustive search
 # What `--calib` without `--saliency` uses (README "N:M patterns, saliency and budgets" has the measurement).
 DEFAULT_CALIB_SALIENCY = "auto"
+# Rows (tokens / im2col positions) per image in the OBS covariances, sampled when an image gives more:
+# the default 128 calibration images then give at most 16,384 rows per layer, over 5x the widest
+# reduction of ViT-B/16 (3,072) and ResNet-50's layer3 (2,304), the ratio SparseGPT's calibration (128
+# sequences of 2,048 tokens) gives OPT-175B's widest layer. ViT-B/16's 197 tokens per image and
+# ResNet-50's 196-3,136 positions cost most of the prune in X^T X without it (issue 26); none of the
+# method table's digits models has more than 65 rows per image outside the digits CNN's stem.
+HESSIAN_ROWS_PER_IMAGE = 128
 
 
 @dataclass(frozen=True)
@@ -143,53 +150,67 @@ def block_cost_mask(weight: torch.Tensor, pattern: NM, stats: InputStats | None 
 @register_saliency("sparsegpt", needs_calib=True, stats=("gram",),
                    help="SparseGPT OBS mask selection inside N:M groups + weight update")
 def sparsegpt_mask(weight: torch.Tensor, pattern: NM, stats: InputStats | None = None) -> MaskChoice:
-    from mpdeploy.sparsity.obs import obs_sweep, reduction_order, refine_masked_ridge, upper_inverse_factor
-    from mpdeploy.sparsity.restore import CG_STEPS, DEFAULT_DAMP, relative_error
+    from mpdeploy.sparsity.restore import relative_error
 
-    h = _need_stats(stats, "sparsegpt").hessian()
-    if h is None:  # the forward never called this layer on calibration data: nothing to weigh by
+    choice = _sparsegpt_refit(weight, pattern, _need_stats(stats, "sparsegpt"))
+    if choice is None:  # the forward never called this layer on calibration data: nothing to weigh by
         logger.warning("no calibration inputs reached a %s layer: magnitude mask", tuple(weight.shape))
         return magnitude_mask(weight, pattern)
+    dense = _dense_2d(weight)
+    # Judged in float32 like every candidate of `auto`: the weights the layer gets are these.
+    error = relative_error(choice.weight.reshape(dense.shape), dense, stats.hessian(held=True))
+    return MaskChoice(choice.mask, choice.weight, error=error, refit=True)
+
+
+def _dense_2d(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as [out, K] in its flattened order, in the dtype the OBS criteria compute in (float32;
+    float64 for float64 models)."""
+    w = weight.detach().reshape(weight.shape[0], -1)
+    return w if w.dtype == torch.float64 else w.float()
+
+
+def _sparsegpt_refit(weight: torch.Tensor, pattern: NM, stats: InputStats) -> MaskChoice | None:
+    """SparseGPT's sweep + CG refit, unjudged (error None); None without a calibration covariance."""
+    from mpdeploy.sparsity.obs import obs_sweep, reduction_order, refine_masked_ridge, upper_inverse_factor
+    from mpdeploy.sparsity.restore import CG_STEPS, DEFAULT_DAMP
+
+    h = stats.hessian()
+    if h is None:
+        return None
     shape = tuple(weight.shape)
-    dense = weight.detach().reshape(shape[0], -1).double()
+    dense = _dense_2d(weight)
     lam = DEFAULT_DAMP * float(torch.diagonal(h).mean()) or 1e-8
     order = reduction_order(shape).to(h.device)
-    new, keep = obs_sweep(dense[:, order], upper_inverse_factor(h[order][:, order], lam), pattern=pattern)
+    new, keep = obs_sweep(dense[:, order], upper_inverse_factor(h[order.unsqueeze(1), order], lam), pattern=pattern)
     mask = torch.empty_like(keep)
     mask[:, order] = keep
-    start = torch.zeros_like(dense)
-    start[:, order] = new.double()
+    start = torch.zeros_like(dense, dtype=new.dtype)
+    start[:, order] = new
     refit = refine_masked_ridge(start, dense, mask, h, lam, CG_STEPS).reshape(shape).to(weight.dtype)
-    # Judged in the weight's own dtype: the weights the layer gets (and `auto` compares) are these.
-    error = relative_error(refit.reshape(dense.shape), dense, stats.hessian(held=True))
-    return MaskChoice(mask.reshape(shape), refit, error=error, refit=True)
-
-
-AUTO_CANDIDATES = ("magnitude", "wanda", "sparsegpt")
+    return MaskChoice(mask.reshape(shape), refit, refit=True)
 
 
 @register_saliency("auto", needs_calib=True, stats=("col_norm", "gram"),
                    help="per layer the best of magnitude / wanda / sparsegpt by held-out output error")
 def auto_mask(weight: torch.Tensor, pattern: NM, stats: InputStats | None = None) -> MaskChoice:
-    from mpdeploy.sparsity.restore import relative_errors
+    from mpdeploy.sparsity.restore import least_relative_error
 
     judge = _need_stats(stats, "auto").hessian(held=True)
     if judge is None or stats.col_sq_sum is None:
         logger.warning("no calibration inputs reached a %s layer: magnitude mask", tuple(weight.shape))
         return MaskChoice(magnitude_mask(weight, pattern).mask, chosen="magnitude")
-    dense = weight.detach().reshape(weight.shape[0], -1).double()
-    choices = {name: get_saliency(name).fn(weight, pattern, stats) for name in AUTO_CANDIDATES}
-    # One denominator for every candidate; `sparsegpt` judged its own weights on the same covariance.
-    unjudged = [name for name, choice in choices.items() if choice.error is None]
-    pruned = [(choices[n].weight if choices[n].weight is not None else weight.detach() * choices[n].mask)
-              for n in unjudged]
-    errors = dict(zip(unjudged, relative_errors([w.reshape(dense.shape) for w in pruned], dense, judge), strict=True))
-    best = None
-    for name, choice in choices.items():
-        error = errors.get(name, choice.error)
-        if best is None or error < best.error:
-            best = MaskChoice(choice.mask, choice.weight, error, name, choice.refit)
-    return best
+    dense = _dense_2d(weight)
+    choices = {"magnitude": magnitude_mask(weight, pattern), "wanda": wanda_mask(weight, pattern, stats)}
+    refit = _sparsegpt_refit(weight, pattern, stats)
+    if refit is not None:
+        choices["sparsegpt"] = refit
+    # Every candidate on one denominator (float32, sums in float64); sparsegpt, the usual winner,
+    # judged first, so the others stop as soon as they are sure to lose. Ties go to the earlier name.
+    pruned = [(c.weight if c.weight is not None else weight.detach() * c.mask).reshape(dense.shape)
+              for c in choices.values()]
+    index, error = least_relative_error(pruned, dense, judge, first=len(pruned) - 1)
+    name, choice = list(choices.items())[index]
+    return MaskChoice(choice.mask, choice.weight, error, name, choice.refit)
 
 
 def stats_needed(saliency: str) -> frozenset[str]:
@@ -216,46 +237,54 @@ def removed_energy_fraction(weight: torch.Tensor, mask: torch.Tensor, saliency: 
 
 
 def collect_stats(model: nn.Module, names: list[str], calib: list[torch.Tensor], held: list[torch.Tensor],
-                  saliency: str, group_sizes: tuple[int, ...] = ()) -> dict[str, InputStats]:
+                  saliency: str, group_sizes: tuple[int, ...] = (),
+                  rows_per_image: int | None = HESSIAN_ROWS_PER_IMAGE) -> dict[str, InputStats]:
     """Input statistics of each named layer for `saliency` (column norms always; group covariances
     and the full im2col covariance only where the criterion reads them).
 
     One forward pass over the calibration batches feeds the column statistics and the calibration
     covariance together, one more over the held-out batches its covariance (each image runs once:
-    on ViT-B/16 the forward passes cost as much as the covariances)."""
+    on ViT-B/16 the forward passes cost as much as the covariances). The covariances take at most
+    `rows_per_image` rows (tokens / im2col positions) per image, sampled (None: MAX_ROWS_PER_BATCH
+    per batch, the memory bound)."""
     from mpdeploy.sparsity.layers import capture_inputs
+    from mpdeploy.sparsity.stats import symmetrize_
 
     stats = {n: InputStats() for n in names}
     if "gram" not in stats_needed(saliency):
         capture_inputs(model, names, calib, lambda name, x: stats[name].update(x, group_sizes))
         return stats
     gen = torch.Generator().manual_seed(0)  # row sampling of the covariances: calibration, then held-out
-    with _gram_hooks(model, names, stats, "calib", gen):
+    with _gram_hooks(model, names, stats, "calib", gen, rows_per_image):
         capture_inputs(model, names, calib, lambda name, x: stats[name].update(x, group_sizes))
-    with _gram_hooks(model, names, stats, "held", gen), torch.no_grad():
+    with _gram_hooks(model, names, stats, "held", gen, rows_per_image), torch.no_grad():
         for batch in held:
             model(batch)
+    for st in stats.values():
+        symmetrize_(st.gram)
+        symmetrize_(st.held_gram)
     return stats
 
 
 @contextlib.contextmanager
 def _gram_hooks(model: nn.Module, names: list[str], stats: dict[str, InputStats], which: str,
-                gen: torch.Generator) -> Iterator[None]:
-    """Inside the block every forward pass adds each named layer's X^T X to its `which` covariance."""
-    from mpdeploy.sparsity.restore import gram_of, rows_match_output
+                gen: torch.Generator, rows_per_image: int | None) -> Iterator[None]:
+    """Inside the block every forward pass adds each named layer's X^T X to its `which` covariance
+    (float32, in place, block upper triangle: `collect_stats` completes it)."""
+    from mpdeploy.sparsity.restore import MAX_ROWS_PER_BATCH, add_layer_gram_, rows_match_output
 
     def hook(name):
         def fn(module, inputs, output):
-            if stats[name].rows_match is None:  # restore refits only from rows that reproduce the layer
-                stats[name].rows_match = rows_match_output(module, inputs[0].detach())
-            h, rows = gram_of(module, inputs[0].detach(), len(inputs[0]), gen)
-            h = h.float()  # stored in float32: ViT-B's 50 layers hold ~0.5 GB per covariance set
+            x = inputs[0].detach()
             st = stats[name]
+            if st.rows_match is None:  # restore refits only from rows that reproduce the layer
+                st.rows_match = rows_match_output(module, x)
+            cap = MAX_ROWS_PER_BATCH if rows_per_image is None else min(MAX_ROWS_PER_BATCH, rows_per_image * len(x))
             if which == "calib":
-                st.gram = h if st.gram is None else st.gram + h
+                st.gram, rows = add_layer_gram_(st.gram, module, x, len(x), gen, cap)
                 st.gram_rows += rows
             else:
-                st.held_gram = h if st.held_gram is None else st.held_gram + h
+                st.held_gram, rows = add_layer_gram_(st.held_gram, module, x, len(x), gen, cap)
                 st.held_rows += rows
         return fn
 
