@@ -156,7 +156,7 @@ def test_cli_help_names_every_registered_saliency_and_budget():
 def separate_pass_stats(model, names, calib, held, rows_per_image, group_sizes=()):
     """The statistics the plain way: column statistics in one pass, then one pass per batch list for
     the covariances, each a full float64 X^T X of the sampled rows (row sampling from one generator
-    seeded 0, at most `rows_per_image` rows per image)."""
+    seeded 0, at most `rows_per_image(module)` rows per image)."""
     from mpdeploy.sparsity.layers import capture_inputs
     from mpdeploy.sparsity.restore import layer_rows
     from mpdeploy.sparsity.stats import InputStats
@@ -166,7 +166,7 @@ def separate_pass_stats(model, names, calib, held, rows_per_image, group_sizes=(
     gen = torch.Generator().manual_seed(0)
     for which, batches in (("gram", calib), ("held_gram", held)):
         def hook(module, inputs, output, name, which=which):
-            rows = layer_rows(module, inputs[0], rows_per_image * len(inputs[0]), gen).double()
+            rows = layer_rows(module, inputs[0], rows_per_image(module) * len(inputs[0]), gen).double()
             st = stats[name]
             h = rows.T @ rows
             setattr(st, which, h if getattr(st, which) is None else getattr(st, which) + h)
@@ -183,21 +183,23 @@ def separate_pass_stats(model, names, calib, held, rows_per_image, group_sizes=(
 
 
 def test_one_pass_stats_equal_the_separate_passes():
-    """Conv maps with more rows per image than the covariances take, so the row sampler draws; a conv
-    and a Linear wider than GRAM_BLOCK, so the block-triangular accumulation and its completion run:
-    the same rows as the plain passes, and the same sums up to float32 rounding."""
-    from mpdeploy.sparsity.saliency import HESSIAN_ROWS_PER_IMAGE
+    """A wide conv with more positions per image than its covariance takes, so the row sampler draws;
+    a narrow one that takes them all; a conv and a Linear wider than GRAM_BLOCK, so the block-triangular
+    accumulation and its completion run: the same rows as the plain passes, and the same sums up to
+    float32 rounding."""
+    from mpdeploy.sparsity.saliency import HESSIAN_ROWS_PER_IMAGE, HESSIAN_WIDE_K, hessian_rows_per_image
     from mpdeploy.sparsity.stats import GRAM_BLOCK
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(4, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 3, padding=1),
+    model = nn.Sequential(nn.Conv2d(4, 96, 3, padding=1), nn.ReLU(), nn.Conv2d(96, 8, 3, padding=1),
                           nn.AdaptiveAvgPool2d(7), nn.Flatten(), nn.Linear(392, 8))
     g = torch.Generator().manual_seed(3)
-    batches = [torch.randn(3, 4, 24, 24, generator=g) for _ in range(3)]  # 576 positions > 128 per image
+    batches = [torch.randn(3, 4, 24, 24, generator=g) for _ in range(3)]  # 576 positions per image
     names = ["0", "2", "5"]
-    assert model[2].weight[0].numel() > GRAM_BLOCK and model[5].in_features > GRAM_BLOCK
+    assert model[2].weight[0].numel() >= HESSIAN_WIDE_K and model[5].in_features > GRAM_BLOCK
     new = collect_stats(model, names, batches[:2], batches[2:], "auto", (4,))
-    old = separate_pass_stats(model, names, batches[:2], batches[2:], HESSIAN_ROWS_PER_IMAGE, (4,))
+    old = separate_pass_stats(model, names, batches[:2], batches[2:],
+                              lambda module: hessian_rows_per_image(module.weight[0].numel()), (4,))
     for name in names:
         assert torch.allclose(new[name].col_sq_sum, old[name].col_sq_sum, rtol=1e-6, atol=0)
         for field in ("gram", "held_gram"):
@@ -208,8 +210,17 @@ def test_one_pass_stats_equal_the_separate_passes():
         assert (new[name].rows, new[name].gram_rows, new[name].held_rows) == \
                (old[name].rows, old[name].gram_rows, old[name].held_rows)
         assert new[name].rows_match is True
-    assert new["0"].gram_rows == 2 * 3 * HESSIAN_ROWS_PER_IMAGE  # sampled: 576 positions per image
+    assert new["2"].gram_rows == 2 * 3 * HESSIAN_ROWS_PER_IMAGE  # K = 864: 128 of 576 positions per image
+    assert new["0"].gram_rows == 2 * 3 * 576  # K = 36: every position
     assert new["5"].gram_rows == 2 * 3  # one row per image: nothing to sample
+
+
+def test_narrow_layers_take_more_rows_for_the_same_work():
+    from mpdeploy.sparsity.saliency import HESSIAN_ROWS_PER_IMAGE, HESSIAN_WIDE_K, hessian_rows_per_image
+
+    assert hessian_rows_per_image(3072) == hessian_rows_per_image(HESSIAN_WIDE_K) == HESSIAN_ROWS_PER_IMAGE
+    assert hessian_rows_per_image(HESSIAN_WIDE_K // 2) == 4 * HESSIAN_ROWS_PER_IMAGE
+    assert hessian_rows_per_image(576, 128) == 227  # ResNet-50's layer1 3x3: 128 * (768 / 576)^2
 
 
 @pytest.mark.parametrize("k", [100, 256, 300, 777])

@@ -24,8 +24,8 @@ from mpdeploy.core.kinds import PrunedFolder
 from mpdeploy.sparsity.layers import LayerInfo, count_macs, find_layers, skip_reason
 from mpdeploy.models.spec import LoadedModel
 from mpdeploy.sparsity.patterns import NM, is_nm_compliant, parse_pattern
-from mpdeploy.sparsity.saliency import (HESSIAN_ROWS_PER_IMAGE, choose_mask, collect_stats, get_saliency,
-                                        removed_energy_fraction)
+from mpdeploy.sparsity.saliency import (HESSIAN_ROWS_PER_IMAGE, HESSIAN_WIDE_K, choose_mask, collect_stats,
+                                        get_saliency, removed_energy_fraction)
 from mpdeploy.sparsity.stats import InputStats
 
 logger = logging.getLogger(__name__)
@@ -276,7 +276,8 @@ def _calibrate_and_permute(model: nn.Module, loaded: LoadedModel, config: PruneC
     names = [layer.name for layer in eligible]
     stats = _collect_stats(model, names, calib, held, config) if calib else {}
     if calib and "gram" in get_saliency(config.saliency).stats:
-        calib_info["hessian_rows_per_image"] = HESSIAN_ROWS_PER_IMAGE  # the OBS covariances sample at most this
+        # the OBS covariances sample at most this many rows per image at K >= HESSIAN_WIDE_K (more below)
+        calib_info.update(hessian_rows_per_image=HESSIAN_ROWS_PER_IMAGE, hessian_wide_k=HESSIAN_WIDE_K)
     step("calibrate", 1, 1)
 
     permutation_report: dict[str, Any] = {}

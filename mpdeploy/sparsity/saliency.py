@@ -9,8 +9,8 @@ from `list_saliencies()`. Built in:
   ((1-m).u)^T C_g ((1-m).u) with C_g = E[h_g h_g^T], searched exhaustively over all C(M, N)
   patterns (6 for 2:4, 924 for 6:12, 12870 for 8:16), chunked to bound memory.
 - `sparsegpt`: SparseGPT's OBS sweep with N:M selection inside each group (mpdeploy.sparsity.obs): mask choice
-  and weight update together, from the layer's full input covariance (HESSIAN_ROWS_PER_IMAGE rows per
-  image at most), then a few conjugate-gradient steps toward the exact refit inside the chosen mask.
+  and weight update together, from the layer's full input covariance (`hessian_rows_per_image` rows
+  per image at most), then a few conjugate-gradient steps toward the exact refit inside the chosen mask.
 - `auto`: per layer, whichever of magnitude / wanda / sparsegpt gives the smallest relative output
   error on held-out calibration inputs (so never a larger held-out layer error than magnitude).
 """
@@ -35,12 +35,22 @@ BLOCK_COST_CHUNK_BYTES = 256 << 20  # working memory per chunk of the exhaustive
 # What `--calib` without `--saliency` uses (README "N:M patterns, saliency and budgets" has the measurement).
 DEFAULT_CALIB_SALIENCY = "auto"
 # Rows (tokens / im2col positions) per image in the OBS covariances, sampled when an image gives more:
-# the default 128 calibration images then give at most 16,384 rows per layer, over 5x the widest
-# reduction of ViT-B/16 (3,072) and ResNet-50's layer3 (2,304), the ratio SparseGPT's calibration (128
-# sequences of 2,048 tokens) gives OPT-175B's widest layer. ViT-B/16's 197 tokens per image and
-# ResNet-50's 196-3,136 positions cost most of the prune in X^T X without it (issue 26); none of the
-# method table's digits models has more than 65 rows per image outside the digits CNN's stem.
+# HESSIAN_ROWS_PER_IMAGE for a layer of reduction K >= HESSIAN_WIDE_K, and for a narrower one as many as
+# cost the same X^T X work per image (rows * K^2). The default 128 calibration images then give the wide
+# layers 16,384 rows, over 5x the widest reduction of ViT-B/16 (3,072) and ResNet-50's layer3 (2,304),
+# the ratio SparseGPT's calibration (128 sequences of 2,048 tokens) gives OPT-175B's widest layer. All
+# 197 tokens of ViT-B/16 and ResNet-50's 196-3,136 positions per image cost most of the prune in X^T X
+# (issue 26); narrow layers cost little and are the ones fewer rows hurt most (ResNet-50's layer1 3x3:
+# +12% held-out error at 227 rows per image instead of 512, +20% at 128, noise inputs). No layer of the
+# method table's digits models samples (at most 256 rows per image, at K <= 288).
 HESSIAN_ROWS_PER_IMAGE = 128
+HESSIAN_WIDE_K = 768
+
+
+def hessian_rows_per_image(k: int, rows_per_image: int = HESSIAN_ROWS_PER_IMAGE) -> int:
+    """Rows per image a layer of reduction `k` takes into its covariance: `rows_per_image` at
+    k >= HESSIAN_WIDE_K, more below it (the same X^T X work per image)."""
+    return max(rows_per_image, rows_per_image * HESSIAN_WIDE_K**2 // max(1, k) ** 2)
 
 
 @dataclass(frozen=True)
@@ -245,8 +255,8 @@ def collect_stats(model: nn.Module, names: list[str], calib: list[torch.Tensor],
     One forward pass over the calibration batches feeds the column statistics and the calibration
     covariance together, one more over the held-out batches its covariance (each image runs once:
     on ViT-B/16 the forward passes cost as much as the covariances). The covariances take at most
-    `rows_per_image` rows (tokens / im2col positions) per image, sampled (None: MAX_ROWS_PER_BATCH
-    per batch, the memory bound)."""
+    `hessian_rows_per_image(K, rows_per_image)` rows (tokens / im2col positions) per image, sampled
+    (None: MAX_ROWS_PER_BATCH per batch, the memory bound)."""
     from mpdeploy.sparsity.layers import capture_inputs
     from mpdeploy.sparsity.stats import symmetrize_
 
@@ -279,7 +289,8 @@ def _gram_hooks(model: nn.Module, names: list[str], stats: dict[str, InputStats]
             st = stats[name]
             if st.rows_match is None:  # restore refits only from rows that reproduce the layer
                 st.rows_match = rows_match_output(module, x)
-            cap = MAX_ROWS_PER_BATCH if rows_per_image is None else min(MAX_ROWS_PER_BATCH, rows_per_image * len(x))
+            per_image = None if rows_per_image is None else hessian_rows_per_image(module.weight[0].numel(), rows_per_image)
+            cap = MAX_ROWS_PER_BATCH if per_image is None else min(MAX_ROWS_PER_BATCH, per_image * len(x))
             if which == "calib":
                 st.gram, rows = add_layer_gram_(st.gram, module, x, len(x), gen, cap)
                 st.gram_rows += rows
