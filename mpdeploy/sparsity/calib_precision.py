@@ -1,8 +1,7 @@
 """The dtype of the calibration forward passes that feed the layer statistics.
 
 On ViT-B/16 the calibration forward passes are over a third of the default prune's CPU time (issue 26).
-Where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX: 4x float32's GEMM rate on the 2-core
-EPYC here) a large model runs them under bfloat16 autocast, as SparseGPT calibrates in half precision on
+Where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX) a large model runs them under bfloat16 autocast, as SparseGPT calibrates in half precision on
 a GPU. The captured layer inputs are cast back to float32 before any statistic is accumulated, so only
 the activations carry bfloat16 rounding; the covariances, the OBS solves and the judge stay float32.
 Small models keep float32: their forward pass is cheap, and their results (the method table, the demo)
