@@ -45,7 +45,7 @@ torch.manual_seed(0)
 from mpdeploy.models.load import load_model
 from mpdeploy.models.spec import ModelSpec
 from mpdeploy.prune.stage import PruneConfig, prune
-name, shape, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+name, shape, threads, calib_dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 shape = tuple(int(v) for v in shape.split(",")) if shape else None
 if threads:
     torch.set_num_threads(threads)
@@ -63,7 +63,8 @@ def progress(step, done, total):
     entry["wall_s"] += wall - last[0]
     entry["cpu_s"] += cpu - last[1]
     last[:] = [wall, cpu]
-config = PruneConfig(saliency="auto", calib="synthetic", restore=True)
+extra = {} if calib_dtype == "auto" else {"calib_dtype": calib_dtype}  # code before --calib-dtype: auto only
+config = PruneConfig(saliency="auto", calib="synthetic", restore=True, **extra)
 t_load, c_load = time.perf_counter(), time.process_time()
 last[:] = [t_load, c_load]
 with tempfile.TemporaryDirectory() as tmp:
@@ -102,9 +103,10 @@ def export_ref(ref: str, into: Path) -> str:
     return commit
 
 
-def run_one(code_root: Path, name: str, shape: str, timeout_s: float, nice: int, threads: int = 0) -> dict:
+def run_one(code_root: Path, name: str, shape: str, timeout_s: float, nice: int, threads: int = 0,
+            calib_dtype: str = "auto") -> dict:
     env = {**os.environ, "PYTHONPATH": str(code_root), "HF_HUB_OFFLINE": "1"}
-    argv = [sys.executable, "-c", CHILD, name, shape, str(threads)]
+    argv = [sys.executable, "-c", CHILD, name, shape, str(threads), calib_dtype]
     if nice:
         argv = ["nice", "-n", str(nice), *argv]
     run = provenance.run_child(argv, timeout_s=timeout_s, env=env, cwd=str(code_root))
@@ -128,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
                              "count (0: torch's default, one per core: the runs labelled after / before; N: "
                              "after_threadsN). 1 measures the work itself: on a shared machine a second OpenMP "
                              "thread's spin-waits add CPU seconds that do no work")
+    parser.add_argument("--calib-dtypes", default="auto",
+                        help="the working tree's --calib-dtype per run, comma-separated (auto: labelled as above; "
+                             "float32 / bfloat16: after_float32 / after_bfloat16, torch's default threads)")
     parser.add_argument("--note", default="", help="what else ran on the machine")
     parser.add_argument("--smoke", action="store_true", help="timm's test_vit at 3x32x32 only (seconds)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -152,10 +157,18 @@ def main(argv: list[str] | None = None) -> None:
                 if "state_dict_sha256" in record:
                     prov.model(f"timm:{name}" + (f"@{shape}" if shape else ""), record["state_dict_sha256"],
                                "sha256 of the state dict: timm random init, torch.manual_seed(0)")
-                print(name, label, json.dumps({k: record.get(k) for k in ("returncode", "wall_s", "cpu_s",
-                                                                         "peak_rss_mib", "phases", "loadavg_before")}),
-                      flush=True)
+                _report(name, label, record)
+            for calib_dtype in (d for d in args.calib_dtypes.split(",") if d != "auto"):
+                record = run_one(provenance.REPO, name, shape, args.timeout, args.nice, 0, calib_dtype)
+                record["code"] = f"working tree, --calib-dtype {calib_dtype}"
+                results["runs"].setdefault(name, {})[f"after_{calib_dtype}"] = record
+                _report(name, f"after_{calib_dtype}", record)
     provenance.write_results(args.out, results, prov)
+
+
+def _report(name: str, label: str, record: dict) -> None:
+    print(name, label, json.dumps({k: record.get(k) for k in ("returncode", "wall_s", "cpu_s", "peak_rss_mib", "phases",
+                                                              "loadavg_before", "held_out_layer_error")}), flush=True)
 
 
 if __name__ == "__main__":

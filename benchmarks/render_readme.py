@@ -478,9 +478,21 @@ def prune_speed(r: Results) -> str:
     for name, run in d["runs"].items():
         a = run.get("after") or {}
         ph = a.get("phases") or {}
-        parts.append(f"{name}: {a['wall_s']:.0f} s wall, {a['cpu_s']:.0f} CPU s (goal {d['goal_s'][name]} s wall), "
-                     f"peak RSS {gib(a['peak_rss_mib'])}, load average {a['loadavg_before'][0]} at its start; CPU s by "
-                     f"phase: " + ", ".join(f"{k} {v['cpu_s']:.0f}" for k, v in ph.items()))
+        dtype = (a.get("calibration") or {}).get("forward_dtype")
+        text = (f"{name}: {a['wall_s']:.0f} s wall, {a['cpu_s']:.0f} CPU s (goal {d['goal_s'][name]} s wall"
+                f"{': met' if a['wall_s'] <= d['goal_s'][name] else ': missed'}), peak RSS {gib(a['peak_rss_mib'])}, "
+                f"load average {a['loadavg_before'][0]} at its start; CPU s by phase: "
+                + ", ".join(f"{k} {v['cpu_s']:.0f}" for k, v in ph.items()))
+        if dtype:
+            text += f"; calibration forward in {dtype}"
+        for label, other in run.items():
+            if label.startswith("after_") and not label.startswith("after_threads") and "wall_s" in other:
+                err, mine = other.get("held_out_layer_error") or {}, a.get("held_out_layer_error") or {}
+                text += (f"; with --calib-dtype {label[6:]}: {other['wall_s']:.0f} s wall, {other['cpu_s']:.0f} CPU s, "
+                         f"held-out layer error mean {err.get('mean', float('nan')):.4f} (default "
+                         f"{mine.get('mean', float('nan')):.4f}), max {err.get('max', float('nan')):.4f} (default "
+                         f"{mine.get('max', float('nan')):.4f})")
+        parts.append(text)
     return (f"`{d['command']}` (`benchmarks/prune_speed.py`, {source('prune_speed.json', d)}): " + "; ".join(parts)
             + f". Note recorded with the run: {d['note']}\n")
 

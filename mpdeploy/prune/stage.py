@@ -21,6 +21,8 @@ from mpdeploy.core import artifacts, atomic
 from mpdeploy.sparsity.budgets import Candidate, get_budget
 from mpdeploy.core.errors import MpdeployError
 from mpdeploy.core.kinds import PrunedFolder
+from mpdeploy.prune.calibration import choose_forward_dtype, load_calibration
+from mpdeploy.sparsity.calib_precision import CALIB_DTYPES
 from mpdeploy.sparsity.layers import LayerInfo, count_macs, find_layers, skip_reason
 from mpdeploy.models.spec import LoadedModel
 from mpdeploy.sparsity.patterns import NM, is_nm_compliant, parse_pattern
@@ -47,6 +49,7 @@ class PruneConfig:
     calib: str | None = None  # "digits" | "synthetic" | ImageFolder dir
     calib_batches: int = 8
     calib_batch_size: int = 16
+    calib_dtype: str = "auto"  # the calibration forward passes' dtype (sparsity.calib_precision)
     target_mac_reduction: float | None = None
     include_head: bool = False
     permute: bool = False
@@ -69,6 +72,8 @@ class PruneConfig:
             raise MpdeployError(f"{need} needs calibration data; pass --calib DIR|digits|synthetic")
         if self.calib_batches < 1 or self.calib_batch_size < 1:
             raise MpdeployError("--calib-batches and --calib-batch-size must be at least 1")
+        if self.calib_dtype not in CALIB_DTYPES:
+            raise MpdeployError(f"--calib-dtype {self.calib_dtype!r} is not one of {', '.join(CALIB_DTYPES)}")
         if self.backend is not None:
             from mpdeploy.backends.sparse_plan import check_target
 
@@ -120,35 +125,10 @@ def _fit_signal(weight: torch.Tensor, layer: LayerInfo) -> tuple[dict[str, Any] 
     return fit, signal
 
 
-def _calibration(config: PruneConfig, loaded: LoadedModel) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
-    """(calibration batches, held-out batches, description) for the configured source."""
-    if not config.calib:
-        return [], [], {"kind": None}
-    from mpdeploy.models.data import input_batches, load_images
-
-    n_total = config.calib_batches * config.calib_batch_size
-    data = load_images(config.calib, loaded.input_shape, split="calib", data_config=loaded.data_config,
-                       limit=2 * n_total, seed=config.seed)
-    batches = list(input_batches(data, config.calib_batch_size))
-    if not batches:
-        raise MpdeployError(f"calibration source {config.calib!r} holds no images")
-    # Hold out a slice so restore is judged on inputs it did not fit: a quarter of the calibration
-    # batches (fewer from a small source), from the end.
-    n_hold = max(1, min(len(batches) // 4, config.calib_batches // 4)) if len(batches) > 1 else 0
-    calib, held = batches[: len(batches) - n_hold], batches[len(batches) - n_hold :]
-    calib = calib[: config.calib_batches]
-    info = {"kind": data.kind, "description": data.description, "images": sum(len(b) for b in calib),
-            "held_out_images": sum(len(b) for b in held)}
-    if data.synthetic:
-        info["warning"] = "synthetic noise calibration: for smoke runs only, saliency and restore are not meaningful"
-        logger.warning(info["warning"])
-    return calib, held, info
-
-
-def _collect_stats(model, names, calib, held, config: PruneConfig) -> dict[str, InputStats]:
+def _collect_stats(model, names, calib, held, config: PruneConfig, forward_dtype: str) -> dict[str, InputStats]:
     needs = get_saliency(config.saliency).stats
     group_sizes = tuple(sorted({p.m for p in config.patterns})) if "group_cov" in needs else ()
-    return collect_stats(model, names, calib, held, config.saliency, group_sizes)
+    return collect_stats(model, names, calib, held, config.saliency, group_sizes, forward_dtype=forward_dtype)
 
 
 def prune_model(loaded: LoadedModel, config: PruneConfig, progress: Progress | None = None) -> PruneResult:
@@ -163,7 +143,8 @@ def prune_model(loaded: LoadedModel, config: PruneConfig, progress: Progress | N
     if pruned_for:
         extra["pruned_for"] = pruned_for
     fits = _fit_signals(model, layers, step)
-    calib, held, calib_info, stats, permutation_report = _calibrate_and_permute(model, loaded, config, eligible, step)
+    calib, held, calib_info, stats, permutation_report = _calibrate_and_permute(
+        model, loaded, config, eligible, step, sum(dense_macs.values()))
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     candidates, layer_masks = _candidates(model, eligible, config, stats, macs, fits, step)
@@ -259,22 +240,30 @@ def _prune_for_backend(model: nn.Module, loaded: LoadedModel, config: PruneConfi
 
 def _fit_signals(model: nn.Module, layers: list[LayerInfo],
                  step: Progress) -> dict[str, tuple[dict | None, float | None]]:
-    """{layer: (MP fit record, budget signal)} for every layer, eligible or not (all are reported)."""
-    fits: dict[str, tuple[dict | None, float | None]] = {}
-    for i, layer in enumerate(layers):
-        fits[layer.name] = _fit_signal(model.get_submodule(layer.name).weight, layer)
-        step("fit", i + 1, len(layers))
-    return fits
+    """{layer: (MP fit record, budget signal)} for every layer, eligible or not (all are reported).
+    The layers side by side, one BLAS thread each: numpy's Gram products and eigvalsh run outside the
+    GIL, and on ViT-B/16 two BLAS threads per fit cost twice the CPU seconds for the same wall time."""
+    from threadpoolctl import threadpool_limits
+
+    from mpdeploy.sparsity.threads import map_by_item
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        results = map_by_item(lambda layer: _fit_signal(model.get_submodule(layer.name).weight, layer), layers,
+                              cost=lambda layer: model.get_submodule(layer.name).weight.numel(),
+                              done=lambda finished, total: step("fit", finished, total))
+    return {layer.name: fit for layer, fit in zip(layers, results)}
 
 
 def _calibrate_and_permute(model: nn.Module, loaded: LoadedModel, config: PruneConfig, eligible: list[LayerInfo],
-                           step: Progress):
+                           step: Progress, macs_per_image: int):
     """(calibration batches, held-out batches, calibration record, input stats, permutation report).
 
     With --permute the channels are permuted in place, and the stats re-collected on the permuted model."""
-    calib, held, calib_info = _calibration(config, loaded)
+    calib, held, calib_info = load_calibration(config.calib, config.calib_batches, config.calib_batch_size,
+                                               config.seed, loaded)
     names = [layer.name for layer in eligible]
-    stats = _collect_stats(model, names, calib, held, config) if calib else {}
+    forward_dtype = choose_forward_dtype(config.calib_dtype, macs_per_image, calib_info) if calib else "float32"
+    stats = _collect_stats(model, names, calib, held, config, forward_dtype) if calib else {}
     if calib and "gram" in get_saliency(config.saliency).stats:
         # the OBS covariances sample at most this many rows per image at K >= HESSIAN_WIDE_K (more below)
         calib_info.update(hessian_rows_per_image=HESSIAN_ROWS_PER_IMAGE, hessian_wide_k=HESSIAN_WIDE_K)
@@ -289,7 +278,7 @@ def _calibrate_and_permute(model: nn.Module, loaded: LoadedModel, config: PruneC
             seconds_per_layer=config.permute_seconds,
         )
         if calib:  # the permuted layers see permuted inputs: refresh their statistics
-            stats = _collect_stats(model, names, calib, held, config)
+            stats = _collect_stats(model, names, calib, held, config, forward_dtype)
         step("permute", 1, 1)
     return calib, held, calib_info, stats, permutation_report
 

@@ -248,7 +248,8 @@ def removed_energy_fraction(weight: torch.Tensor, mask: torch.Tensor, saliency: 
 
 def collect_stats(model: nn.Module, names: list[str], calib: list[torch.Tensor], held: list[torch.Tensor],
                   saliency: str, group_sizes: tuple[int, ...] = (),
-                  rows_per_image: int | None = HESSIAN_ROWS_PER_IMAGE) -> dict[str, InputStats]:
+                  rows_per_image: int | None = HESSIAN_ROWS_PER_IMAGE,
+                  forward_dtype: str = "float32") -> dict[str, InputStats]:
     """Input statistics of each named layer for `saliency` (column norms always; group covariances
     and the full im2col covariance only where the criterion reads them).
 
@@ -256,18 +257,22 @@ def collect_stats(model: nn.Module, names: list[str], calib: list[torch.Tensor],
     covariance together, one more over the held-out batches its covariance (each image runs once:
     on ViT-B/16 the forward passes cost as much as the covariances). The covariances take at most
     `hessian_rows_per_image(K, rows_per_image)` rows (tokens / im2col positions) per image, sampled
-    (None: MAX_ROWS_PER_BATCH per batch, the memory bound)."""
+    (None: MAX_ROWS_PER_BATCH per batch, the memory bound). The forward passes run under
+    `forward_dtype` autocast (`calib_precision`); every statistic is accumulated in float32."""
+    from mpdeploy.sparsity.calib_precision import forward_precision
     from mpdeploy.sparsity.layers import capture_inputs
     from mpdeploy.sparsity.stats import symmetrize_
 
     stats = {n: InputStats() for n in names}
     if "gram" not in stats_needed(saliency):
-        capture_inputs(model, names, calib, lambda name, x: stats[name].update(x, group_sizes))
+        with forward_precision(model, forward_dtype):
+            capture_inputs(model, names, calib, lambda name, x: stats[name].update(x, group_sizes))
         return stats
     gen = torch.Generator().manual_seed(0)  # row sampling of the covariances: calibration, then held-out
-    with _gram_hooks(model, names, stats, "calib", gen, rows_per_image):
+    with _gram_hooks(model, names, stats, "calib", gen, rows_per_image), forward_precision(model, forward_dtype):
         capture_inputs(model, names, calib, lambda name, x: stats[name].update(x, group_sizes))
-    with _gram_hooks(model, names, stats, "held", gen, rows_per_image), torch.no_grad():
+    with (_gram_hooks(model, names, stats, "held", gen, rows_per_image), forward_precision(model, forward_dtype),
+          torch.no_grad()):
         for batch in held:
             model(batch)
     for st in stats.values():
@@ -281,14 +286,16 @@ def _gram_hooks(model: nn.Module, names: list[str], stats: dict[str, InputStats]
                 gen: torch.Generator, rows_per_image: int | None) -> Iterator[None]:
     """Inside the block every forward pass adds each named layer's X^T X to its `which` covariance
     (float32, in place, block upper triangle: `collect_stats` completes it)."""
+    from mpdeploy.sparsity.calib_precision import full_precision
     from mpdeploy.sparsity.restore import MAX_ROWS_PER_BATCH, add_layer_gram_, rows_match_output
 
     def hook(name):
         def fn(module, inputs, output):
-            x = inputs[0].detach()
+            x = inputs[0].detach().float()  # under bfloat16 autocast a layer may see bfloat16 inputs
             st = stats[name]
             if st.rows_match is None:  # restore refits only from rows that reproduce the layer
-                st.rows_match = rows_match_output(module, x)
+                with full_precision(x):
+                    st.rows_match = rows_match_output(module, x)
             per_image = None if rows_per_image is None else hessian_rows_per_image(module.weight[0].numel(), rows_per_image)
             cap = MAX_ROWS_PER_BATCH if per_image is None else min(MAX_ROWS_PER_BATCH, per_image * len(x))
             if which == "calib":
