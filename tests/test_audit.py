@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -345,6 +347,34 @@ def test_labels_that_do_not_fit_gate_on_agreement_and_speed_gate(base_root, fast
     md = (root / "audit" / "audit.md").read_text()
     assert "- speed gate: at least 1000x dense p50 / sparse p50 at the largest batch" in md
     assert a["sensitivity"] == [] and a["sensitivity_summary"] is None
+
+
+def test_an_audit_records_its_host_name_and_no_placement_unless_given(base_audit):
+    host = base_audit["device"]["host"]
+    assert host["hostname"] == socket.gethostname() and host["placement"] is None
+    assert "placement" not in base_audit["config"]
+
+
+def test_a_placement_is_recorded_and_left_out_of_the_reuse_key(base_root, fast, tmp_path):
+    """The caller's placement (the sweep: its Ray node) lands under device.host and in audit.md's host line; a
+    re-run placed elsewhere reuses the audit, which keeps the node that made it."""
+    from mpdeploy.audit.run import audit_stage
+    from mpdeploy.core.kinds import AuditFolder
+    from mpdeploy.core.names import engine_folder_name
+
+    root = tmp_path / "placed"
+    shutil.copytree(base_root, root, ignore=shutil.ignore_patterns("audit"))
+    config = AuditConfig(plots=False, **{**fast, "sensitivity_batch": 0})
+    engine_dir = root / engine_folder_name("ort")
+    placed = {"node_id": "ab" * 28, "ip": "10.0.0.7"}
+    first = audit_stage(engine_dir, replace(config, placement=placed), None, False, None)
+    folder = AuditFolder.open(first.path)
+    result = folder.result()
+    assert first.status == "built" and result["device"]["host"]["placement"] == placed
+    assert "placement" not in folder.config and "placement" not in result["config"]
+    assert f"node_id `{placed['node_id']}`, ip `10.0.0.7`" in folder.file(AuditFolder.MARKDOWN).read_text()
+    again = audit_stage(engine_dir, replace(config, placement={"node_id": "cd" * 28}), None, False, None)
+    assert again.status == "reused" and AuditFolder.open(again.path).result()["device"]["host"]["placement"] == placed
 
 
 def test_modified_engine_file_is_bad_input(base_root, tmp_path):

@@ -195,12 +195,14 @@ def test_sweep_rows_choice_artifact_then_resume_recomputes_nothing(local_ray, tm
     ok = [r for r in trials if r["status"] == "ok"]
     assert len(ok) == 2
     for r in ok:  # every number is the verified audit's
-        summary = AuditFolder.open(out / r["folders"]["audit"]).result()["summary"]
+        result = AuditFolder.open(out / r["folders"]["audit"]).result()
+        summary = result["summary"]
         assert (r["top1_sparse"], r["top1_dense"], r["agreement"]) == (
             summary["top1_sparse"], summary["top1_dense"], summary["agreement"])
         assert r["latency"]["8"]["speedup"] == summary["speedup_p50"]["8"]
         assert r["manifests"]["audit"] == artifacts.manifest_hash(out / r["folders"]["audit"])
         assert r["node"]["engine_steps"]["node_id"] == ray.get_runtime_context().get_node_id()
+        assert result["device"]["host"]["placement"] == r["node"]["engine_steps"]  # the audit says where it ran
         assert 0.2 < r["mac_cut"] < 0.5 and r["backend"] == "ort" and r["precision"] == "fp32"
     chosen = record["choice"]["cpu"]
     assert chosen in {r["id"] for r in ok} | {"dense-cpu"}
@@ -450,7 +452,9 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_node_cluster_engine_steps_on_the_gpu_kind_node(tmp_path):
     """`ray start --head` and a second node offering accelerator_type:H200: the sweep (attaching with
-    --ray-address) builds and times the engine on the H200 node, and each row records that node."""
+    --ray-address) builds and times the engine on the H200 node, and each row and each audit record that node."""
+    from mpdeploy.core.kinds import AuditFolder
+
     ray.shutdown()  # the module's local Ray: this test attaches to its own cluster
     address = f"127.0.0.1:{_free_port()}"
     with contextlib.ExitStack() as nodes:
@@ -472,6 +476,9 @@ def test_two_node_cluster_engine_steps_on_the_gpu_kind_node(tmp_path):
     # built and timed on the node of that kind: the row of that audit records the node
     assert row["node"]["engine_steps"]["node_id"] == h200[0]
     assert row["manifests"]["audit"] == artifacts.manifest_hash(out / row["folders"]["audit"])
+    # the audit itself, opened verified where the row points (the manifest hash above ties it to the row)
+    placement = AuditFolder.open(out / row["folders"]["audit"]).result()["device"]["host"]["placement"]
+    assert placement["node_id"] == h200[0] and placement == row["node"]["engine_steps"]
 
 
 def _connect(address: str) -> bool:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
 
 from mpdeploy.core.machine import cpu_model
 from mpdeploy.core.names import traits
@@ -39,10 +39,23 @@ class Findings:
 # device and host
 
 
-def host_info() -> dict[str, Any]:
+def host_info(placement: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The machine the audit ran on; `placement` is the caller's word on where it put the audit (a Ray node,
+    for the sweep), recorded as given: None when the audit was run directly."""
     cpu = cpu_model()
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "loadavg": loadavg()}
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "hostname": socket.gethostname(),
+            "platform": platform.platform(), "python": platform.python_version(), "loadavg": loadavg(),
+            "placement": None if placement is None else dict(placement)}
+
+
+def host_text(host: Mapping[str, Any]) -> str:
+    """The host line of audit.md; .get for the fields an audit may lack (hostname and placement are newer)."""
+    text = f"{host.get('cpu')}, {host.get('cpu_count')} cores, {host.get('platform')}"
+    if host.get("hostname"):
+        text += f", host name `{host['hostname']}`"
+    if host.get("placement"):
+        text += "; placed by its caller on " + ", ".join(f"{k} `{v}`" for k, v in host["placement"].items())
+    return text
 
 
 def loadavg() -> list[float] | None:

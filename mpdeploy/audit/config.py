@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
+from mpdeploy.core import artifacts
 from mpdeploy.core.errors import MpdeployError
+
+# Fields that record how a run happened, not what it measures: left out of the reuse key (and the manifest's
+# config), so an audit made on one node is reused by a re-run placed on another.
+RUN_ONLY_FIELDS = ("placement",)
 
 
 @dataclass(frozen=True)
@@ -32,8 +39,13 @@ class AuditConfig:
     sensitivity_max_layers: int | None = 24  # a spread subset of the pruned layers; None: all
     plots: bool = True
     seed: int = 0
+    # Who ran this audit, set by the caller (the sweep: its Ray node id and IP); recorded in audit.json under
+    # device.host.placement. The audit never looks at it: stages do not know what schedules them.
+    placement: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.placement is not None:  # plain JSON data now, not at write time after the work
+            object.__setattr__(self, "placement", artifacts.to_jsonable(dict(self.placement)))
         sizes = tuple(int(b) for b in self.batch_sizes)
         if not sizes or min(sizes) < 1:
             raise MpdeployError("batch sizes must be positive integers, e.g. --batch-sizes 1,8,32")
@@ -53,3 +65,8 @@ class AuditConfig:
             raise MpdeployError("--min-rounds must be >= 2, --ratio-tolerance > 0 and --time-budget >= 0 (0: no bound)")
         if self.sensitivity_batch < 0:
             raise MpdeployError(f"--sensitivity-batch must be >= 0 (0 skips it), not {self.sensitivity_batch}")
+
+
+def reuse_config(config: AuditConfig) -> dict[str, Any]:
+    """The config an audit manifest and audit.json record and its reuse key hashes (run-only fields left out)."""
+    return {k: v for k, v in artifacts.to_jsonable(asdict(config)).items() if k not in RUN_ONLY_FIELDS}

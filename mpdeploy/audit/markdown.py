@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mpdeploy.audit.common import fmt_pct, runtime_text
+from mpdeploy.audit.common import fmt_pct, host_text, runtime_text
 from mpdeploy.core.kinds import AuditFolder
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def _setup_section(result: Mapping[str, Any]) -> list[str]:
         ("backend", result["backend"]),
         ("runtime", _compact(dev["runtime"])),
         ("built for", _compact(dev["engine_manifest"] or {})),
-        ("host", f"{host['cpu']}, {host['cpu_count']} cores, {host['platform']}"),
+        ("host", host_text(host)),
         ("load average", f"before timing {dev['loadavg_before_timing']}, after {dev['loadavg_after_timing']}"),
         ("data", f"{result['data']['description']}; labels: {result['data']['labels_note']}"),
         ("timing", _timing_text(result["latency_method"])),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mpdeploy.core import artifacts
@@ -12,7 +12,7 @@ from mpdeploy.core.kinds import EngineFolder
 
 from mpdeploy.audit.accuracy import AccuracyRun
 from mpdeploy.audit.common import SCHEMA, Findings, pattern_text
-from mpdeploy.audit.config import AuditConfig
+from mpdeploy.audit.config import AuditConfig, reuse_config
 from mpdeploy.audit.subject import AuditSubject
 from mpdeploy.audit.timing import TimingPolicy, method_record
 
@@ -112,7 +112,7 @@ def audit_record(config: AuditConfig, subject: AuditSubject, data: ImageData, ru
         "engine": {"folder": engine_dir.name, "files": {k: v.name for k, v in subject.files.items()},
                    "precision": precision, "manifest_sha256": artifacts.manifest_hash(engine_dir),
                    "build_report": EngineFolder.REPORT if (engine_dir / EngineFolder.REPORT).is_file() else None},
-        "config": artifacts.to_jsonable(asdict(config)),
+        "config": reuse_config(config),  # the placement is under device.host
         "started": started,
         "seconds": None,
         "timings": timings,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 from mpdeploy.core import atomic
@@ -11,6 +10,7 @@ from mpdeploy.core.runner import StageResult, run_stage, step_progress
 
 def audit_stage(engine_dir: Path, audit_config, runtime, force: bool, progress) -> StageResult:
     """Audit `engine_dir` into `audit/` beside it; reused when engine, weights and config are the same."""
+    from mpdeploy.audit.config import reuse_config
     from mpdeploy.audit.stage import audit
     from mpdeploy.audit.stage import audit_inputs, audit_sources
     from mpdeploy.core.kinds import AuditFolder, EngineFolder
@@ -23,7 +23,7 @@ def audit_stage(engine_dir: Path, audit_config, runtime, force: bool, progress) 
         step("audit", 0, 1)
         audit(root, audit_config, progress=step, runtime=runtime)
 
-    result = run_stage("audit", root / "audit", "audit", asdict(audit_config), make, force=force,
+    result = run_stage("audit", root / "audit", "audit", reuse_config(audit_config), make, force=force,
                        inputs=audit_inputs(engine), sources=sources)
     step("audit", 1, 1)
     data = atomic.read_json(result.path / AuditFolder.RESULT, what="audit")

@@ -49,7 +49,7 @@ from mpdeploy.core.kinds import AuditFolder, EngineFolder
 
 from mpdeploy.audit.accuracy import AccuracyRun, check_reference, compare_with_pytorch, measure_accuracy
 from mpdeploy.audit.common import AUDIT_DIR, KIND, Findings, Progress, fmt_pct, host_info, loadavg
-from mpdeploy.audit.config import AuditConfig
+from mpdeploy.audit.config import AuditConfig, reuse_config
 from mpdeploy.audit.engine import check_root
 from mpdeploy.audit.evaluate import layer_sensitivity
 from mpdeploy.audit.fp32_reference import fp32_gate
@@ -150,7 +150,7 @@ def _run_engines(config: AuditConfig, subject: AuditSubject, data: ImageData, fi
     try:
         _load_runners(backend, subject, runner_config, runners)
         runtime = dict(backend.device_info() or {})
-        host = host_info()
+        host = host_info(config.placement)
         batch_sizes = timed_batch_sizes(config, subject, findings)
         clock.lap("load_engines_s")
         accuracy = measure_accuracy(config, subject, data, runners, batch_sizes, findings, step)
@@ -230,7 +230,7 @@ def _write_audit(config: AuditConfig, subject: AuditSubject, result: dict[str, A
         result["seconds"] = clock.total()
         atomic.write_json(tmp / AuditFolder.RESULT, result)
         atomic.atomic_write_text(tmp / AuditFolder.MARKDOWN, render_markdown(result, subject.root))
-        artifacts.write_manifest(tmp, KIND, config, inputs=audit_inputs(subject.engine),
+        artifacts.write_manifest(tmp, KIND, reuse_config(config), inputs=audit_inputs(subject.engine),
                                  sources=audit_sources(subject.engine), target=out,
                                  extra={"backend": subject.backend, "passed": not result["failures"]})
     return out

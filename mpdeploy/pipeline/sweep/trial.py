@@ -5,7 +5,8 @@ PyTorch (the cheap first look of --promote); `"full"` runs prune -> distill -> e
 Every step goes through the stage's own reuse rule in its store folder (store.py), under a file lock, so
 trials that share a step share its artifact and a re-run recomputes nothing that verifies. With a GPU kind,
 the engine and the audit run as a Ray task that asks for `accelerator_type:<KIND>` (the trial's second
-placement-group bundle): an engine is built and timed on the GPU kind it is for.
+placement-group bundle): an engine is built and timed on the GPU kind it is for, and its audit records the
+node (the audit's placement).
 
 A trial that fails for a reason the user can act on (a config the model cannot take, out of memory) is a
 row with that reason; anything else propagates, so Ray Tune retries the trial (a killed worker).
@@ -17,7 +18,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -236,21 +237,23 @@ def _engine_chain(plan: SweepPlan, configs: TrialConfigs, weights_key: str, weig
 
 
 def engine_and_audit(plan: SweepPlan, build_config, onnx_dir: Path, step: Path) -> dict[str, Any]:
-    """Build the engines into `step/engine-<backend>/` and audit them into `step/audit/` (under the step lock)."""
+    """Build the engines into `step/engine-<backend>/` and audit them into `step/audit/` (under the step lock).
+    The audit records this node as its placement (a reused audit keeps the node that made it)."""
     from mpdeploy.engine.stage import build_engines
     from mpdeploy.audit.run import audit_stage
 
     _limit_threads(plan.threads)
+    node = node_info()
     with plan.store.lock(step):
         engine = build_engines(onnx_dir, plan.backend, build_config, out=step / engine_folder_name(plan.backend),
                                backend_reason=plan.backend_reason)
-        audit = audit_stage(engine.path, plan.audit, build_config, False, None)
+        audit = audit_stage(engine.path, replace(plan.audit, placement=node), build_config, False, None)
     report = artifacts.read_json(engine.path / EngineFolder.REPORT, what="build report")
     return {"steps": {s: {"status": r.status, "seconds": round(r.seconds, 3)} for s, r in
                       (("engine", engine), ("audit", audit))},
             "folders": {"engine": str(engine.path), "audit": str(audit.path)},
             "manifests": {"engine": artifacts.manifest_hash(engine.path), "audit": artifacts.manifest_hash(audit.path)},
-            "node": node_info(), "device": _device_name(report.get("device") or {})}
+            "node": node, "device": _device_name(report.get("device") or {})}
 
 
 def _device_name(device: dict[str, Any]) -> str:
@@ -301,8 +304,10 @@ def _stats(stats: dict[str, Any]) -> dict[str, Any]:
 
 def config_record(plan: SweepPlan) -> dict[str, Any]:
     """The plan's configs as JSON (the sweep manifest's config: what a re-run must match)."""
+    from mpdeploy.audit.config import reuse_config
+
     return artifacts.to_jsonable({"model": asdict(plan.spec), "prune": asdict(plan.prune),
                                   "distill": asdict(plan.distill) if plan.distill else None,
                                   "export": asdict(plan.export), "build": plan.build.build_fields(),
-                                  "audit": asdict(plan.audit), "backend": plan.backend,
+                                  "audit": reuse_config(plan.audit), "backend": plan.backend,
                                   "objective": plan.objective.label})
