@@ -35,6 +35,21 @@ DEFAULT_PACKAGES = ("torch", "onnxruntime", "timm", "onnx", "polygraphy")
 MODELOPT = "nvidia-modelopt"
 
 
+# What the benchmarks themselves write: results and the figure rendered from them. A tree that differs from
+# its commit only there (a benchmark run after another in the same checkout) measured the commit's code.
+OUTPUT_PATHS = ("benchmarks/results/", "docs/sweep_frontier.png")
+
+
+def code_changed(git: dict) -> bool:
+    """Did the measured tree differ from its commit in anything but benchmark outputs? (a recorded git state)"""
+    if not git.get("dirty"):
+        return False
+    changed = git.get("changed_files")
+    if not changed or len(changed) >= 50:  # not recorded, or cut at 50: assume code
+        return True
+    return any(not name.startswith(OUTPUT_PATHS) for name in changed)
+
+
 def git_state(repo: Path = REPO) -> dict:
     """Commit of HEAD and the tracked files that differ from it (a dirty tree measures other code)."""
     def git(*args: str) -> str:

@@ -18,6 +18,9 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import code_changed  # noqa: E402  (benchmarks/provenance.py, beside this script)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 README = REPO / "README.md"
@@ -46,7 +49,7 @@ def source(name: str, data: dict | None, script: str | None = None) -> str:
     if not prov:
         return f"`benchmarks/results/{name}` (written before commits were recorded: commit unknown)"
     git = prov.get("git") or {}
-    commit = (git.get("commit") or "unknown")[:10] + (" + uncommitted changes" if git.get("dirty") else "")
+    commit = (git.get("commit") or "unknown")[:10] + (" + uncommitted changes" if code_changed(git) else "")
     load = prov.get("loadavg_before", [None])[0], prov.get("loadavg_after", [None])[0]
     return (f"`benchmarks/results/{name}`, commit {commit}, {prov['date'][:10]}, {prov['machine']['cores']}-core "
             f"{prov['machine']['cpu_model']}, load average {load[0]} before / {load[1]} after")
@@ -63,7 +66,7 @@ def own_run(row: dict, data: dict) -> str:
     commit = (prov.get("git") or {}).get("commit")
     if not commit or commit == (((data.get("provenance") or {}).get("git")) or {}).get("commit"):
         return ""
-    dirty = " + uncommitted changes" if prov["git"].get("dirty") else ""
+    dirty = " + uncommitted changes" if code_changed(prov["git"]) else ""
     return f", its own run: commit {commit[:10]}{dirty}, {prov['date'][:10]}"
 
 

@@ -97,3 +97,13 @@ def test_zoo_hash_is_the_shipped_file():
 
     for name in list_zoo_models():
         assert provenance.zoo_sha256(name)["sha256"] == zoo_sha256(name)
+
+
+@pytest.mark.parametrize("changed, code", [
+    ([], False),
+    (["benchmarks/results/demo.json", "docs/sweep_frontier.png"], False),  # an earlier benchmark's outputs
+    (["benchmarks/results/demo.json", "mpdeploy/prune/stage.py"], True),
+    ([f"benchmarks/results/f{i}.json" for i in range(50)], True),  # the list was cut at 50: unknown, so code
+])
+def test_a_tree_dirty_only_in_benchmark_outputs_measured_its_commit(changed, code):
+    assert provenance.code_changed({"commit": "c" * 40, "dirty": bool(changed), "changed_files": changed}) is code
