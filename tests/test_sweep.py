@@ -42,6 +42,17 @@ FAST = ["--backend", "ort", "--max-eval-images", "64", "--no-sensitivity", "--no
         "--min-rounds", "2", "--max-top1-drop", "0.25"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _ray_auth_disabled():
+    """Every Ray here (the local one, `ray start` nodes, the sweep's driver) runs with token authentication
+    off, said explicitly: with RAY_AUTH_MODE unset Ray 2.60 turns it on for `ray.init()` by default and for
+    `ray start` where ~/.ray/auth_token exists, and a driver that attaches to a cluster it did not start
+    then fails to connect (the two-node test, run on its own)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_AUTH_MODE", "disabled")
+        yield
+
+
 @pytest.fixture(scope="module")
 def _module_ray():
     yield
@@ -387,7 +398,7 @@ def _ray_node(log: Path, address: str, *flags: str, hide: Path | None = None):
     """`ray start --block FLAGS` (its raylet and workers in its process group), a head at `address` (flags hold
     --head) or a node joining the cluster there; with `hide`, in a mount namespace of its own where an empty tmpfs
     covers that folder: a node that sees another filesystem at the store's path. It inherits this process's
-    environment, so its Ray authentication (RAY_AUTH_MODE, ~/.ray/auth_token) is the driver's."""
+    environment, so its Ray authentication (RAY_AUTH_MODE: disabled in this module) is the driver's."""
     head = "--head" in flags
     cmd = [_ray_bin(), "start", "--block", "--disable-usage-stats",
            f"--port={address.rsplit(':', 1)[1]}" if head else f"--address={address}", *flags]
