@@ -9,6 +9,9 @@ build's own artifacts: the prune manifest (sparse-execution MAC reduction, the s
 per layer), the distilled manifest (top-1 dense / pruned / distilled on the digits test split), the
 export's ONNX Runtime check (max |ORT - PyTorch|) and audit.json (verdict, dense/sparse p50 ratio per
 batch size). `--smoke` adds `--distill-epochs 1 --no-plots --max-eval-images 64` (seconds, for the test).
+`--cpu-isa avx2` holds torch's kernels to AVX2 in the child (ATEN_CPU_CAPABILITY, oneDNN's
+ONEDNN_MAX_CPU_ISA, MKL's MKL_ENABLE_INSTRUCTIONS), as on a CPU without AVX-512: the same demo on another
+kind of CPU, written to demo_avx2.json.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 import provenance
 
 RESULTS = provenance.RESULTS / "demo.json"
+# Environment that holds torch's CPU kernels to one instruction set (each library reads its own variable).
+CPU_ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 COMMAND = ["build", "--sparse"]
 SMOKE_EXTRA = ["--distill-epochs", "1", "--no-plots", "--max-eval-images", "64"]
 
@@ -57,17 +62,29 @@ def figures(build: Path) -> dict:
     }
 
 
+def _capability(env: dict) -> str:
+    """The instruction set torch's kernels use under `env` (torch.backends.cpu.get_cpu_capability in a child)."""
+    import subprocess
+
+    code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    return proc.stdout.strip() or f"unknown: {proc.stderr.strip()[-200:]}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="1 distillation epoch, 64 audit images, no plots")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--cpu-isa", choices=sorted(CPU_ISA_ENV), default=None,
+                        help="hold torch's kernels to this instruction set (default: what the CPU has)")
     args = parser.parse_args(argv)
-    out = args.out or (Path(tempfile.mkdtemp(prefix="demo_")) / "demo.json" if args.smoke else RESULTS)
+    default = RESULTS.with_name(f"demo_{args.cpu_isa}.json") if args.cpu_isa else RESULTS
+    out = args.out or (Path(tempfile.mkdtemp(prefix="demo_")) / "demo.json" if args.smoke else default)
     prov = provenance.begin(__file__, argv)
     prov.zoo("digits_vit")
     mpdeploy = [sys.executable, "-m", "mpdeploy"]
     path = (str(provenance.REPO), os.environ.get("PYTHONPATH"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), **CPU_ISA_ENV.get(args.cpu_isa, {})}
     with tempfile.TemporaryDirectory(prefix="demo_build_") as tmp:
         argv_build = [*mpdeploy, *COMMAND, *(SMOKE_EXTRA if args.smoke else [])]
         run = provenance.run_child(argv_build, env=env, cwd=tmp)
@@ -76,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             print(run.stderr[-3000:], file=sys.stderr)
             return 1
         result = {"command": "mpdeploy " + " ".join(argv_build[len(mpdeploy):]), **run.record(),
+                  "cpu_isa_env": CPU_ISA_ENV.get(args.cpu_isa), "cpu_capability": _capability(env),
                   **figures(build), "summary_table": run.stdout.strip().splitlines()[-20:]}
     provenance.write_results(out, result, prov)
     print(json.dumps({k: v for k, v in result.items() if k != "summary_table"}, indent=1))

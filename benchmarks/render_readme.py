@@ -119,7 +119,25 @@ def demo(r: Results) -> str:
         f"{d['top1_distilled']:.2f}% (distilled) on {d['top1_split']}, audit {'passed' if d['audit_passed'] else 'FAILED'}, "
         f"ONNX Runtime vs PyTorch {sci(d['ort_vs_pytorch_max_abs_diff'])} at export; the ORT CPU speed ratio "
         f"(dense p50 / sparse p50) is {ratio['min']:.2f}-{ratio['max']:.2f} over batch sizes "
-        f"{', '.join(map(str, ratio['batches']))}, because ONNX Runtime's CPU provider has no 2:4 kernels.\n")
+        f"{', '.join(map(str, ratio['batches']))}, because ONNX Runtime's CPU provider has no 2:4 kernels."
+        + _demo_other_isa(r, d) + "\n")
+
+
+def _demo_other_isa(r: Results, d: dict) -> str:
+    """The same demo with torch's kernels held to AVX2 (another kind of CPU), when measured."""
+    a = r("demo_avx2.json")
+    if a is None:
+        return ""
+    keys = ("top1_dense", "top1_pruned", "top1_distilled")
+    same = all(abs(a[k] - d[k]) < 1e-9 for k in keys)
+    return (f" With torch's kernels held to AVX2 (`benchmarks/demo.py --cpu-isa avx2`, torch reports "
+            f"{a['cpu_capability']}; {source('demo_avx2.json', a)}), as on a CPU without AVX-512: top-1 "
+            + " -> ".join(f"{a[k]:.2f}%" for k in keys)
+            + (", the same figures" if same else ", figures that differ from the default run")
+            + f"; ONNX Runtime vs PyTorch {sci(a['ort_vs_pytorch_max_abs_diff'])}; "
+            + ("the same" if a["saliency_chosen"] == d["saliency_chosen"] and
+               abs(a["sparse_execution_mac_reduction"] - d["sparse_execution_mac_reduction"]) < 1e-12
+               else "different") + " prune decisions (saliency per layer, MAC reduction).")
 
 
 def _mt_cell(e: dict | None, mac: bool = False) -> str:
