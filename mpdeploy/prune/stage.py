@@ -242,7 +242,7 @@ def _fit_signals(model: nn.Module, layers: list[LayerInfo],
                  step: Progress) -> dict[str, tuple[dict | None, float | None]]:
     """{layer: (MP fit record, budget signal)} for every layer, eligible or not (all are reported).
     The layers side by side, one BLAS thread each: numpy's Gram products and eigvalsh run outside the
-    GIL, and on ViT-B/16 two BLAS threads per fit cost twice the CPU seconds for the same wall time."""
+    GIL, and on ViT-B/16 two BLAS threads per fit took twice the CPU seconds of one, and more wall time."""
     from threadpoolctl import threadpool_limits
 
     from mpdeploy.sparsity.threads import map_by_item
