@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -64,8 +65,6 @@ def figures(build: Path) -> dict:
 
 def _capability(env: dict) -> str:
     """The instruction set torch's kernels use under `env` (torch.backends.cpu.get_cpu_capability in a child)."""
-    import subprocess
-
     code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     return proc.stdout.strip() or f"unknown: {proc.stderr.strip()[-200:]}"
